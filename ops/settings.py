@@ -1,0 +1,135 @@
+"""The one `Settings` object: a YAML file, overridden by `PROTEGE_` environment variables.
+
+Nested keys use `__` (`PROTEGE_SERVER__PORT=9000`); `PROTEGE_API_KEYS=k1,k2` turns on bearer-key
+auth. Each package owns its section model (`serving.config`, ...); this module only composes them
+and turns validation errors into one line per bad field.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from serving.config import RouteConfig, ServerConfig, Section, VariantConfig, unknown_route_variants
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    json_logs: bool = Field(True, description="structlog JSON lines; false: human-readable")
+    log_prompts: bool = Field(False, description="include prompt and answer text in logs")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PROTEGE_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), description="bearer keys; empty: no auth"
+    )
+    models_dir: str = Field("models", description="where `protege models fetch` puts models")
+    server: ServerConfig = ServerConfig()
+    variants: dict[str, VariantConfig] = Field(min_length=1)
+    routes: dict[str, RouteConfig] = Field(min_length=1)
+    logging: LoggingConfig = LoggingConfig()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _check_routes(self) -> Settings:
+        problems = unknown_route_variants(self.variants, self.routes)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Keyword overrides (command-line flags) beat the environment, which beats the file.
+        return (init_settings, env_settings, _FileSource(settings_cls))
+
+    def resolve_path(self, path: str) -> Path:
+        """A config path made absolute: relative paths are taken from the repo root."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else REPO_ROOT / p
+
+
+_file_data: ContextVar[dict[str, Any]] = ContextVar("protege_settings_file", default={})
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The parsed YAML file that `load_settings` is reading."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return _file_data.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_file_data.get())
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; `str()` is one line per bad field."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per bad field: `path: value (what is allowed)`."""
+    lines = []
+    for e in err.errors(include_url=False):
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            lines.append(f"{path}: missing (required)")
+        elif not e["loc"] and e["type"] == "value_error":
+            lines.extend(msg.split("; "))
+        else:
+            lines.append(f"{path}: {_shown(e.get('input'))} ({msg})")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read `path` (YAML), apply env overrides, then `overrides`; raise `ConfigError` if invalid."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: {_shown(loaded)} (the top level must be a mapping)")
+        data = loaded or {}
+    try:
+        token = _file_data.set(data)
+        try:
+            settings = Settings(**overrides)
+        finally:
+            _file_data.reset(token)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    return settings
+

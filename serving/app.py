@@ -1,0 +1,586 @@
+"""The Ray Serve application: one ingress deployment and one deployment per model variant.
+
+`Ingress` speaks HTTP (OpenAI protocol, auth, limits, metrics, the canonical log line) and
+forwards each request to the variant its route names. `VariantServer` owns one loaded engine and
+runs the `n` choices of a request. `build_app` wires them from `Settings`; `serve` starts or joins
+Ray, deploys, and drains on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ops.logging import configure_logging, get_logger
+from ops.metrics import GatewayMetrics, MetricsReporter, VariantMetrics
+from serving import protocol, responses
+from serving.config import ServerConfig, VariantConfig
+from serving.engines import build_engine
+from serving.engines.base import (
+    Delta,
+    EngineError,
+    EngineInfo,
+    GenerationRequest,
+    PromptTooLong,
+    merge_deltas,
+)
+from serving.errors import OpenAIError
+
+APP_NAME = "protege"
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    route: str
+    variant: str
+    version: str
+
+
+@dataclass(frozen=True)
+class IngressParams:
+    server: ServerConfig
+    api_keys: tuple[str, ...]
+    routes: dict[str, RouteTarget]
+    log_level: str
+    json_logs: bool
+    log_prompts: bool
+    created: int
+
+
+class VariantServer:
+    """One replica of one model variant: a loaded engine and the fan-out of `n` choices."""
+
+    async def __init__(
+        self, name: str, config: VariantConfig, log_level: str, json_logs: bool, repo_root: str
+    ):
+        configure_logging(log_level, json_logs)
+        self.name, self.version = name, config.version
+        self.log = get_logger("serving.variant").bind(variant=name, version=config.version)
+        self.metrics = VariantMetrics()
+        labels = {"variant": name, "version": config.version}
+        self._active = self.metrics.active.labels(**labels)
+        self._queued = self.metrics.queued.labels(**labels)
+        self._outcomes = {o: self.metrics.generations.labels(**labels, outcome=o)
+                          for o in ("completed", "aborted", "rejected", "failed")}
+        started = time.monotonic()
+        self.engine = build_engine(config.engine, lambda p: _resolve(repo_root, p))
+        await self.engine.start()
+        self.metrics.replica_up.labels(**labels).set(1)
+        self.reporter = MetricsReporter(
+            self.metrics.registry, f"variant:{name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
+        self.reporter.start()
+        self.log.info(
+            "serving.variant.loaded", engine=config.engine.engine,
+            model=self.engine.info.model, seconds=round(time.monotonic() - started, 2),
+        )
+
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    async def complete(self, requests: list[GenerationRequest]) -> list[Delta]:
+        """Generate every choice to the end; one merged delta per choice, in order."""
+        return list(await asyncio.gather(*(self._collect(r) for r in requests)))
+
+    async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[list[tuple[int, Delta]]]:
+        """Yield batches of `(choice index, delta)` as the choices produce them."""
+        if len(requests) == 1:
+            async for delta in self._generate(requests[0]):
+                yield [(0, delta)]
+            return
+        queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int, request: GenerationRequest) -> None:
+            try:
+                async for delta in self._generate(request):
+                    queue.put_nowait((index, delta))
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer below
+                queue.put_nowait(e)
+                return
+            queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                batch: list[tuple[int, Delta]] = []
+                item = await queue.get()
+                while True:
+                    if item is None:
+                        remaining -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        batch.append(item)
+                    if queue.empty():
+                        break
+                    item = queue.get_nowait()
+                if batch:
+                    yield batch
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(self, request: GenerationRequest) -> Delta:
+        return merge_deltas([d async for d in self._generate(request)])
+
+    async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        self._active.inc()
+        self._update_queue()
+        outcome = "aborted"
+        gen = None
+        try:
+            gen = self.engine.generate(request)
+            async for delta in gen:
+                yield delta
+            outcome = "completed"
+        except PromptTooLong:
+            outcome = "rejected"
+            raise
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            if gen is not None:
+                await gen.aclose()
+            self._active.dec()
+            self._update_queue()
+            self._outcomes[outcome].inc()
+            if outcome == "aborted":
+                self.log.info("serving.generation.aborted", request_id=request.request_id)
+
+    def _update_queue(self) -> None:
+        active = self._active._value.get()  # noqa: SLF001 - our own gauge
+        self._queued.set(max(0.0, active - self.engine.info.max_concurrency))
+
+    async def __del__(self) -> None:
+        await self.reporter.stop()
+        await self.engine.close()
+
+
+class Ingress:
+    """The HTTP front door: OpenAI protocol, auth, limits, metrics and logs."""
+
+    def __init__(self, params: IngressParams, variants: dict[str, DeploymentHandle]):
+        configure_logging(params.log_level, params.json_logs)
+        self.p = params
+        self.variants = variants
+        self.log = get_logger("serving.ingress")
+        self.metrics = GatewayMetrics()
+        self.reporter = MetricsReporter(
+            self.metrics.registry, f"ingress:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
+        self._reporter_started = False
+        self._keys = tuple(k.encode() for k in params.api_keys)
+        self._unknown_logged: set[str] = set()
+
+    async def __call__(self, request: Request) -> Response:
+        if not self._reporter_started:
+            self.reporter.start()
+            self._reporter_started = True
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        try:
+            if path == "/health":
+                return JSONResponse({"status": "ok"})
+            if path == "/metrics":
+                text = await self.reporter.render()
+                return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+            self._authorize(request)
+            if path in ("/v1/chat/completions", "/v1/completions"):
+                _require_method(method, "POST")
+                kind = "chat" if path.endswith("chat/completions") else "completion"
+                return await self._generate(request, kind)
+            if path == "/v1/models":
+                _require_method(method, "GET")
+                return JSONResponse(
+                    responses.models_list([(r, self.p.created) for r in self.p.routes])
+                )
+            if path.startswith("/v1/models/"):
+                _require_method(method, "GET")
+                name = path.removeprefix("/v1/models/")
+                if name not in self.p.routes:
+                    raise OpenAIError.not_found_model(name)
+                return JSONResponse(responses.model_card(name, self.p.created))
+            raise OpenAIError(
+                404, f"Unknown path {path!r}.", type="invalid_request_error",
+                code="unknown_url",
+            )
+        except OpenAIError as e:
+            self.metrics.rejections.labels(reason=str(e.status)).inc()
+            return _error_response(e)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if not self._keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode()
+        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(given, k) for k in self._keys)
+        if not ok:
+            raise OpenAIError.unauthorized()
+
+    async def _read_body(self, request: Request) -> bytes:
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise OpenAIError.unsupported_media_type(ctype)
+        limit = self.p.server.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise OpenAIError.body_too_large(limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise OpenAIError.body_too_large(limit)
+        return bytes(body)
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        started = time.monotonic()
+        body = await self._read_body(request)
+        req = protocol.parse_request(kind, body)
+        self._log_unknown_fields(req)
+        target = self.p.routes.get(req.model)
+        if target is None:
+            raise OpenAIError.not_found_model(req.model)
+        request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        meta = responses.ResponseMeta(
+            id=request_id, created=int(time.time()), model=req.model,
+            system_fingerprint=f"{target.variant}:{target.version}",
+        )
+        gen_requests = req.to_generation_requests(request_id)
+        call = _Call(self, target, request_id, req.stream, started)
+        call.begin()
+        handle = self.variants[target.variant]
+        timeout = self.p.server.request_timeout_s
+        headers = {
+            "x-request-id": request_id,
+            "x-protege-variant": target.variant,
+            "x-protege-version": target.version,
+        }
+        try:
+            if not req.stream:
+                pending = handle.complete.remote(gen_requests)
+                try:
+                    choices = await asyncio.wait_for(_await(pending), timeout)
+                except TimeoutError:
+                    pending.cancel()
+                    raise OpenAIError.timeout(timeout) from None
+                except asyncio.CancelledError:
+                    pending.cancel()  # the client went away: stop its generation
+                    raise
+                body_out = (responses.chat_completion if kind == "chat" else responses.completion)(
+                    meta, choices
+                )
+                call.finish(200, choices)
+                return JSONResponse(body_out, headers=headers)
+            stream = handle.options(stream=True).stream.remote(gen_requests)
+            try:
+                first = await asyncio.wait_for(stream.__anext__(), timeout)
+            except TimeoutError:
+                stream.cancel()
+                raise OpenAIError.timeout(timeout) from None
+            except StopAsyncIteration:
+                first = []
+            events = self._sse(kind, meta, req, call, first, stream, started + timeout)
+            return StreamingResponse(
+                events, media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        except OpenAIError as e:
+            call.finish(e.status)
+            raise
+        except PromptTooLong as e:
+            call.finish(400)
+            raise OpenAIError.context_length_exceeded(str(e), req.PROMPT_PARAM) from None
+        except BackPressureError:
+            call.finish(503)
+            raise OpenAIError.busy(self.p.server.retry_after_s) from None
+        except EngineError as e:
+            call.finish(502)
+            self.log.warning("serving.backend.failed", request_id=request_id, error=str(e))
+            raise _backend_error() from None
+        except asyncio.CancelledError:
+            call.finish(499)
+            raise
+        except Exception as e:
+            call.finish(500)
+            self.log.exception("serving.request.failed", request_id=request_id)
+            raise OpenAIError(500, f"Internal error: {type(e).__name__}", type="server_error",
+                              code="internal_error") from None
+
+    async def _sse(self, kind, meta, req, call, first, stream, deadline) -> AsyncIterator[bytes]:
+        async def batches() -> AsyncIterator[list[tuple[int, Delta]]]:
+            if first:
+                yield first
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                try:
+                    batch = await asyncio.wait_for(stream.__anext__(), left)
+                except StopAsyncIteration:
+                    return
+                yield batch
+
+        status = 200
+        try:
+            async for chunk in responses.sse_stream(
+                kind, meta, batches(), req.n, req.include_usage, on_delta=call.on_delta
+            ):
+                yield chunk
+        except TimeoutError:
+            status = 408
+            yield responses.sse_error(OpenAIError.timeout(self.p.server.request_timeout_s))
+        except EngineError as e:
+            status = 502
+            self.log.warning("serving.backend.failed", request_id=call.request_id, error=str(e))
+            yield responses.sse_error(_backend_error())
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            stream.cancel()
+            call.finish(status)
+
+    def _log_unknown_fields(self, req) -> None:
+        for name in protocol.unknown_fields(req):
+            if name not in self._unknown_logged and len(self._unknown_logged) < 1000:
+                self._unknown_logged.add(name)
+                self.log.info("serving.request.field_ignored", field=name)
+
+    async def __del__(self) -> None:
+        await self.reporter.stop()
+
+
+class _Call:
+    """Timing, tokens, metrics and the canonical log line of one generation request."""
+
+    def __init__(self, ingress: Ingress, target: RouteTarget, request_id: str, stream: bool,
+                 started: float):
+        self.i, self.t, self.request_id, self.stream, self.started = (
+            ingress, target, request_id, stream, started)
+        self.labels = {"route": target.route, "variant": target.variant}
+        self.first_token_at: float | None = None
+        self.last_token_at: dict[int, float] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens: dict[int, int] = {}
+        self.done = False
+
+    def begin(self) -> None:
+        self.i.metrics.in_flight.labels(**self.labels).inc()
+
+    def on_delta(self, index: int, delta: Delta) -> None:
+        now = time.monotonic()
+        if delta.text or delta.token_ids:
+            if self.first_token_at is None:
+                self.first_token_at = now
+            elif index in self.last_token_at:
+                self.i.metrics.inter_token.labels(**self.labels).observe(
+                    now - self.last_token_at[index])
+            self.last_token_at[index] = now
+        if delta.prompt_tokens is not None:
+            self.prompt_tokens = delta.prompt_tokens
+        if delta.completion_tokens is not None:
+            self.completion_tokens[index] = delta.completion_tokens
+
+    def finish(self, status: int, choices: list[Delta] | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        now = time.monotonic()
+        m, labels = self.i.metrics, self.labels
+        stream = "true" if self.stream else "false"
+        if choices is not None:
+            self.first_token_at = now
+            for index, c in enumerate(choices):
+                self.on_delta(index, Delta("", (), None, c.finish_reason, c.prompt_tokens,
+                                           c.completion_tokens))
+        m.in_flight.labels(**labels).dec()
+        m.requests.labels(**labels, status=str(status)).inc()
+        m.latency.labels(**labels, stream=stream).observe(now - self.started)
+        ttft = None
+        if self.first_token_at is not None and status == 200:
+            ttft = self.first_token_at - self.started
+            m.ttft.labels(**labels, stream=stream).observe(ttft)
+        completion = sum(self.completion_tokens.values())
+        if self.prompt_tokens:
+            m.tokens.labels(**labels, kind="prompt").inc(self.prompt_tokens)
+        if completion:
+            m.tokens.labels(**labels, kind="completion").inc(completion)
+        self.i.log.info(
+            "serving.request.completed", request_id=self.request_id, route=self.t.route,
+            variant=self.t.variant, version=self.t.version, status=status, stream=self.stream,
+            latency_ms=round((now - self.started) * 1000, 2),
+            ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
+            prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+        )
+
+
+async def _await(response):
+    return await response
+
+
+def _backend_error() -> OpenAIError:
+    return OpenAIError(502, "The model backend failed; see the gateway log.",
+                       type="server_error", code="backend_error")
+
+
+def _require_method(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise OpenAIError(405, f"Method {method} is not allowed here; use {allowed}.",
+                          type="invalid_request_error", code="method_not_allowed")
+
+
+def _error_response(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _resolve(repo_root: str, path: str):
+    from pathlib import Path
+
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else Path(repo_root) / p
+
+
+# -- wiring -----------------------------------------------------------------------------------
+
+
+def build_app(settings) -> serve.Application:
+    """The Ray Serve application for `settings` (an `ops.settings.Settings`)."""
+    from ops.settings import REPO_ROOT
+
+    log = settings.logging
+    drain_s = settings.server.drain_timeout_s
+    variants = {}
+    for name, v in settings.variants.items():
+        deployment = serve.deployment(VariantServer).options(
+            name=f"variant-{name}",
+            num_replicas=v.replicas,
+            ray_actor_options={"num_cpus": v.num_cpus, "num_gpus": v.num_gpus},
+            max_ongoing_requests=v.max_ongoing_requests,
+            max_queued_requests=v.max_queued_requests,
+            graceful_shutdown_timeout_s=drain_s,
+            health_check_timeout_s=60,
+        )
+        variants[name] = deployment.bind(name, v, log.level, log.json_logs, str(REPO_ROOT))
+    ing = settings.server.ingress
+    params = IngressParams(
+        server=settings.server,
+        api_keys=settings.api_keys,
+        routes={
+            r: RouteTarget(r, route.variant, settings.variants[route.variant].version)
+            for r, route in settings.routes.items()
+        },
+        log_level=log.level,
+        json_logs=log.json_logs,
+        log_prompts=log.log_prompts,
+        created=int(time.time()),
+    )
+    ingress = serve.deployment(Ingress).options(
+        name="ingress",
+        num_replicas=ing.replicas,
+        ray_actor_options={"num_cpus": ing.num_cpus},
+        max_ongoing_requests=ing.max_ongoing_requests,
+        graceful_shutdown_timeout_s=drain_s,
+    )
+    return ingress.bind(params, variants)
+
+
+def serve_forever(settings) -> None:
+    """Start (or join, when RAY_ADDRESS is set) Ray, deploy, block; drain on SIGINT/SIGTERM."""
+    import ray
+
+    configure_logging(settings.logging.level, settings.logging.json_logs)
+    log = get_logger("serving.app")
+    address = os.environ.get("RAY_ADDRESS")
+    own_ray = not address
+    if own_ray:
+        ray.init(
+            namespace="protege", include_dashboard=False, log_to_driver=True,
+            object_store_memory=512 * 1024 * 1024,
+        )
+    else:
+        ray.init(address=address, namespace="protege", log_to_driver=True)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("serving.app.stopping", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    host, port = settings.server.host, settings.server.port
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        _print(f"protege: deploying {len(settings.variants)} variant(s) and the ingress "
+               f"(models load now; this can take a while)...")
+        progress = threading.Thread(target=_report_progress, args=(stop,), daemon=True)
+        progress.start()
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
+        _print(f"protege: serving on http://{host}:{port}  "
+               f"(routes: {', '.join(settings.routes)}; Ctrl-C stops)")
+        log.info("serving.app.started", host=host, port=port, routes=list(settings.routes))
+        while not stop.wait(0.5):
+            pass
+    finally:
+        stop.set()
+        _print("protege: draining in-flight requests...")
+        with contextlib.suppress(Exception):
+            serve.delete(APP_NAME)
+        if own_ray:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            with contextlib.suppress(Exception):
+                _kill_hub()
+            ray.shutdown()
+        _print("protege: stopped")
+
+
+def _kill_hub() -> None:
+    import ray
+
+    from ops.metrics import HUB_NAME, HUB_NAMESPACE
+
+    ray.kill(ray.get_actor(HUB_NAME, namespace=HUB_NAMESPACE))
+
+
+def _report_progress(stop: threading.Event) -> None:
+    """Print each deployment's status while the app comes up (a progress indication)."""
+    started, seen = time.monotonic(), {}
+    while not stop.wait(2.0):
+        try:
+            app = serve.status().applications.get(APP_NAME)
+        except Exception:  # noqa: BLE001 - status is best effort
+            continue
+        if app is None:
+            continue
+        states = {n: d.status.value for n, d in app.deployments.items()}
+        if states != seen:
+            seen = states
+            line = ", ".join(f"{n}: {s.lower()}" for n, s in sorted(states.items()))
+            _print(f"protege: [{time.monotonic() - started:5.0f}s] {line}")
+        if app.status.value == "RUNNING":
+            return
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+

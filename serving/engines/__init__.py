@@ -1,0 +1,75 @@
+"""Engines behind one interface, and `build_engine` that picks one from its config.
+
+Heavy libraries (llama_cpp, torch/transformers, vllm, httpx) are imported only by the engine
+module that needs them, when `build_engine` is called, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from serving.engines.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineInfo,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    PromptTooLong,
+    Role,
+    SamplingParams,
+    StopMatcher,
+    TokenLogprob,
+    merge_deltas,
+)
+
+__all__ = [
+    "Delta",
+    "Engine",
+    "EngineError",
+    "EngineInfo",
+    "FinishReason",
+    "GenerationRequest",
+    "Message",
+    "PromptTooLong",
+    "Role",
+    "SamplingParams",
+    "StopMatcher",
+    "TokenLogprob",
+    "build_engine",
+    "merge_deltas",
+]
+
+
+def build_engine(config, resolve_path: Callable[[str], Path]) -> Engine:
+    """The engine for `config` (one of `serving.config.EngineConfig`), not yet started.
+
+    `resolve_path` turns a configured path (possibly relative) into a local path; remote and fake
+    engines do not use it. Call `await engine.start()` before `generate`.
+    """
+    kind = config.engine
+    if kind == "fake":
+        from serving.engines.fake import FakeEngine
+
+        return FakeEngine(config)
+    if kind == "remote":
+        from serving.engines.remote import RemoteEngine
+
+        return RemoteEngine(config)
+    if kind == "llamacpp":
+        from serving.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(config, resolve_path)
+    if kind == "transformers":
+        from serving.engines.transformers import TransformersEngine
+
+        return TransformersEngine(config, resolve_path)
+    if kind == "vllm":
+        from serving.engines.vllm import VllmEngine
+
+        return VllmEngine(config, resolve_path)
+    raise ValueError(
+        f"engine: {kind!r} is not an engine (allowed: fake, remote, llamacpp, transformers, vllm)"
+    )

@@ -1,0 +1,227 @@
+"""A GGUF model through llama-cpp-python: the CPU default engine.
+
+Owns the `Llama` object, its chat template (the GGUF's `tokenizer.chat_template`, rendered here
+so the prompt tokens are known before generation) and a token loop over `Llama.generate` that
+runs in one worker thread: one generation at a time per model, later requests wait their turn.
+Each sampled token is checked against end-of-generation tokens, stop strings and the budget,
+and a closed iterator sets an event the loop checks at every token.
+
+Sampling is OpenAI's: temperature (0 is greedy) and top_p only; llama.cpp's own top_k, min_p
+and repeat penalty are switched off. Logprobs are the log-softmax of the raw logits of the
+position that produced each token (read from the context, so `logits_all` is not needed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+import random
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from serving.config import LlamaCppEngine as LlamaCppEngineConfig
+from serving.engines.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineInfo,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    StopMatcher,
+    TokenLogprob,
+)
+
+_DONE = object()
+
+
+class LlamaCppEngine(Engine):
+    def __init__(self, config: LlamaCppEngineConfig, resolve_path: Callable[[str], Path]):
+        self.config = config
+        self.path = Path(resolve_path(config.path))
+        self.info = EngineInfo(
+            model=self.path.name,
+            context_window=config.n_ctx,
+            supports_logprobs=True,
+            max_concurrency=1,
+        )
+        self._llm = None
+        self._chat = None  # Jinja2ChatFormatter, or None when the GGUF has no chat template
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
+        self._running: set[threading.Event] = set()  # stop events of queued and running work
+
+    async def start(self) -> None:
+        if not self.path.is_file():
+            raise EngineError(f"llamacpp engine: GGUF file not found: {self.path}")
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+
+    def _load(self) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        threads = self.config.n_threads or len(os.sched_getaffinity(0))
+        try:
+            llm = Llama(
+                model_path=str(self.path),
+                n_ctx=self.config.n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_batch=self.config.n_batch,
+                n_gpu_layers=self.config.n_gpu_layers,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise EngineError(f"llamacpp engine: cannot load {self.path}: {e}") from e
+        template = llm.metadata.get("tokenizer.chat_template")
+        if template:
+            model = llm._model
+            eos, bos = model.token_eos(), model.token_bos()
+            self._chat = Jinja2ChatFormatter(
+                template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+                add_generation_prompt=True,
+            )
+        self._llm = llm
+
+    async def close(self) -> None:
+        for stop in list(self._running):
+            stop.set()
+        await asyncio.to_thread(self._pool.shutdown, wait=True)  # queued work sees its stop
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None
+
+    def tokenize_request(self, request: GenerationRequest) -> list[int]:
+        """The prompt tokens, chat messages rendered with the model's own template."""
+        if self._llm is None:
+            raise EngineError("llamacpp engine: call start() before generate()")
+        if request.messages is not None:
+            if self._chat is None:
+                raise EngineError(
+                    f"{self.path.name} has no chat template (tokenizer.chat_template); "
+                    "use completions with a prompt instead"
+                )
+            rendered = self._chat(messages=[_as_dict(m) for m in request.messages])
+            return self._llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
+        if request.prompt is None:
+            raise ValueError("GenerationRequest needs `messages` or `prompt`")
+        return self._llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        tokens = self.tokenize_request(request)
+        budget = self.budget(len(tokens), request.params.max_tokens)
+        return self._stream(tokens, request.params, budget)
+
+    async def _stream(
+        self, tokens: list[int], params: SamplingParams, budget: int
+    ) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                stop.set()
+
+        def work() -> None:
+            try:
+                finished = not stop.is_set() and self._decode(tokens, params, budget, stop, emit)
+                if not finished:  # unheard when the consumer left; else close() stopped it
+                    emit(EngineError("generation aborted: the engine is closing"))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                emit(e)
+            finally:
+                emit(_DONE)
+
+        self._running.add(stop)
+        self._pool.submit(work)  # the one worker thread: generations run in turn
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, EngineError):
+                    raise item
+                if isinstance(item, Exception):
+                    raise EngineError(f"llamacpp generation failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            self._running.discard(stop)
+
+    def _decode(
+        self,
+        prompt: list[int],
+        p: SamplingParams,
+        budget: int,
+        stop: threading.Event,
+        emit: Callable[[object], None],
+    ) -> bool:
+        """The token loop (worker thread): emits deltas, the last with finish and counts.
+
+        Returns False when `stop` ended it early (no final delta), True otherwise.
+        """
+        import llama_cpp
+
+        llm = self._llm
+        vocab = llm._model.vocab
+        llm.set_seed(p.seed if p.seed is not None else random.SystemRandom().randrange(2**31))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        matcher = StopMatcher(p.stop)
+        n, finish, hit = 0, "length", False
+        if budget > 0:
+            for token in llm.generate(
+                prompt,
+                top_k=0,
+                top_p=p.top_p,
+                min_p=0.0,
+                typical_p=1.0,
+                temp=p.temperature,
+                repeat_penalty=1.0,
+                reset=True,
+            ):
+                if stop.is_set():
+                    return False
+                n += 1
+                logprobs = (self._logprobs(token, p.logprobs),) if p.logprobs is not None else None
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    emit(Delta("", (token,), logprobs))
+                    break
+                text, hit = matcher.push(decoder.decode(llm.detokenize([token])))
+                emit(Delta(text, (token,), logprobs))
+                if hit:
+                    finish = "stop"
+                    break
+                if n >= budget:
+                    break
+        tail = "" if hit else decoder.decode(b"", final=True) + matcher.flush()
+        emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n))
+        return True
+
+    def _logprobs(self, token: int, k: int) -> TokenLogprob:
+        """The chosen token's logprob and the `k` best, from the logits that sampled it."""
+        llm = self._llm
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+        logits = logits.astype(np.float64)
+        shifted = logits - logits.max()
+        logprobs = shifted - np.log(np.exp(shifted).sum())
+        top = np.argpartition(-logprobs, k)[:k] if 0 < k < len(logprobs) else np.arange(0)
+        top = top[np.argsort(-logprobs[top])]
+        return TokenLogprob(
+            self._piece(token),
+            float(logprobs[token]),
+            tuple((self._piece(int(t)), float(logprobs[t])) for t in top),
+        )
+
+    def _piece(self, token: int) -> str:
+        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+
+def _as_dict(message: Message) -> dict[str, str]:
+    return {"role": message.role, "content": message.content}

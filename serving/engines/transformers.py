@@ -1,0 +1,271 @@
+"""Any Hugging Face causal LM through transformers, decoded token by token with a KV cache.
+
+Owns the model, its tokenizer and chat template, and a decode loop written here (a forward pass
+with `past_key_values` per token) that runs in one worker thread: one generation at a time, later
+requests wait their turn. Writing the loop ourselves gives streaming, token ids, logprobs,
+OpenAI sampling (temperature, top_p, a seeded `torch.Generator`), stop strings, end-of-sequence
+tokens and an abort checked between tokens.
+
+Logprobs are the log-softmax of the model's raw logits (before temperature and top_p), like
+vLLM's default and llama.cpp's, so the engines agree; `k` alternatives come from `topk`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import random
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from serving.config import TransformersEngine as TransformersEngineConfig
+from serving.engines.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineInfo,
+    GenerationRequest,
+    SamplingParams,
+    StopMatcher,
+    TokenLogprob,
+)
+
+_DONE = object()
+
+
+class IncrementalDetokenizer:
+    """Text for a growing list of token ids, released only once it decodes to whole characters.
+
+    Decodes a short window (the previous token plus the new ones) so that word-initial spaces
+    and multi-byte characters split over tokens come out as the full decode would give them.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: context for the next piece
+        self.read = 0  # ids before this have been released as text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :] if len(after) > len(before) else ""
+
+
+class TransformersEngine(Engine):
+    def __init__(self, config: TransformersEngineConfig, resolve_path: Callable[[str], Path]):
+        self.config = config
+        self.path = Path(resolve_path(config.model))
+        # context_window is read from the model config at start().
+        self.info = EngineInfo(
+            model=config.gguf_file or self.path.name,
+            context_window=None,
+            supports_logprobs=True,
+            max_concurrency=1,
+        )
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._eos: set[int] = set()
+        self._cache_name = "past_key_values"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transformers")
+        self._running: set[threading.Event] = set()  # stop events of queued and running work
+
+    async def start(self) -> None:
+        if not self.path.is_dir():
+            raise EngineError(f"transformers engine: model folder not found: {self.path}")
+        if self.config.gguf_file and not (self.path / self.config.gguf_file).is_file():
+            raise EngineError(
+                f"transformers engine: gguf_file {self.config.gguf_file!r} not in {self.path}"
+            )
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        extra = {"gguf_file": self.config.gguf_file} if self.config.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(self.path, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=getattr(torch, self.config.dtype), **extra
+        )
+        model = model.to(self.config.device).eval()
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        window = getattr(model.config, "max_position_embeddings", None)
+        # transformers renamed `past_key_values` to `cache` (in and out) during 5.x.
+        params = inspect.signature(model.forward).parameters
+        self._cache_name = "cache" if "cache" in params else "past_key_values"
+        self.model, self.tokenizer, self._eos = model, tokenizer, eos
+        self.info = EngineInfo(
+            model=self.info.model,
+            context_window=window,
+            supports_logprobs=True,
+            max_concurrency=1,
+        )
+
+    async def close(self) -> None:
+        for stop in list(self._running):
+            stop.set()
+        await asyncio.to_thread(self._pool.shutdown, wait=True)  # queued work sees its stop
+        self.model = self.tokenizer = None
+
+    def tokenize_request(self, request: GenerationRequest) -> list[int]:
+        """The prompt tokens, chat messages rendered with the tokenizer's chat template."""
+        if self.tokenizer is None:
+            raise EngineError("transformers engine: call start() before generate()")
+        if request.messages is not None:
+            if not self.tokenizer.chat_template:
+                raise EngineError(
+                    f"{self.info.model} has no chat template; use completions with a prompt"
+                )
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in request.messages],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if request.prompt is None:
+            raise ValueError("GenerationRequest needs `messages` or `prompt`")
+        return list(self.tokenizer(request.prompt)["input_ids"])
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        tokens = self.tokenize_request(request)
+        budget = self.budget(len(tokens), request.params.max_tokens)
+        return self._stream(tokens, request.params, budget)
+
+    async def _stream(
+        self, tokens: list[int], params: SamplingParams, budget: int
+    ) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                stop.set()
+
+        def work() -> None:
+            try:
+                finished = not stop.is_set() and self._decode(tokens, params, budget, stop, emit)
+                if not finished:  # unheard when the consumer left; else close() stopped it
+                    emit(EngineError("generation aborted: the engine is closing"))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                emit(e)
+            finally:
+                emit(_DONE)
+
+        self._running.add(stop)
+        self._pool.submit(work)  # the one worker thread: generations run in turn
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, EngineError):
+                    raise item
+                if isinstance(item, Exception):
+                    raise EngineError(f"transformers generation failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            self._running.discard(stop)
+
+    def _decode(
+        self,
+        prompt: list[int],
+        p: SamplingParams,
+        budget: int,
+        stop: threading.Event,
+        emit: Callable[[object], None],
+    ) -> bool:
+        """The token loop (worker thread): emits deltas, the last with finish and counts.
+
+        Returns False when `stop` ended it early (no final delta), True otherwise.
+        """
+        import torch
+
+        device = self.config.device
+        generator = torch.Generator(device=device)
+        seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
+        generator.manual_seed(seed)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        matcher = StopMatcher(p.stop)
+        n, finish, hit = 0, "length", False
+        inputs = torch.tensor([prompt], device=device)
+        past = None
+        with torch.inference_mode():
+            while n < budget:
+                out = self.model(input_ids=inputs, use_cache=True, **{self._cache_name: past})
+                past = getattr(out, self._cache_name)
+                logits = out.logits[0, -1].float()
+                token = _sample(logits, p, generator)
+                if stop.is_set():
+                    return False
+                n += 1
+                logprobs = None
+                if p.logprobs is not None:
+                    logprobs = (self._logprobs(logits, token, p.logprobs),)
+                if token in self._eos:
+                    finish = "stop"
+                    emit(Delta("", (token,), logprobs))
+                    break
+                text, hit = matcher.push(detok.push(token))
+                emit(Delta(text, (token,), logprobs))
+                if hit:
+                    finish = "stop"
+                    break
+                inputs = torch.tensor([[token]], device=device)
+        tail = ""
+        if not hit:
+            tail, hit = matcher.push(detok.flush())
+            tail += "" if hit else matcher.flush()
+        emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n))
+        return True
+
+    def _logprobs(self, logits: Any, token: int, k: int) -> TokenLogprob:
+        import torch
+
+        logprobs = torch.log_softmax(logits, dim=-1)
+        top = torch.topk(logprobs, min(k, logprobs.numel())) if k > 0 else None
+        alternatives = () if top is None else tuple(
+            (self._piece(int(i)), float(v)) for v, i in zip(top.values, top.indices, strict=True)
+        )
+        return TokenLogprob(self._piece(token), float(logprobs[token]), alternatives)
+
+    def _piece(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _sample(logits: Any, p: SamplingParams, generator: Any) -> int:
+    """Greedy at temperature 0; else softmax(logits / temperature) cut to the top_p nucleus."""
+    import torch
+
+    if p.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > p.top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,223 @@
+"""Errors the gateway returns to clients, always in OpenAI's shape.
+
+    OpenAIError(status, message, type, param, code, headers)    .body() -> {"error": {...}}
+    ├── 400 invalid_request_error  invalid_value(param, message) (alias invalid(message, param)),
+    │                              invalid_json(detail), not_json_object(got),
+    │                              context_length_exceeded(message, param)
+    ├── 401 authentication_error   bad_auth()  (alias unauthorized)
+    ├── 404 not_found_error        unknown_model(model) (alias not_found_model), not_found(path)
+    ├── 408 timeout_error          timeout(seconds)
+    ├── 413 invalid_request_error  body_too_large(limit)              code body_too_large
+    ├── 415 invalid_request_error  unsupported_media_type(type)       code unsupported_media_type
+    ├── 429 rate_limit_error       rate_limited(retry_after)          + Retry-After
+    ├── 500 server_error           server_error()
+    └── 503 server_error           busy(retry_after)                  code server_busy + Retry-After
+
+One class, no subclasses: handlers catch `OpenAIError` and answer
+`JSONResponse(err.body(), err.status, headers=err.headers)`. Messages never carry internals (paths,
+hosts, keys, tracebacks); the body is bounded in size whatever the client sent.
+"""
+
+from __future__ import annotations
+
+import math
+
+MAX_MESSAGE = 1000  # characters of `message` in a body; longer ones end with an ellipsis
+MAX_PARAM = 200  # characters of `param`
+MAX_ECHO = 100  # characters of a client value quoted inside a message
+
+
+def _seconds(delay: float) -> str:
+    """A Retry-After value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(delay)))
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, the last one an ellipsis when cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class OpenAIError(Exception):
+    """An error answer: HTTP status plus OpenAI's `{"error": {message, type, param, code}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenAIError({self.status}, {self.type!r}, param={self.param!r}, code={self.code!r})"
+        )
+
+    def body(self) -> dict:
+        param = clip(self.param, MAX_PARAM) if self.param is not None else None
+        return {
+            "error": {
+                "message": clip(self.message, MAX_MESSAGE),
+                "type": self.type,
+                "param": param,
+                "code": self.code,
+            }
+        }
+
+    # -- 400 ---------------------------------------------------------------------------------
+
+    @classmethod
+    def invalid_value(
+        cls, param: str | None, message: str, code: str | None = "invalid_value"
+    ) -> OpenAIError:
+        return cls(400, message, "invalid_request_error", param, code)
+
+    @classmethod
+    def invalid_json(cls, detail: str | None = None) -> OpenAIError:
+        """`detail`: the parser's words, e.g. "EOF while parsing a value at line 1 column 9"."""
+        where = f" ({clip(detail, MAX_ECHO)})" if detail else ""
+        return cls(
+            400,
+            f"We could not parse the JSON body of your request{where}. The body must be valid "
+            "JSON (UTF-8) holding one object.",
+            "invalid_request_error",
+            None,
+            "invalid_json",
+        )
+
+    @classmethod
+    def not_json_object(cls, got: str) -> OpenAIError:
+        return cls(
+            400,
+            f"The request body must be a JSON object, but got {got} instead.",
+            "invalid_request_error",
+            None,
+            "invalid_json",
+        )
+
+    @classmethod
+    def context_length_exceeded(cls, message: str, param: str = "messages") -> OpenAIError:
+        """The prompt does not fit: pass `str(PromptTooLong)`; param "messages" or "prompt"."""
+        return cls(400, message, "invalid_request_error", param, "context_length_exceeded")
+
+    # -- 401 / 404 / 408 / 413 / 415 ---------------------------------------------------------
+
+    @classmethod
+    def bad_auth(cls) -> OpenAIError:
+        return cls(
+            401,
+            "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`.",
+            "authentication_error",
+            None,
+            "invalid_api_key",
+        )
+
+    @classmethod
+    def unknown_model(cls, model: str) -> OpenAIError:
+        """Names only what the client sent; never the list of routes or variants."""
+        return cls(
+            404,
+            f"The model `{clip(model, MAX_ECHO)}` does not exist or you do not have access to "
+            "it. GET /v1/models lists the models you can use.",
+            "not_found_error",
+            "model",
+            "model_not_found",
+        )
+
+    @classmethod
+    def not_found(cls, path: str) -> OpenAIError:
+        return cls(
+            404,
+            f"Unknown request URL: {clip(path, MAX_ECHO)}. Please check the URL and method.",
+            "not_found_error",
+            None,
+            "unknown_url",
+        )
+
+    @classmethod
+    def timeout(cls, seconds: float | None = None) -> OpenAIError:
+        after = f" after {seconds:g} s" if seconds is not None else ""
+        return cls(
+            408,
+            f"The request timed out{after} before the model finished. Retry, or ask for fewer "
+            "tokens.",
+            "timeout_error",
+            None,
+            "timeout",
+        )
+
+    @classmethod
+    def body_too_large(cls, limit: int) -> OpenAIError:
+        return cls(
+            413,
+            f"The request body is larger than the limit of {limit} bytes.",
+            "invalid_request_error",
+            None,
+            "body_too_large",
+        )
+
+    @classmethod
+    def unsupported_media_type(cls, content_type: str | None) -> OpenAIError:
+        got = clip(content_type, MAX_ECHO) if content_type else "none"
+        return cls(
+            415,
+            f"Unsupported Content-Type {got!r}: send the body as application/json.",
+            "invalid_request_error",
+            None,
+            "unsupported_media_type",
+        )
+
+    # -- 429 / 500 / 503 ---------------------------------------------------------------------
+
+    @classmethod
+    def rate_limited(cls, retry_after: float = 1) -> OpenAIError:
+        return cls(
+            429,
+            "Too many requests. Please slow down and retry after the Retry-After delay.",
+            "rate_limit_error",
+            None,
+            "rate_limit_exceeded",
+            {"Retry-After": _seconds(retry_after)},
+        )
+
+    @classmethod
+    def server_error(cls) -> OpenAIError:
+        return cls(
+            500,
+            "The server had an error while processing your request. Sorry about that!",
+            "server_error",
+            None,
+            None,
+        )
+
+    @classmethod
+    def busy(cls, retry_after: float = 1) -> OpenAIError:
+        return cls(
+            503,
+            "The server is busy with other requests. Please retry after the Retry-After delay.",
+            "server_error",
+            None,
+            "server_busy",
+            {"Retry-After": _seconds(retry_after)},
+        )
+
+    # -- other names for the same errors ------------------------------------------------------
+
+    @classmethod
+    def invalid(
+        cls, message: str, param: str | None = None, code: str | None = "invalid_value"
+    ) -> OpenAIError:
+        """`invalid_value` with the message first."""
+        return cls.invalid_value(param, message, code)
+
+    unauthorized = bad_auth
+    not_found_model = unknown_model

@@ -1,0 +1,101 @@
+"""Metrics across replicas, client disconnects, and draining on SIGTERM."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import FAKE_CONFIG, Gateway
+
+pytestmark = pytest.mark.integration
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def sample(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def wait_for_metric(gateway, name, expected, timeout_s=20, **labels) -> float:
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while time.monotonic() < deadline:
+        value = sample(httpx.get(gateway.base + "/metrics").text, name, **labels)
+        if value == expected:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{name}{labels} = {value}, expected {expected}")
+
+
+def test_metrics_sum_over_replicas(gateway):
+    client = gateway.client()
+    sent = 24
+    for i in range(sent):
+        client.chat.completions.create(model="counted", messages=MSG, stream=i % 2 == 0)
+    text = httpx.get(gateway.base + "/metrics").text  # open without a key, for scrapers
+    assert "protege_requests_total" in text
+    wait_for_metric(gateway, "protege_requests_total", sent, route="counted", status="200")
+    wait_for_metric(gateway, "protege_tokens_total", sent * 5, route="counted",
+                    kind="completion")
+    wait_for_metric(gateway, "protege_request_duration_seconds_count", sent, route="counted")
+    wait_for_metric(gateway, "protege_engine_generations_total", sent, variant="counted",
+                    outcome="completed")
+    # Both ingress replicas and both variant replicas reported.
+    assert sample(httpx.get(gateway.base + "/metrics").text,
+                  "protege_engine_replica_up", variant="counted") == 2
+    text = httpx.get(gateway.base + "/metrics").text
+    for name in ("protege_time_to_first_token_seconds_bucket",
+                 "protege_inter_token_latency_seconds_bucket", "protege_requests_in_flight",
+                 "protege_engine_queue_depth"):
+        assert re.search(rf"^{name}", text, re.M), name
+
+
+def test_client_disconnect_aborts_generation(gateway):
+    body = {"model": "slow", "messages": MSG, "stream": True}
+    with gateway.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        for _ in range(4):
+            next(lines)
+    # 2000 tokens at 50 ms would take 100 s; the abort must come long before.
+    wait_for_metric(gateway, "protege_engine_generations_total", 1, timeout_s=30,
+                    variant="slow", outcome="aborted")
+    wait_for_metric(gateway, "protege_engine_generations_active", 0, variant="slow")
+
+
+def test_sigterm_drains_in_flight_stream(tmp_path):
+    config = {**FAKE_CONFIG, "server": {**FAKE_CONFIG["server"], "request_timeout_s": 60,
+                                        "ingress": {"replicas": 1, "num_cpus": 0}}}
+    config["variants"] = {"steady": {"engine": {"engine": "fake", "completion_tokens": 40,
+                                                "token_delay_s": 0.1}, "num_cpus": 0}}
+    config["routes"] = {"steady": {"variant": "steady"}}
+    gw = Gateway(config, tmp_path)
+    events: list[str] = []
+    started = threading.Event()
+
+    def consume():
+        body = {"model": "steady", "messages": MSG, "stream": True}
+        with httpx.stream("POST", gw.base + "/v1/chat/completions", json=body,
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert started.wait(30)
+    code = gw.stop()
+    reader.join(60)
+    assert events[-1] == "data: [DONE]", gw.logs()
+    assert code == 0, gw.logs()
+    assert "protege: stopped" in gw.logs()

