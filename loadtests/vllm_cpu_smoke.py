@@ -86,10 +86,11 @@ async def main(args) -> int:
         again, *_ = await timed(engine, GenerationRequest("b", greedy, QUESTION))
         check(again.token_ids == out.token_ids, "temperature 0 is deterministic")
 
-        short = SamplingParams(8, temperature=0, logprobs=2)
+        short = SamplingParams(5, temperature=0, logprobs=2)
         lp, *_ = await timed(engine, GenerationRequest("c", short, QUESTION))
-        check(lp.finish_reason == "length" and lp.completion_tokens == 8, "max_tokens -> length")
-        ok = lp.logprobs is not None and len(lp.logprobs) == 8 and all(
+        check(lp.finish_reason == "length" and lp.completion_tokens == 5, "max_tokens -> length")
+        check(out.token_ids[:5] == lp.token_ids, "same greedy tokens with logprobs on")
+        ok = lp.logprobs is not None and len(lp.logprobs) == 5 and all(
             t.logprob <= 0 and len(t.top) == 2 and t.top[0][1] >= t.top[1][1]
             for t in lp.logprobs
         )
@@ -103,13 +104,20 @@ async def main(args) -> int:
         left = engine.engine.get_num_unfinished_requests()
         check(len(got) == 3 and left == 0, f"abort: unfinished requests after close = {left}")
 
-        requests = [GenerationRequest(f"p{i}", greedy, QUESTION) for i in range(4)]
+        story = (Message("user", "Write a story about a lighthouse keeper."),)
+        longer = SamplingParams(128, temperature=0)
+        one, ttft, total, _ = await timed(engine, GenerationRequest("s", longer, story))
+        print(
+            f"1 x story: {one.completion_tokens} tokens, ttft={ttft:.3f}s, "
+            f"{one.completion_tokens / total:.1f} tok/s ({one.finish_reason})"
+        )
+        requests = [GenerationRequest(f"p{i}", longer, story) for i in range(4)]
         t0 = time.perf_counter()
         outs = await asyncio.gather(*(timed(engine, r) for r in requests))
         wall = time.perf_counter() - t0
         tokens = sum(o.completion_tokens for o, *_ in outs)
-        print(f"4 concurrent: {tokens} tokens in {wall:.2f}s = {tokens / wall:.1f} tok/s total")
-        check(all(o.token_ids == out.token_ids for o, *_ in outs), "concurrent answers match")
+        print(f"4 x story concurrent: {tokens} tokens in {wall:.2f}s = {tokens / wall:.1f} tok/s")
+        check(all(o.token_ids == one.token_ids for o, *_ in outs), "concurrent answers match")
     finally:
         await engine.close()
     print("PASS" if not failures else f"FAILED: {failures}")

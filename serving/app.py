@@ -238,7 +238,8 @@ class Ingress:
 
     async def _read_body(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type", "")
-        if ctype.split(";")[0].strip().lower() != "application/json":
+        is_json = ctype.split(";")[0].strip().lower() == "application/json"
+        if ctype and not is_json:
             raise OpenAIError.unsupported_media_type(ctype)
         limit = self.p.server.max_body_bytes
         declared = request.headers.get("content-length")
@@ -249,6 +250,10 @@ class Ingress:
             body += chunk
             if len(body) > limit:
                 raise OpenAIError.body_too_large(limit)
+        if not is_json:  # no Content-Type: no body is a 400 (like OpenAI), an untyped one 415
+            if body:
+                raise OpenAIError.unsupported_media_type(ctype)
+            raise OpenAIError.invalid_json("the body is empty")
         return bytes(body)
 
     async def _generate(self, request: Request, kind: str) -> Response:
@@ -445,7 +450,8 @@ def _backend_error() -> OpenAIError:
 def _require_method(method: str, allowed: str) -> None:
     if method != allowed:
         raise OpenAIError(405, f"Method {method} is not allowed here; use {allowed}.",
-                          type="invalid_request_error", code="method_not_allowed")
+                          type="invalid_request_error", code="method_not_allowed",
+                          headers={"Allow": allowed})  # RFC 9110: a 405 lists the allowed methods
 
 
 def _error_response(e: OpenAIError) -> JSONResponse:
@@ -512,9 +518,9 @@ def serve_forever(settings) -> None:
     address = os.environ.get("RAY_ADDRESS")
     own_ray = not address
     if own_ray:
-        ray.init(
+        ray.init(  # a single-node Ray of our own, on loopback only
             namespace="protege", include_dashboard=False, log_to_driver=True,
-            object_store_memory=512 * 1024 * 1024,
+            object_store_memory=512 * 1024 * 1024, _node_ip_address="127.0.0.1",
         )
     else:
         ray.init(address=address, namespace="protege", log_to_driver=True)
@@ -544,12 +550,12 @@ def serve_forever(settings) -> None:
         _print("protege: draining in-flight requests...")
         with contextlib.suppress(Exception):
             serve.delete(APP_NAME)
-        if own_ray:
+        with contextlib.suppress(Exception):
+            _kill_hub()
+        if own_ray:  # a cluster we joined keeps running; one we started goes
             with contextlib.suppress(Exception):
                 serve.shutdown()
-            with contextlib.suppress(Exception):
-                _kill_hub()
-            ray.shutdown()
+        ray.shutdown()
         _print("protege: stopped")
 
 

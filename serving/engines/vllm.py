@@ -40,6 +40,7 @@ class VllmEngine(Engine):
         )
         self.engine: Any = None
         self.tokenizer: Any = None
+        self._prompt: Callable[[list[int]], Any] | None = None  # token ids -> vLLM prompt
 
     async def start(self) -> None:
         try:
@@ -66,6 +67,14 @@ class VllmEngine(Engine):
         )
         self.engine = AsyncLLM.from_engine_args(args)
         self.tokenizer = self.engine.get_tokenizer()
+        try:  # vLLM >= 0.32: an already rendered input (raw prompts are deprecated there)
+            from vllm.inputs.engine import tokens_input
+
+            self._prompt = tokens_input
+        except ImportError:
+            from vllm.inputs import TokensPrompt
+
+            self._prompt = lambda ids: TokensPrompt(prompt_token_ids=ids)
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -111,13 +120,11 @@ class VllmEngine(Engine):
     async def _stream(
         self, request_id: str, tokens: list[int], p: SamplingParams, budget: int
     ) -> AsyncIterator[Delta]:
-        from vllm.inputs import TokensPrompt
-
         if budget == 0:  # vLLM wants at least one token
             yield Delta("", finish_reason="length", prompt_tokens=len(tokens), completion_tokens=0)
             return
         outputs = self.engine.generate(
-            TokensPrompt(prompt_token_ids=tokens), self._sampling_params(p, budget), request_id
+            self._prompt(tokens), self._sampling_params(p, budget), request_id
         )
         n = 0
         try:

@@ -24,11 +24,11 @@ def gateway(tmp_path_factory):
 
 def test_student_answers_a_real_question(gateway):
     client = gateway.client()
-    question = [{"role": "user", "content": "What is the capital of France?"}]
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     r = client.chat.completions.create(model="student", messages=question, temperature=0,
                                        max_tokens=40)
     answer = r.choices[0].message.content
-    assert "Paris" in answer, answer
+    assert "Paris" in answer, answer  # greedy: "The capital of France is Paris."
     assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 40
     stream = client.chat.completions.create(model="student", messages=question, temperature=0,
                                             max_tokens=40, stream=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -70,6 +71,29 @@ def test_client_disconnect_aborts_generation(gateway):
     wait_for_metric(gateway, "protege_engine_generations_total", 1, timeout_s=30,
                     variant="slow", outcome="aborted")
     wait_for_metric(gateway, "protege_engine_generations_active", 0, variant="slow")
+    # A non-streaming client that gives up aborts its generation too.
+    with gateway.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json={"model": "slow", "messages": MSG}, timeout=1.5)
+    wait_for_metric(gateway, "protege_engine_generations_total", 2, timeout_s=30,
+                    variant="slow", outcome="aborted")
+    wait_for_metric(gateway, "protege_engine_generations_active", 0, variant="slow")
+
+
+def test_canonical_log_line_per_request(gateway):
+    gateway.client().chat.completions.create(model="fake", messages=MSG, user="log-check")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        lines = [json.loads(line[line.index("{"):]) for line in gateway.logs().splitlines()
+                 if '"serving.request.completed"' in line and '"route": "fake"' in line]
+        if lines:
+            break
+        time.sleep(0.5)
+    assert lines, "no serving.request.completed line in the gateway log"
+    line = lines[-1]
+    for field in ("request_id", "route", "variant", "version", "status", "latency_ms",
+                  "ttft_ms", "prompt_tokens", "completion_tokens"):
+        assert field in line, field
+    assert line["status"] == 200 and line["completion_tokens"] == 12
 
 
 def test_sigterm_drains_in_flight_stream(tmp_path):

@@ -1,0 +1,82 @@
+"""Pure helpers for the benchmark scripts: percentiles, summaries, ratios and a text table.
+
+No clock, no I/O: numbers in, numbers or strings out (tested in tests/unit/test_bench_stats.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0..100) with linear interpolation (numpy's default method)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be in [0, 100], got {q}")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(latencies_s: Sequence[float], wall_s: float) -> dict[str, float]:
+    """p50/p99/mean latency in ms and requests per second over a wall time of `wall_s`."""
+    n = len(latencies_s)
+    if n == 0:
+        return {"n": 0, "p50_ms": math.nan, "p99_ms": math.nan, "mean_ms": math.nan,
+                "rps": 0.0}
+    return {
+        "n": n,
+        "p50_ms": percentile(latencies_s, 50) * 1000,
+        "p99_ms": percentile(latencies_s, 99) * 1000,
+        "mean_ms": sum(latencies_s) / n * 1000,
+        "rps": n / wall_s if wall_s > 0 else math.nan,
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing, not finite, or b is 0."""
+    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or b == 0:
+        return None
+    return a / b
+
+
+def fmt_ratio(a: float | None, b: float | None, digits: int = 2) -> str:
+    """'1.23x' for a / b; 'n/a' when the ratio is undefined."""
+    r = ratio(a, b)
+    return "n/a" if r is None else f"{r:.{digits}f}x"
+
+
+def fmt_added_ms(a_ms: float | None, b_ms: float | None, digits: int = 1) -> str:
+    """'+12.3 ms' for a - b (signed); 'n/a' when either is missing or not finite."""
+    if a_ms is None or b_ms is None or not (math.isfinite(a_ms) and math.isfinite(b_ms)):
+        return "n/a"
+    return f"{a_ms - b_ms:+.{digits}f} ms"
+
+
+def tokens_per_s(tokens: int, seconds: float) -> float:
+    """Tokens over seconds; nan when no time passed."""
+    return tokens / seconds if seconds > 0 else math.nan
+
+
+def fmt_num(x: float | None, digits: int = 1) -> str:
+    """A fixed-point number, or 'n/a' for None / nan."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])

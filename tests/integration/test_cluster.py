@@ -1,0 +1,63 @@
+"""`protege serve` joins an existing Ray cluster when RAY_ADDRESS is set, and leaves it running."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.conftest import FAKE_CONFIG, REPO, Gateway
+
+pytestmark = pytest.mark.integration
+
+# A stand-in for an existing cluster: a Ray head started by another process on 127.0.0.1.
+HEAD = """
+import sys, ray
+ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
+         namespace="cluster-owner", _node_ip_address="127.0.0.1")
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+PROBE = """
+import sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], namespace="probe")
+print("nodes", len([n for n in ray.nodes() if n["Alive"]]))
+print("apps", sorted(serve.status().applications))
+"""
+
+
+def test_serve_joins_existing_cluster_and_leaves_it_running(tmp_path):
+    # The cluster's token, as its operator would hand it to protege.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, **auth}
+    head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the Ray head did not start"
+        config = {**FAKE_CONFIG, "server": {**FAKE_CONFIG["server"],
+                                            "ingress": {"replicas": 1, "num_cpus": 0}}}
+        config["variants"] = {"fake": FAKE_CONFIG["variants"]["fake"]}
+        config["routes"] = {"fake": {"variant": "fake"}}
+        gw = Gateway(config, tmp_path, env={"RAY_ADDRESS": address, **auth})
+        try:
+            r = gw.client().chat.completions.create(
+                model="fake", messages=[{"role": "user", "content": "hi"}])
+            assert r.choices[0].message.content
+            assert f"Connecting to existing Ray cluster at address: {address}" in gw.logs()
+        finally:
+            assert gw.stop() == 0, gw.logs()
+        probe = subprocess.run([sys.executable, "-c", PROBE, address], capture_output=True,
+                               text=True, timeout=120, cwd=REPO, env=env)
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        assert "nodes 1" in probe.stdout  # the cluster is still up
+        assert "'protege'" not in probe.stdout  # but our application is gone
+    finally:
+        head.stdin.close()
+        head.wait(60)

@@ -1,0 +1,78 @@
+import math
+
+import pytest
+
+from loadtests.bench_stats import (
+    fmt_added_ms,
+    fmt_num,
+    fmt_ratio,
+    percentile,
+    ratio,
+    summarize,
+    table,
+    tokens_per_s,
+)
+
+
+def test_percentile_interpolates_like_numpy():
+    xs = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 100) == 4.0
+    assert percentile(xs, 50) == 2.5
+    assert percentile(xs, 99) == pytest.approx(3.97)  # numpy.percentile(xs, 99)
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_percentile_rejects_empty_and_out_of_range():
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_summarize_in_ms_and_requests_per_second():
+    s = summarize([0.010, 0.020, 0.030, 0.040], wall_s=0.05)
+    assert s["n"] == 4
+    assert s["p50_ms"] == pytest.approx(25.0)
+    assert s["mean_ms"] == pytest.approx(25.0)
+    assert s["p99_ms"] == pytest.approx(39.7)
+    assert s["rps"] == pytest.approx(80.0)
+
+
+def test_summarize_of_nothing_is_nan_not_an_error():
+    s = summarize([], wall_s=1.0)
+    assert s["n"] == 0 and s["rps"] == 0.0 and math.isnan(s["p50_ms"])
+
+
+def test_ratio_and_its_format():
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(1.0, 0.0) is None
+    assert ratio(None, 2.0) is None
+    assert ratio(math.nan, 2.0) is None
+    assert fmt_ratio(3.0, 2.0) == "1.50x"
+    assert fmt_ratio(1.0, 3.0, digits=3) == "0.333x"
+    assert fmt_ratio(1.0, 0.0) == "n/a"
+
+
+def test_added_ms_is_signed():
+    assert fmt_added_ms(12.34, 2.0) == "+10.3 ms"
+    assert fmt_added_ms(1.0, 2.5) == "-1.5 ms"
+    assert fmt_added_ms(None, 2.0) == "n/a"
+    assert fmt_added_ms(math.nan, 2.0) == "n/a"
+
+
+def test_tokens_per_s_and_numbers():
+    assert tokens_per_s(128, 2.0) == 64.0
+    assert math.isnan(tokens_per_s(5, 0.0))
+    assert fmt_num(1.234, 2) == "1.23"
+    assert fmt_num(None) == "n/a"
+    assert fmt_num(math.nan) == "n/a"
+
+
+def test_table_aligns_columns():
+    text = table(["cell", "ms"], [["a", "1.5"], ["longer", "12.25"]])
+    lines = text.splitlines()
+    assert lines[0] == "cell       ms"
+    assert lines[1] == "------  -----"
+    assert lines[2] == "a         1.5"
+    assert lines[3] == "longer  12.25"
