@@ -421,6 +421,7 @@ async def b_engine_phase(engine_cfg: dict, k: int, max_tokens: int) -> tuple[dic
                   for p in (B_WARMUP, *B_PROMPTS)}
         [d async for d in engine.generate(b_request(B_WARMUP, max_tokens))]
         reqs = []
+        cpu0 = tree_cpu_s()
         for prompt in b_prompts(k):
             t0 = time.perf_counter()
             first = None
@@ -433,7 +434,8 @@ async def b_engine_phase(engine_cfg: dict, k: int, max_tokens: int) -> tuple[dic
             m = merge_deltas(deltas)
             reqs.append({"prompt": prompt, "tokens": m.completion_tokens, "wall_s": wall,
                          "ttft_s": first, "text": m.text})
-        return {"system": "engine in-process", "requests": reqs}, tokens
+        return {"system": "engine in-process", "requests": reqs,
+                "cpu_s": tree_cpu_s() - cpu0}, tokens
     finally:
         await engine.close()
 
@@ -453,15 +455,18 @@ def b_llama_phase(engine_cfg: dict, tokens: dict, k: int, max_tokens: int) -> li
         llm.create_completion(tokens[B_WARMUP], **sampling)
         out = []
         reqs = []
+        cpu0 = tree_cpu_s()
         for prompt in b_prompts(k):
             t0 = time.perf_counter()
             r = llm.create_completion(tokens[prompt], **sampling)
             wall = time.perf_counter() - t0
             reqs.append({"prompt": prompt, "tokens": r["usage"]["completion_tokens"],
                          "wall_s": wall, "ttft_s": None, "text": r["choices"][0]["text"]})
-        out.append({"system": "llama.cpp direct", "stream": False, "requests": reqs})
+        out.append({"system": "llama.cpp direct", "stream": False, "requests": reqs,
+                    "cpu_s": tree_cpu_s() - cpu0})
         known = {r["prompt"]: r for r in reqs}
         reqs = []
+        cpu0 = tree_cpu_s()
         for prompt in b_prompts(k):
             t0 = time.perf_counter()
             first, pieces = None, []
@@ -477,13 +482,14 @@ def b_llama_phase(engine_cfg: dict, tokens: dict, k: int, max_tokens: int) -> li
             n = same["tokens"] if same and same["text"] == text else len(pieces)
             reqs.append({"prompt": prompt, "tokens": n, "wall_s": wall, "ttft_s": first,
                          "text": text})
-        out.append({"system": "llama.cpp direct", "stream": True, "requests": reqs})
+        out.append({"system": "llama.cpp direct", "stream": True, "requests": reqs,
+                    "cpu_s": tree_cpu_s() - cpu0})
         return out
     finally:
         llm.close()
 
 
-def b_gateway_phase(cfg: dict, tmp: Path, k: int, max_tokens: int,
+def b_gateway_phase(cfg: dict, tmp: Path, k: int, max_tokens: int, idle_s: float,
                     log: Callable[[str], None]) -> list[dict]:
     gw = BenchGateway(cfg, tmp, startup_s=300)
     try:
@@ -534,10 +540,16 @@ def b_gateway_phase(cfg: dict, tmp: Path, k: int, max_tokens: int,
 
             nonstream(B_WARMUP)
             stream(B_WARMUP)
-            out.append({"system": "gateway", "stream": False,
-                        "requests": [nonstream(p) for p in b_prompts(k)]})
-            out.append({"system": "gateway", "stream": True,
-                        "requests": [stream(p) for p in b_prompts(k)]})
+            # What the idle gateway (Ray, Serve, metrics) takes from the cores llama.cpp needs.
+            cpu0, t0 = tree_cpu_s(), time.perf_counter()
+            time.sleep(idle_s)
+            idle_cores = (tree_cpu_s() - cpu0) / (time.perf_counter() - t0)
+            log(f"B: idle gateway uses {idle_cores:.3f} cores")
+            for is_stream, fn in ((False, nonstream), (True, stream)):
+                cpu0 = tree_cpu_s()
+                reqs = [fn(p) for p in b_prompts(k)]
+                out.append({"system": "gateway", "stream": is_stream, "requests": reqs,
+                            "cpu_s": tree_cpu_s() - cpu0, "idle_cores": idle_cores})
         return out
     finally:
         log("B: stopping the gateway...")
@@ -554,6 +566,8 @@ def b_summary(run: dict) -> dict:
         "median_req_tok_s": percentile([tokens_per_s(r["tokens"], r["wall_s"]) for r in reqs],
                                        50),
         "ttft_p50_ms": percentile(ttfts, 50) * 1000 if ttfts else None,
+        "cpu_ms_per_token": run["cpu_s"] / tokens * 1000 if tokens else None,
+        "cores_busy": run["cpu_s"] / wall if wall > 0 else None,
     }
 
 
@@ -584,7 +598,7 @@ def part_b(args, tmp: Path, log: Callable[[str], None]) -> dict:
         log(f"B: phase {phase}: gateway (student only, its own Ray)")
         t0 = time.monotonic()
         (tmp / f"b{phase}").mkdir()
-        for r in b_gateway_phase(cfg, tmp / f"b{phase}", k, max_tokens, log):
+        for r in b_gateway_phase(cfg, tmp / f"b{phase}", k, max_tokens, args.idle_s, log):
             r["phase"] = phase
             runs.append(r)
         log(f"B: phase {phase}: done in {time.monotonic() - t0:.1f} s")
@@ -612,9 +626,14 @@ def b_tables(b: dict) -> str:
         s = r["summary"]
         rows.append([f"phase {r['phase']} {r['system']} {'stream' if r['stream'] else 'json'}",
                      fmt_num(s["tok_s"], 1), fmt_num(s["median_req_tok_s"], 1),
-                     fmt_num(s["ttft_p50_ms"], 1), s["tokens"], fmt_num(s["wall_s"], 2)])
-    absolute = table(["run", "tok/s", "median req tok/s", "TTFT p50 ms", "tokens", "wall s"],
-                     rows)
+                     fmt_num(s["ttft_p50_ms"], 1), s["tokens"], fmt_num(s["wall_s"], 2),
+                     fmt_num(s["cpu_ms_per_token"], 2), fmt_num(s["cores_busy"], 2)])
+    absolute = table(["run", "tok/s", "median req tok/s", "TTFT p50 ms", "tokens", "wall s",
+                      "CPU ms/token", "cores busy"], rows)
+    idle = [r["idle_cores"] for r in b["runs"] if "idle_cores" in r]
+    if idle:
+        absolute += ("\n(idle gateway, before its measured requests: "
+                     + ", ".join(f"{x:.3f}" for x in idle[::2]) + " cores busy)")
 
     def tok_s(system: str, stream: bool) -> list[float]:
         return [r["summary"]["tok_s"] for r in b["runs"]
@@ -658,6 +677,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--b-rounds", type=int, default=1,
                    help="B: gateway phases, each followed by a direct one (direct first)")
     p.add_argument("--max-tokens", type=int, default=128, help="B: max_tokens per request")
+    p.add_argument("--idle-s", type=float, default=5.0,
+                   help="B: seconds the idle gateway's CPU use is measured over")
     p.add_argument("--skip-a", action="store_true", help="skip part A (overhead)")
     p.add_argument("--skip-b", action="store_true", help="skip part B (student tokens/s)")
     p.add_argument("--quick", action="store_true",
@@ -667,7 +688,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.n1, args.n16, args.warmup = 10, 32, 2
-        args.b_requests, args.max_tokens = 1, 16
+        args.b_requests, args.max_tokens, args.idle_s = 2, 16, 1.0
     return args
 
 

@@ -36,7 +36,6 @@ class TransformersEngine(Section):
     gguf_file: str | None = Field(None, description="load this GGUF file from `model` (dequantized)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-    max_batch_size: int = Field(8, ge=1, le=256, description="requests decoded together")
 
 
 class VllmEngine(Section):

@@ -6,7 +6,8 @@ OpenAI way (`temperature`, `messages[0].content[1].type`) and whose message says
 what is allowed. No pydantic error escapes. `to_generation_requests(request_id)` fans a request out
 into `n` engine requests (choice i gets `seed + i`).
 
-Rules: JSON `null` is the same as leaving a field out; unknown fields are accepted and ignored
+Rules: JSON `null` is the same as leaving a field out; a number with no fraction (`16.0`) is an
+integer, as in JSON Schema, but `16.5` and `"16"` are not; unknown fields are accepted and ignored
 (`unknown_fields()` names them so the app can log each once); known OpenAI fields that we accept but
 do not act on (penalties, tools, response_format, ...) are listed by `ignored_fields()` when sent
 with a value that would change the answer. Types are strict: `"1"` is not an integer.
@@ -17,7 +18,8 @@ Owns no I/O, no clock and no knowledge of routes, engines or response shapes.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar, Literal
+import types
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -72,6 +74,20 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _is_int(annotation: Any) -> bool:
+    """`int`, `int | None`, `Optional[int]`; not `Any`, not `float`."""
+    if annotation is int:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return int in get_args(annotation)
+    return False
+
+
+def _integral_float(value: Any) -> bool:
+    """A JSON number with no fraction that a client wrote as a float (`16.0`, `1e3`)."""
+    return type(value) is float and value.is_integer()
+
+
 def _is_noop(value: Any) -> bool:
     """True for values of an ignored field that ask for nothing (0 penalty, store=false, ...)."""
     return value is None or value is False or value == 0 or value in ({}, [], {"type": "text"})
@@ -86,12 +102,24 @@ class OpenAIBaseModel(BaseModel):
     IGNORED: ClassVar[tuple[str, ...]] = ()
     # The field a prompt-too-long error points at.
     PROMPT_PARAM: ClassVar[str] = ""
+    # Fields typed `int` (or `int | None`); set for each subclass.
+    _INTEGERS: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._INTEGERS = frozenset(n for n, f in cls.model_fields.items() if _is_int(f.annotation))
 
     @model_validator(mode="before")
     @classmethod
-    def _null_is_absent(cls, data: Any) -> Any:
+    def _normalize(cls, data: Any) -> Any:
+        """`null` means absent; `16.0` in an integer field means 16."""
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+            return {
+                k: int(v) if k in cls._INTEGERS and _integral_float(v) else v
+                for k, v in data.items()
+                if v is not None
+            }
         return data
 
     def unknown_fields(self) -> tuple[str, ...]:
@@ -628,6 +656,15 @@ def _to_openai_error(err: dict) -> OpenAIError:
     if kind == "finite_number":
         return OpenAIError.invalid_value(
             param, f"Invalid '{param}': expected a finite number, but got {_show(value)} instead."
+        )
+    if kind in ("string_too_short", "string_too_long"):
+        edge = "at least" if kind == "string_too_short" else "at most"
+        limit = ctx.get("min_length" if kind == "string_too_short" else "max_length")
+        unit = "character" if limit == 1 else "characters"
+        return OpenAIError.invalid_value(
+            param,
+            f"Invalid '{param}': expected a string of {edge} {limit} {unit}, but got "
+            f"{_show(value)} instead.",
         )
     if kind in ("too_short", "too_long"):
         edge = "at least" if kind == "too_short" else "at most"

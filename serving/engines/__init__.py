@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serving.engines.base import (
     Delta,
@@ -24,6 +25,9 @@ from serving.engines.base import (
     TokenLogprob,
     merge_deltas,
 )
+
+if TYPE_CHECKING:
+    from serving.config import EngineConfig
 
 __all__ = [
     "Delta",
@@ -43,7 +47,7 @@ __all__ = [
 ]
 
 
-def build_engine(config, resolve_path: Callable[[str], Path]) -> Engine:
+def build_engine(config: EngineConfig, resolve_path: Callable[[str], Path]) -> Engine:
     """The engine for `config` (one of `serving.config.EngineConfig`), not yet started.
 
     `resolve_path` turns a configured path (possibly relative) into a local path; remote and fake
