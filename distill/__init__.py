@@ -1,0 +1,1 @@
+"""Distillation: losses, student construction, KD recipes, quantization, the gate, the registry."""

@@ -1,0 +1,1 @@
+"""Operations: the one Settings, logging, metrics, the `protege` CLI, model fetching."""

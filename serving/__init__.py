@@ -1,0 +1,1 @@
+"""Serving: the OpenAI protocol, the engines and the Ray Serve application."""
