@@ -80,3 +80,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def proc_stat_cpu(text: str) -> tuple[int, int]:
+    """(busy, steal) clock ticks of all CPUs from the text of /proc/stat.
+
+    busy = user + nice + system + irq + softirq (guest time is inside user already);
+    steal = time the hypervisor gave to other machines.
+    """
+    for line in text.splitlines():
+        if line.startswith("cpu "):
+            f = [int(x) for x in line.split()[1:]]
+            f += [0] * (8 - len(f))
+            user, nice, system, _idle, _iowait, irq, softirq, steal = f[:8]
+            return user + nice + system + irq + softirq, steal
+    raise ValueError("no 'cpu ' line in /proc/stat text")

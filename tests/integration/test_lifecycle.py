@@ -27,6 +27,10 @@ def sample(text: str, name: str, **labels) -> float:
     return total
 
 
+def scrape(gateway, name, **labels) -> float:
+    return sample(httpx.get(gateway.base + "/metrics").text, name, **labels)
+
+
 def wait_for_metric(gateway, name, expected, timeout_s=20, **labels) -> float:
     deadline = time.monotonic() + timeout_s
     value = None
@@ -40,17 +44,21 @@ def wait_for_metric(gateway, name, expected, timeout_s=20, **labels) -> float:
 
 def test_metrics_sum_over_replicas(gateway):
     client = gateway.client()
+    counters = {  # (metric, labels) -> what each request adds
+        ("protege_requests_total", (("route", "counted"), ("status", "200"))): 1,
+        ("protege_tokens_total", (("route", "counted"), ("kind", "completion"))): 5,
+        ("protege_request_duration_seconds_count", (("route", "counted"),)): 1,
+        ("protege_engine_generations_total", (("variant", "counted"),
+                                              ("outcome", "completed"))): 1,
+    }
+    before = {k: scrape(gateway, k[0], **dict(k[1])) for k in counters}
     sent = 24
     for i in range(sent):
         client.chat.completions.create(model="counted", messages=MSG, stream=i % 2 == 0)
     text = httpx.get(gateway.base + "/metrics").text  # open without a key, for scrapers
     assert "protege_requests_total" in text
-    wait_for_metric(gateway, "protege_requests_total", sent, route="counted", status="200")
-    wait_for_metric(gateway, "protege_tokens_total", sent * 5, route="counted",
-                    kind="completion")
-    wait_for_metric(gateway, "protege_request_duration_seconds_count", sent, route="counted")
-    wait_for_metric(gateway, "protege_engine_generations_total", sent, variant="counted",
-                    outcome="completed")
+    for key, per_request in counters.items():
+        wait_for_metric(gateway, key[0], before[key] + sent * per_request, **dict(key[1]))
     # Both ingress replicas and both variant replicas reported.
     assert sample(httpx.get(gateway.base + "/metrics").text,
                   "protege_engine_replica_up", variant="counted") == 2
@@ -83,7 +91,8 @@ def test_canonical_log_line_per_request(gateway):
     gateway.client().chat.completions.create(model="fake", messages=MSG, user="log-check")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        lines = [json.loads(line[line.index("{"):]) for line in gateway.logs().splitlines()
+        lines = [json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
+                 for line in gateway.logs().splitlines()
                  if '"serving.request.completed"' in line and '"route": "fake"' in line]
         if lines:
             break

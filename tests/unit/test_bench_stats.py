@@ -7,6 +7,7 @@ from loadtests.bench_stats import (
     fmt_num,
     fmt_ratio,
     percentile,
+    proc_stat_cpu,
     ratio,
     summarize,
     table,
@@ -76,3 +77,12 @@ def test_table_aligns_columns():
     assert lines[1] == "------  -----"
     assert lines[2] == "a         1.5"
     assert lines[3] == "longer  12.25"
+
+
+def test_proc_stat_cpu_sums_busy_fields_and_keeps_steal_apart():
+    text = ("cpu  100 5 50 1000 7 3 2 11 0 0\n"
+            "cpu0 50 2 25 500 3 1 1 5 0 0\n"
+            "intr 12345\n")
+    assert proc_stat_cpu(text) == (100 + 5 + 50 + 3 + 2, 11)
+    with pytest.raises(ValueError):
+        proc_stat_cpu("intr 1\n")

@@ -146,6 +146,28 @@ def test_completion_defaults_and_prompt_forms():
     assert len(r.to_generation_requests("c")) == 2
 
 
+def test_a_number_without_fraction_is_an_integer():
+    """JSON Schema's `integer`: `2.0` is 2 (a client may write any number as a float)."""
+    r = parse_request("chat", chat(n=2.0, max_completion_tokens=5.0, seed=1e3, top_logprobs=1.0,
+                                   logprobs=True))
+    assert (r.n, r.max_completion_tokens, r.seed, r.top_logprobs) == (2, 5, 1000, 1)
+    assert all(type(v) is int for v in (r.n, r.max_completion_tokens, r.seed, r.top_logprobs))
+    c = parse_request("completion", comp(max_tokens=16.0, logprobs=0.0, best_of=2.0, n=2))
+    assert (c.max_tokens, c.logprobs, c.best_of) == (16, 0, 2)
+    assert type(c.max_tokens) is int
+    assert parse_request("chat", chat(temperature=1)).temperature == 1.0  # numbers stay numbers
+    assert bad("chat", chat(n=2.5)).param == "n"
+    assert bad("chat", chat(seed=1e19)).param == "seed"  # integral, but beyond int64
+    assert bad("completion", comp(max_tokens=1e300)).param == "max_tokens"
+    assert bad("chat", chat(stream=1.0)).param == "stream"  # only integer fields
+
+
+def test_empty_model_message_is_ours():
+    err = bad("chat", chat(model=""))
+    assert err.param == "model" and "at least 1 character" in err.message
+    assert "String should" not in err.message  # no pydantic wording
+
+
 def test_seed_fan_out_wraps_int64():
     r = parse_request("chat", chat(seed=INT64_MAX, n=3))
     assert [g.params.seed for g in r.to_generation_requests("i")] == [
