@@ -12,6 +12,7 @@ needs them, so `config check` and `--help` stay fast.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -68,6 +69,10 @@ def serve(
     from ops.logging import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.json_logs)
+    # Before Ray is imported: every replica's log line reaches this terminal whole (no merging
+    # of look-alike lines, which would drop canonical request lines; no colour codes).
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     from serving.app import serve_forever  # Ray and the engines load only now
 
     serve_forever(settings)
