@@ -260,12 +260,20 @@ class Ingress:
 
     async def _generate(self, request: Request, kind: str) -> Response:
         started = time.monotonic()
-        body = await self._read_body(request)
-        req = protocol.parse_request(kind, body)
-        self._log_unknown_fields(req)
-        target = self.p.routes.get(req.model)
-        if target is None:
-            raise OpenAIError.not_found_model(req.model)
+        try:
+            body = await self._read_body(request)
+            req = protocol.parse_request(kind, body)
+            self._log_unknown_fields(req)
+            target = self.p.routes.get(req.model)
+            if target is None:
+                raise OpenAIError.not_found_model(req.model)
+        except OpenAIError as e:  # refused before a route was known: counted under route "-"
+            self.metrics.requests.labels(route="-", variant="-", status=str(e.status)).inc()
+            self.log.info(
+                "serving.request.completed", route="-", variant="-", status=e.status,
+                code=e.code, param=e.param, latency_ms=round((time.monotonic() - started) * 1000, 2),
+            )
+            raise
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         meta = responses.ResponseMeta(
             id=request_id, created=int(time.time()), model=req.model,

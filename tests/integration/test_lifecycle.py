@@ -132,3 +132,14 @@ def test_sigterm_drains_in_flight_stream(tmp_path):
     assert events[-1] == "data: [DONE]", gw.logs()
     assert code == 0, gw.logs()
     assert "protege: stopped" in gw.logs()
+
+
+def test_refused_requests_are_counted(gateway):
+    keys = {"400": {"model": "fake", "messages": []}, "404": {"model": "nope", "messages": MSG}}
+    before = {s: scrape(gateway, "protege_requests_total", route="-", status=s) for s in keys}
+    with gateway.http() as http:
+        for status, body in keys.items():
+            assert http.post("/v1/chat/completions", json=body).status_code == int(status)
+    for status in keys:
+        wait_for_metric(gateway, "protege_requests_total", before[status] + 1, route="-",
+                        status=status)
