@@ -33,6 +33,8 @@ WORDS = (
     "star river stone tree leaf wind rain snow fire water earth sky cloud light dark"
 ).split()
 CONTEXT = 128
+# The same tests run on a GPU with PROTEGE_TEST_DEVICE=cuda (CPU by default, as in CI).
+DEVICE = os.environ.get("PROTEGE_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def model_dir(tmp_path_factory):
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(model_dir):
-    cfg = TransformersConfig(model=str(model_dir))
+    cfg = TransformersConfig(model=str(model_dir), device=DEVICE)
     eng = build_engine(cfg, resolve_path=lambda p: p)
     assert isinstance(eng, TransformersEngine)
     await eng.start()
@@ -120,8 +122,8 @@ async def test_greedy_matches_hf_generate_and_counts(engine):
     # The hand-written KV-cache loop agrees with transformers' own greedy generate.
     with torch.inference_mode():
         ref = engine.model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False,
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            torch.tensor([prompt_ids], device=DEVICE), max_new_tokens=12, do_sample=False,
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=DEVICE),
         )
     assert list(out.token_ids) == ref[0, len(prompt_ids):].tolist()
     again = merge_deltas(await run(engine, chat(12, temperature=0, rid="other")))
@@ -180,7 +182,7 @@ async def test_tiny_top_p_is_greedy(engine):
 
 async def test_eos_ends_with_stop(engine):
     eos = engine.tokenizer.eos_token_id
-    bias = torch.zeros(engine.model.config.vocab_size)
+    bias = torch.zeros(engine.model.config.vocab_size, device=DEVICE)
     bias[eos] = 1e4
     hook = engine.model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
     try:
