@@ -31,6 +31,18 @@ def scrape(gateway, name, **labels) -> float:
     return sample(httpx.get(gateway.base + "/metrics").text, name, **labels)
 
 
+def settled(gateway, keys) -> dict:
+    """Values once every replica has pushed what earlier tests did (pushes come each second)."""
+    values = None
+    for _ in range(20):
+        now = {k: scrape(gateway, k[0], **dict(k[1])) for k in keys}
+        if now == values:
+            return now
+        values = now
+        time.sleep(2.5)
+    raise AssertionError(f"metrics never settled: {values}")
+
+
 def wait_for_metric(gateway, name, expected, timeout_s=20, **labels) -> float:
     deadline = time.monotonic() + timeout_s
     value = None
@@ -51,7 +63,7 @@ def test_metrics_sum_over_replicas(gateway):
         ("protege_engine_generations_total", (("variant", "counted"),
                                               ("outcome", "completed"))): 1,
     }
-    before = {k: scrape(gateway, k[0], **dict(k[1])) for k in counters}
+    before = settled(gateway, counters)
     sent = 24
     for i in range(sent):
         client.chat.completions.create(model="counted", messages=MSG, stream=i % 2 == 0)
@@ -88,17 +100,17 @@ def test_client_disconnect_aborts_generation(gateway):
 
 
 def test_canonical_log_line_per_request(gateway):
-    gateway.client().chat.completions.create(model="fake", messages=MSG, user="log-check")
+    r = gateway.client().chat.completions.create(model="fake", messages=MSG)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         lines = [json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
                  for line in gateway.logs().splitlines()
-                 if '"serving.request.completed"' in line and '"route": "fake"' in line]
+                 if '"serving.request.completed"' in line and r.id in line]
         if lines:
             break
         time.sleep(0.5)
     assert lines, "no serving.request.completed line in the gateway log"
-    line = lines[-1]
+    (line,) = lines
     for field in ("request_id", "route", "variant", "version", "status", "latency_ms",
                   "ttft_ms", "prompt_tokens", "completion_tokens"):
         assert field in line, field
@@ -136,7 +148,10 @@ def test_sigterm_drains_in_flight_stream(tmp_path):
 
 def test_refused_requests_are_counted(gateway):
     keys = {"400": {"model": "fake", "messages": []}, "404": {"model": "nope", "messages": MSG}}
-    before = {s: scrape(gateway, "protege_requests_total", route="-", status=s) for s in keys}
+    before = settled(gateway, [("protege_requests_total", (("route", "-"), ("status", s)))
+                               for s in keys])
+    before = {s: before[("protege_requests_total", (("route", "-"), ("status", s)))]
+              for s in keys}
     with gateway.http() as http:
         for status, body in keys.items():
             assert http.post("/v1/chat/completions", json=body).status_code == int(status)
