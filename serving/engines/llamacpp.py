@@ -13,13 +13,11 @@ position that produced each token (read from the context, so `logits_all` is not
 
 from __future__ import annotations
 
-import asyncio
 import codecs
 import os
 import random
 import threading
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,6 @@ import numpy as np
 from serving.config import LlamaCppEngine as LlamaCppEngineConfig
 from serving.engines.base import (
     Delta,
-    Engine,
     EngineError,
     EngineInfo,
     GenerationRequest,
@@ -36,12 +33,12 @@ from serving.engines.base import (
     StopMatcher,
     TokenLogprob,
 )
+from serving.engines.threaded import WorkerThreadEngine
 
-_DONE = object()
 
-
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(WorkerThreadEngine):
     def __init__(self, config: LlamaCppEngineConfig, resolve_path: Callable[[str], Path]):
+        super().__init__("llamacpp")
         self.config = config
         self.path = Path(resolve_path(config.path))
         self.info = EngineInfo(
@@ -52,13 +49,11 @@ class LlamaCppEngine(Engine):
         )
         self._llm = None
         self._chat = None  # Jinja2ChatFormatter, or None when the GGUF has no chat template
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamacpp")
-        self._running: set[threading.Event] = set()  # stop events of queued and running work
 
     async def start(self) -> None:
         if not self.path.is_file():
             raise EngineError(f"llamacpp engine: GGUF file not found: {self.path}")
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+        await self._in_worker(self._load)
 
     def _load(self) -> None:
         from llama_cpp import Llama
@@ -90,9 +85,7 @@ class LlamaCppEngine(Engine):
         self._llm = llm
 
     async def close(self) -> None:
-        for stop in list(self._running):
-            stop.set()
-        await asyncio.to_thread(self._pool.shutdown, wait=True)  # queued work sees its stop
+        await self._stop_worker()
         if self._llm is not None:
             self._llm.close()
             self._llm = None
@@ -113,47 +106,6 @@ class LlamaCppEngine(Engine):
             raise ValueError("GenerationRequest needs `messages` or `prompt`")
         return self._llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        tokens = self.tokenize_request(request)
-        budget = self.budget(len(tokens), request.params.max_tokens)
-        return self._stream(tokens, request.params, budget)
-
-    async def _stream(
-        self, tokens: list[int], params: SamplingParams, budget: int
-    ) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-
-        def emit(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                stop.set()
-
-        def work() -> None:
-            try:
-                finished = not stop.is_set() and self._decode(tokens, params, budget, stop, emit)
-                if not finished:  # unheard when the consumer left; else close() stopped it
-                    emit(EngineError("generation aborted: the engine is closing"))
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                emit(e)
-            finally:
-                emit(_DONE)
-
-        self._running.add(stop)
-        self._pool.submit(work)  # the one worker thread: generations run in turn
-        try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, EngineError):
-                    raise item
-                if isinstance(item, Exception):
-                    raise EngineError(f"llamacpp generation failed: {item}") from item
-                yield item
-        finally:
-            stop.set()
-            self._running.discard(stop)
-
     def _decode(
         self,
         prompt: list[int],
@@ -162,10 +114,6 @@ class LlamaCppEngine(Engine):
         stop: threading.Event,
         emit: Callable[[object], None],
     ) -> bool:
-        """The token loop (worker thread): emits deltas, the last with finish and counts.
-
-        Returns False when `stop` ended it early (no final delta), True otherwise.
-        """
         import llama_cpp
 
         llm = self._llm

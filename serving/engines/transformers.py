@@ -12,19 +12,16 @@ vLLM's default and llama.cpp's, so the engines agree; `k` alternatives come from
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import random
 import threading
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from serving.config import TransformersEngine as TransformersEngineConfig
 from serving.engines.base import (
     Delta,
-    Engine,
     EngineError,
     EngineInfo,
     GenerationRequest,
@@ -32,8 +29,7 @@ from serving.engines.base import (
     StopMatcher,
     TokenLogprob,
 )
-
-_DONE = object()
+from serving.engines.threaded import WorkerThreadEngine
 
 
 class IncrementalDetokenizer:
@@ -71,8 +67,9 @@ class IncrementalDetokenizer:
         return after[len(before) :] if len(after) > len(before) else ""
 
 
-class TransformersEngine(Engine):
+class TransformersEngine(WorkerThreadEngine):
     def __init__(self, config: TransformersEngineConfig, resolve_path: Callable[[str], Path]):
+        super().__init__("transformers")
         self.config = config
         self.path = Path(resolve_path(config.model))
         # context_window is read from the model config at start().
@@ -86,8 +83,6 @@ class TransformersEngine(Engine):
         self.tokenizer: Any = None
         self._eos: set[int] = set()
         self._cache_name = "past_key_values"
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transformers")
-        self._running: set[threading.Event] = set()  # stop events of queued and running work
 
     async def start(self) -> None:
         if not self.path.is_dir():
@@ -96,7 +91,7 @@ class TransformersEngine(Engine):
             raise EngineError(
                 f"transformers engine: gguf_file {self.config.gguf_file!r} not in {self.path}"
             )
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._load)
+        await self._in_worker(self._load)
 
     def _load(self) -> None:
         import torch
@@ -125,9 +120,7 @@ class TransformersEngine(Engine):
         )
 
     async def close(self) -> None:
-        for stop in list(self._running):
-            stop.set()
-        await asyncio.to_thread(self._pool.shutdown, wait=True)  # queued work sees its stop
+        await self._stop_worker()
         self.model = self.tokenizer = None
 
     def tokenize_request(self, request: GenerationRequest) -> list[int]:
@@ -149,47 +142,6 @@ class TransformersEngine(Engine):
             raise ValueError("GenerationRequest needs `messages` or `prompt`")
         return list(self.tokenizer(request.prompt)["input_ids"])
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        tokens = self.tokenize_request(request)
-        budget = self.budget(len(tokens), request.params.max_tokens)
-        return self._stream(tokens, request.params, budget)
-
-    async def _stream(
-        self, tokens: list[int], params: SamplingParams, budget: int
-    ) -> AsyncIterator[Delta]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop = threading.Event()
-
-        def emit(item: object) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                stop.set()
-
-        def work() -> None:
-            try:
-                finished = not stop.is_set() and self._decode(tokens, params, budget, stop, emit)
-                if not finished:  # unheard when the consumer left; else close() stopped it
-                    emit(EngineError("generation aborted: the engine is closing"))
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                emit(e)
-            finally:
-                emit(_DONE)
-
-        self._running.add(stop)
-        self._pool.submit(work)  # the one worker thread: generations run in turn
-        try:
-            while (item := await queue.get()) is not _DONE:
-                if isinstance(item, EngineError):
-                    raise item
-                if isinstance(item, Exception):
-                    raise EngineError(f"transformers generation failed: {item}") from item
-                yield item
-        finally:
-            stop.set()
-            self._running.discard(stop)
-
     def _decode(
         self,
         prompt: list[int],
@@ -198,10 +150,6 @@ class TransformersEngine(Engine):
         stop: threading.Event,
         emit: Callable[[object], None],
     ) -> bool:
-        """The token loop (worker thread): emits deltas, the last with finish and counts.
-
-        Returns False when `stop` ended it early (no final delta), True otherwise.
-        """
         import torch
 
         device = self.config.device

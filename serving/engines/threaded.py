@@ -1,0 +1,94 @@
+"""The bridge for engines whose token loop runs in one worker thread (llama.cpp, transformers).
+
+A subclass implements `tokenize_request` (event-loop thread) and `_decode` (worker thread, emits
+deltas). Generations run one at a time, in order; closing a generation's iterator sets its stop
+event, which `_decode` checks at every token; `close` stops running and queued work.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from serving.engines.base import Delta, Engine, EngineError, GenerationRequest, SamplingParams
+
+_DONE = object()
+
+
+class WorkerThreadEngine(Engine):
+    def __init__(self, name: str):
+        self._name = name
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._running: set[threading.Event] = set()  # stop events of queued and running work
+
+    async def _in_worker(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the worker thread (model loading: the thread that will use the model)."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    @abc.abstractmethod
+    def tokenize_request(self, request: GenerationRequest) -> list[int]:
+        """The prompt's token ids (chat template applied for chat requests)."""
+
+    @abc.abstractmethod
+    def _decode(
+        self,
+        prompt: list[int],
+        p: SamplingParams,
+        budget: int,
+        stop: threading.Event,
+        emit: Callable[[object], None],
+    ) -> bool:
+        """The token loop (worker thread): emits deltas, the last with finish and counts.
+
+        Returns False when `stop` ended it early (no final delta), True otherwise.
+        """
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        tokens = self.tokenize_request(request)
+        budget = self.budget(len(tokens), request.params.max_tokens)
+        return self._stream(tokens, request.params, budget)
+
+    async def _stream(
+        self, tokens: list[int], params: SamplingParams, budget: int
+    ) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: object) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                stop.set()
+
+        def work() -> None:
+            try:
+                finished = not stop.is_set() and self._decode(tokens, params, budget, stop, emit)
+                if not finished:  # unheard when the consumer left; else close() stopped it
+                    emit(EngineError("generation aborted: the engine is closing"))
+            except Exception as e:  # noqa: BLE001 - handed to the consumer
+                emit(e)
+            finally:
+                emit(_DONE)
+
+        self._running.add(stop)
+        self._pool.submit(work)  # the one worker thread: generations run in turn
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, EngineError):
+                    raise item
+                if isinstance(item, Exception):
+                    raise EngineError(f"{self._name} generation failed: {item}") from item
+                yield item
+        finally:
+            stop.set()
+            self._running.discard(stop)
+
+    async def _stop_worker(self) -> None:
+        """Stop running and queued generations and wait for the worker thread to finish."""
+        for stop in list(self._running):
+            stop.set()
+        await asyncio.to_thread(self._pool.shutdown, wait=True)  # queued work sees its stop
