@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import types
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     field_validator,
     model_validator,
@@ -320,6 +322,11 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
     return out
 
 
+# Field types shared by both requests, each with its own check.
+Stop = Annotated[tuple[str, ...], PlainValidator(_parse_stop)]
+Seed = Annotated[int | None, BeforeValidator(_check_seed)]
+
+
 class ChatCompletionRequest(OpenAIBaseModel):
     """POST /v1/chat/completions. Fields follow the order of OpenAI's API reference."""
 
@@ -340,8 +347,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # deprecated by OpenAI
     n: int = Field(1, ge=1, le=128)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    seed: Seed = None
+    stop: Stop = ()
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -378,16 +385,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
     @classmethod
     def check_messages(cls, v: Any) -> list[ChatMessage]:
         return _parse_messages(v)
-
-    @field_validator("stop", mode="plain")
-    @classmethod
-    def check_stop(cls, v: Any) -> tuple[str, ...]:
-        return _parse_stop(v)
-
-    @field_validator("seed", mode="before")
-    @classmethod
-    def check_seed(cls, v: Any) -> Any:
-        return _check_seed(v)
 
     @model_validator(mode="after")
     def check_cross_field(self) -> ChatCompletionRequest:
@@ -499,8 +496,8 @@ class CompletionRequest(OpenAIBaseModel):
     max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
     n: int = Field(1, ge=1, le=128)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # ignored
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    seed: Seed = None
+    stop: Stop = ()
     stream: bool = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None  # ignored
@@ -512,16 +509,6 @@ class CompletionRequest(OpenAIBaseModel):
     @classmethod
     def check_prompt(cls, v: Any) -> str:
         return _parse_prompt(v)
-
-    @field_validator("stop", mode="plain")
-    @classmethod
-    def check_stop(cls, v: Any) -> tuple[str, ...]:
-        return _parse_stop(v)
-
-    @field_validator("seed", mode="before")
-    @classmethod
-    def check_seed(cls, v: Any) -> Any:
-        return _check_seed(v)
 
     @model_validator(mode="after")
     def check_cross_field(self) -> CompletionRequest:
