@@ -74,6 +74,7 @@ class VariantServer:
         self.log = get_logger("serving.variant").bind(variant=name, version=config.version)
         self.metrics = VariantMetrics()
         labels = {"variant": name, "version": config.version}
+        self._n_active = 0
         self._active = self.metrics.active.labels(**labels)
         self._queued = self.metrics.queued.labels(**labels)
         self._outcomes = {o: self.metrics.generations.labels(**labels, outcome=o)
@@ -142,8 +143,7 @@ class VariantServer:
         return merge_deltas([d async for d in self._generate(request)])
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
-        self._active.inc()
-        self._update_queue()
+        self._set_active(+1)
         outcome = "aborted"
         gen = None
         try:
@@ -160,15 +160,15 @@ class VariantServer:
         finally:
             if gen is not None:
                 await gen.aclose()
-            self._active.dec()
-            self._update_queue()
+            self._set_active(-1)
             self._outcomes[outcome].inc()
             if outcome == "aborted":
                 self.log.info("serving.generation.aborted", request_id=request.request_id)
 
-    def _update_queue(self) -> None:
-        active = self._active._value.get()  # noqa: SLF001 - our own gauge
-        self._queued.set(max(0.0, active - self.engine.info.max_concurrency))
+    def _set_active(self, change: int) -> None:
+        self._n_active += change
+        self._active.set(self._n_active)
+        self._queued.set(max(0, self._n_active - self.engine.info.max_concurrency))
 
     async def __del__(self) -> None:
         await self.reporter.stop()
@@ -178,7 +178,7 @@ class VariantServer:
 class Ingress:
     """The HTTP front door: OpenAI protocol, auth, limits, metrics and logs."""
 
-    def __init__(self, params: IngressParams, variants: dict[str, DeploymentHandle]):
+    async def __init__(self, params: IngressParams, variants: dict[str, DeploymentHandle]):
         configure_logging(params.log_level, params.json_logs)
         self.p = params
         self.variants = variants
@@ -187,14 +187,11 @@ class Ingress:
         self.reporter = MetricsReporter(
             self.metrics.registry, f"ingress:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
-        self._reporter_started = False
+        self.reporter.start()
         self._keys = tuple(k.encode() for k in params.api_keys)
         self._unknown_logged: set[str] = set()
 
     async def __call__(self, request: Request) -> Response:
-        if not self._reporter_started:
-            self.reporter.start()
-            self._reporter_started = True
         path, method = request.url.path.rstrip("/") or "/", request.method
         try:
             if path == "/health":
