@@ -41,8 +41,11 @@ class UpstreamError(EngineError):
     """The upstream server answered with an HTTP error status."""
 
     def __init__(self, status: int, message: str):
-        self.status = status
+        self.status, self.detail = status, message
         super().__init__(f"upstream returned HTTP {status}: {message}")
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (UpstreamError, (self.status, self.detail))
 
 
 class RemoteEngine(Engine):
