@@ -1,9 +1,10 @@
 """The Ray Serve application: one ingress deployment and one deployment per model variant.
 
 `Ingress` speaks HTTP (OpenAI protocol, auth, limits, metrics, the canonical log line) and
-forwards each request to the variant its route names. `VariantServer` owns one loaded engine and
-runs the `n` choices of a request. `build_app` wires them from `Settings`; `serve` starts or joins
-Ray, deploys, and drains on SIGINT/SIGTERM.
+forwards each request to the variant of its route's A/B arm (`serving.router`: sticky per user or
+session). `VariantServer` owns one loaded engine and runs the `n` choices of a request.
+`build_app` wires them from `Settings`; `serve` starts or joins Ray, deploys, and drains on
+SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from serving.engines.base import (
     merge_deltas,
 )
 from serving.errors import OpenAIError
+from serving.router import choose_arm
 
 APP_NAME = "protege"
 # Ray Serve's own access lines would triple the per-request log work; ours is the canonical one.
@@ -46,10 +48,24 @@ SERVE_LOGGING = {"enable_access_log": False}
 
 
 @dataclass(frozen=True)
-class RouteTarget:
-    route: str
+class Arm:
     variant: str
     version: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class RouteTarget:
+    route: str
+    arms: tuple[Arm, ...]  # in config order: the order is part of the split
+    sticky_key: str = "user"
+
+    def choose(self, key: str) -> Arm:
+        """The arm for `key` (a session, user or request id): the same key, the same arm."""
+        if len(self.arms) == 1:
+            return self.arms[0]
+        variant = choose_arm([(a.variant, a.weight) for a in self.arms], key, self.route)
+        return next(a for a in self.arms if a.variant == variant)
 
 
 @dataclass(frozen=True)
@@ -272,19 +288,21 @@ class Ingress:
             )
             raise
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        key, key_kind = _sticky_key(request, req, target, request_id)
+        arm = target.choose(key)
         meta = responses.ResponseMeta(
             id=request_id, created=int(time.time()), model=req.model,
-            system_fingerprint=f"{target.variant}:{target.version}",
+            system_fingerprint=f"{arm.variant}:{arm.version}",
         )
         gen_requests = req.to_generation_requests(request_id)
-        call = _Call(self, target, request_id, req.stream, started)
+        call = _Call(self, target, arm, key_kind, request_id, req.stream, started)
         call.begin()
-        handle = self.variants[target.variant]
+        handle = self.variants[arm.variant]
         timeout = self.p.server.request_timeout_s
         headers = {
             "x-request-id": request_id,
-            "x-protege-variant": target.variant,
-            "x-protege-version": target.version,
+            "x-protege-variant": arm.variant,
+            "x-protege-version": arm.version,
         }
         try:
             if not req.stream:
@@ -384,11 +402,11 @@ class Ingress:
 class _Call:
     """Timing, tokens, metrics and the canonical log line of one generation request."""
 
-    def __init__(self, ingress: Ingress, target: RouteTarget, request_id: str, stream: bool,
-                 started: float):
-        self.i, self.t, self.request_id, self.stream, self.started = (
-            ingress, target, request_id, stream, started)
-        self.labels = {"route": target.route, "variant": target.variant}
+    def __init__(self, ingress: Ingress, target: RouteTarget, arm: Arm, arm_key: str,
+                 request_id: str, stream: bool, started: float):
+        self.i, self.t, self.arm, self.arm_key = ingress, target, arm, arm_key
+        self.request_id, self.stream, self.started = request_id, stream, started
+        self.labels = {"route": target.route, "variant": arm.variant}
         self.first_token_at: float | None = None
         self.last_token_at: dict[int, float] = {}
         self.prompt_tokens = 0
@@ -438,7 +456,8 @@ class _Call:
             m.tokens.labels(**labels, kind="completion").inc(completion)
         self.i.log.info(
             "serving.request.completed", request_id=self.request_id, route=self.t.route,
-            variant=self.t.variant, version=self.t.version, status=status, stream=self.stream,
+            variant=self.arm.variant, version=self.arm.version, arm_key=self.arm_key,
+            status=status, stream=self.stream,
             latency_ms=round((now - self.started) * 1000, 2),
             ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
             prompt_tokens=self.prompt_tokens, completion_tokens=completion,
@@ -447,6 +466,17 @@ class _Call:
 
 async def _await(response):
     return await response
+
+
+def _sticky_key(request: Request, req, target: RouteTarget, request_id: str) -> tuple[str, str]:
+    """What picks the arm, and which kind it is: the session header, the `user`, or the id."""
+    if target.sticky_key == "user":
+        session = request.headers.get("x-session-id")
+        if session:
+            return session, "session"
+        if req.user:
+            return req.user, "user"
+    return request_id, "request"
 
 
 def _backend_error() -> OpenAIError:
@@ -499,7 +529,11 @@ def build_app(settings) -> serve.Application:
         server=settings.server,
         api_keys=settings.api_keys,
         routes={
-            r: RouteTarget(r, route.variant, settings.variants[route.variant].version)
+            r: RouteTarget(
+                r,
+                tuple(Arm(v, settings.variants[v].version, w) for v, w in route.split()),
+                route.sticky_key,
+            )
             for r, route in settings.routes.items()
         },
         log_level=log.level,

@@ -1,14 +1,15 @@
 """The serving section of the settings: engines, model variants, routes, the HTTP server.
 
 A *variant* is one deployed model (an engine plus its Ray resources). A *route* is the name a
-client puts in `model`; it points at a variant. Pure data: no I/O happens here.
+client puts in `model`; it points at a primary variant, or splits its traffic between weighted A/B
+*arms* (each arm one variant). Pure data: no I/O happens here.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -92,11 +93,58 @@ class VariantConfig(Section):
     max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="-1: unbounded")
 
 
-class RouteConfig(Section):
-    """A name clients send as `model`, served by one variant."""
+class ArmConfig(Section):
+    """One A/B arm of a route: a variant and its share of the route's traffic."""
 
     variant: str = Field(pattern=NAME)
+    weight: float = Field(
+        ge=0, le=1_000_000, allow_inf_nan=False,
+        description="relative share (arms [a: 3, b: 1] send a 75%, b 25%); 0: no new traffic",
+    )
+
+
+class RouteConfig(Section):
+    """A name clients send as `model`, served by one variant or split across weighted arms."""
+
+    variant: str = Field(
+        pattern=NAME,
+        description="the primary variant (the control arm); the only one when `arms` is absent",
+    )
+    arms: list[ArmConfig] | None = Field(
+        None, min_length=1,
+        description="A/B split: when given it defines the whole split and must include `variant`"
+        " (weight 0 keeps it the primary without traffic); each variant once, not all weights 0",
+    )
+    sticky_key: Literal["user", "request"] = Field(
+        "user",
+        description="how a request picks its arm: `user` hashes the x-session-id header, else the"
+        " request's `user` field, else its id (so one user stays in one arm); `request`: its id",
+    )
     description: str = ""
+
+    @field_validator("arms")
+    @classmethod
+    def _check_arms(cls, arms: list[ArmConfig] | None, info: ValidationInfo):
+        if arms is None:
+            return arms
+        names = [a.variant for a in arms]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(map(repr, twice))} listed more than once; "
+                             "each variant may be one arm only")
+        if not any(a.weight > 0 for a in arms):
+            raise ValueError("every weight is 0; at least one must be greater than 0")
+        primary = info.data.get("variant")
+        if primary is not None and primary not in names:
+            raise ValueError(f"the primary variant {primary!r} is not among them; include it"
+                             " (weight 0 for no traffic)")
+        return arms
+
+    def split(self) -> list[tuple[str, float]]:
+        """`(variant, weight)` per arm; the primary alone (weight 1) without `arms`."""
+        if self.arms is None:
+            return [(self.variant, 1.0)]
+        return [(a.variant, a.weight) for a in self.arms]
 
 
 class IngressConfig(Section):
@@ -118,10 +166,15 @@ class ServerConfig(Section):
 def unknown_route_variants(
     variants: dict[str, VariantConfig], routes: dict[str, RouteConfig]
 ) -> list[str]:
-    """One message per route that names a variant which does not exist."""
+    """One message per route or arm that names a variant which does not exist."""
     known = ", ".join(sorted(variants)) or "none"
-    return [
-        f"routes.{name}.variant: {route.variant!r} is not a variant (allowed: {known})"
-        for name, route in routes.items()
-        if route.variant not in variants
-    ]
+    problems = []
+    for name, route in routes.items():
+        if route.variant not in variants:
+            problems.append(
+                f"routes.{name}.variant: {route.variant!r} is not a variant (allowed: {known})")
+        for i, arm in enumerate(route.arms or ()):
+            if arm.variant not in variants:
+                problems.append(f"routes.{name}.arms.{i}.variant: {arm.variant!r} is not a variant"
+                                f" (allowed: {known})")
+    return problems

@@ -117,6 +117,77 @@ def test_route_to_unknown_variant(config):
     assert problems(err) == ["routes.chat.variant: 'huge' is not a variant (allowed: tiny)"]
 
 
+AB = """\
+variants:
+  a: {engine: {engine: fake}, version: a1}
+  b: {engine: {engine: fake}, version: b1}
+routes:
+  ab:
+    variant: a
+"""
+
+
+def test_route_without_arms_is_its_primary_alone(config):
+    s = load_settings(config(AB))
+    route = s.routes["ab"]
+    assert route.arms is None and route.sticky_key == "user"
+    assert route.split() == [("a", 1.0)]
+
+
+def test_route_arms_define_the_split(config):
+    text = AB + ("    sticky_key: request\n"
+                 "    arms: [{variant: a, weight: 3}, {variant: b, weight: 1}]\n")
+    route = load_settings(config(text)).routes["ab"]
+    assert route.split() == [("a", 3.0), ("b", 1.0)]
+    assert route.sticky_key == "request"
+    # The primary may hold weight 0: still the route's primary, without new traffic.
+    text = AB + "    arms: [{variant: a, weight: 0}, {variant: b, weight: 1}]\n"
+    assert load_settings(config(text)).routes["ab"].split() == [("a", 0.0), ("b", 1.0)]
+
+
+@pytest.mark.parametrize(("arms", "line"), [
+    ("[{variant: a, weight: 1}, {variant: c, weight: 1}]",
+     "routes.ab.arms.1.variant: 'c' is not a variant (allowed: a, b)"),
+    ("[{variant: a, weight: 0}, {variant: b, weight: 0}]",
+     ("routes.ab.arms: [{'variant': 'a', 'weight': 0}, {'variant': 'b', 'weight': 0}] (every weight"
+      " is 0; at least one must be greater than 0)")),
+    ("[{variant: a, weight: 1}, {variant: b, weight: 1}, {variant: a, weight: 2}]",
+     ("routes.ab.arms: [{'variant': 'a', 'weight': 1}, {'variant': 'b', 'weight': 1}, {'variant':"
+      " 'a... ('a' listed more than once; each variant may be one arm only)")),
+    ("[{variant: b, weight: 1}]",
+     ("routes.ab.arms: [{'variant': 'b', 'weight': 1}] (the primary variant 'a' is not among them;"
+      " include it (weight 0 for no traffic))")),
+    ("[{variant: a, weight: -1}, {variant: b, weight: 1}]",
+     "routes.ab.arms.0.weight: -1 (Input should be greater than or equal to 0)"),
+    ("[{variant: a, weight: .nan}, {variant: b, weight: 1}]",
+     "routes.ab.arms.0.weight: nan (Input should be a finite number)"),
+    ("[{variant: a}]", "routes.ab.arms.0.weight: missing (required)"),
+    ("[]", "routes.ab.arms: [] (List should have at least 1 item after validation, not 0)"),
+], ids=["unknown-variant", "all-zero", "duplicate", "primary-missing", "negative", "nan",
+        "no-weight", "empty"])
+def test_bad_arms_are_one_line_each(config, arms, line):
+    with pytest.raises(ConfigError) as err:
+        load_settings(config(AB + f"    arms: {arms}\n"))
+    assert problems(err) == [line]
+
+
+def test_unknown_primary_and_arm_variants_are_both_named(config):
+    text = AB.replace("variant: a", "variant: x") + "    arms: [{variant: x, weight: 1}]\n"
+    with pytest.raises(ConfigError) as err:
+        load_settings(config(text))
+    assert problems(err) == [
+        "routes.ab.variant: 'x' is not a variant (allowed: a, b)",
+        "routes.ab.arms.0.variant: 'x' is not a variant (allowed: a, b)",
+    ]
+
+
+def test_sticky_key_lists_the_allowed_values(config):
+    with pytest.raises(ConfigError) as err:
+        load_settings(config(AB + "    sticky_key: session\n"))
+    assert problems(err) == [
+        "routes.ab.sticky_key: 'session' (Input should be 'user' or 'request')"]
+
+
 def test_missing_sections_are_named(config):
     with pytest.raises(ConfigError) as err:
         load_settings(config("server: {port: 8000}\n"))
