@@ -16,7 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from serving.config import RouteConfig, ServerConfig, Section, VariantConfig, unknown_route_variants
+from serving.config import RouteConfig, Section, ServerConfig, VariantConfig, unknown_route_variants
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

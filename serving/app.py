@@ -34,7 +34,6 @@ from serving.engines import build_engine
 from serving.engines.base import (
     Delta,
     EngineError,
-    EngineInfo,
     GenerationRequest,
     PromptTooLong,
     merge_deltas,
@@ -107,9 +106,6 @@ class VariantServer:
             "serving.variant.loaded", engine=config.engine.engine,
             model=self.engine.info.model, seconds=round(time.monotonic() - started, 2),
         )
-
-    def info(self) -> EngineInfo:
-        return self.engine.info
 
     async def complete(self, requests: list[GenerationRequest]) -> list[Delta]:
         """Generate every choice to the end; one merged delta per choice, in order."""
@@ -296,6 +292,9 @@ class Ingress:
         )
         gen_requests = req.to_generation_requests(request_id)
         call = _Call(self, target, arm, key_kind, request_id, req.stream, started)
+        if self.p.log_prompts:
+            call.texts = {"prompt": gen_requests[0].prompt or [
+                {"role": m.role, "content": m.content} for m in gen_requests[0].messages or ()]}
         call.begin()
         handle = self.variants[arm.variant]
         timeout = self.p.server.request_timeout_s
@@ -411,6 +410,7 @@ class _Call:
         self.last_token_at: dict[int, float] = {}
         self.prompt_tokens = 0
         self.completion_tokens: dict[int, int] = {}
+        self.texts: dict[str, object] | None = None  # prompt and answers, with log_prompts only
         self.done = False
 
     def begin(self) -> None:
@@ -425,6 +425,9 @@ class _Call:
                 self.i.metrics.inter_token.labels(**self.labels).observe(
                     now - self.last_token_at[index])
             self.last_token_at[index] = now
+            if self.texts is not None:
+                answers = self.texts.setdefault("answers", {})
+                answers[index] = answers.get(index, "") + delta.text
         if delta.prompt_tokens is not None:
             self.prompt_tokens = delta.prompt_tokens
         if delta.completion_tokens is not None:
@@ -440,7 +443,7 @@ class _Call:
         if choices is not None:
             self.first_token_at = now
             for index, c in enumerate(choices):
-                self.on_delta(index, Delta("", (), None, c.finish_reason, c.prompt_tokens,
+                self.on_delta(index, Delta(c.text, (), None, c.finish_reason, c.prompt_tokens,
                                            c.completion_tokens))
         m.in_flight.labels(**labels).dec()
         m.requests.labels(**labels, status=str(status)).inc()
@@ -461,6 +464,7 @@ class _Call:
             latency_ms=round((now - self.started) * 1000, 2),
             ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
             prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+            **(self.texts or {}),
         )
 
 

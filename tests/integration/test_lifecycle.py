@@ -115,6 +115,7 @@ def test_canonical_log_line_per_request(gateway):
                   "ttft_ms", "prompt_tokens", "completion_tokens"):
         assert field in line, field
     assert line["status"] == 200 and line["completion_tokens"] == 12
+    assert "prompt" not in line and "answers" not in line  # text only with logging.log_prompts
 
 
 def test_sigterm_drains_in_flight_stream(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import pytest
 
@@ -18,6 +21,7 @@ def front(gateway, tmp_path_factory):
                 "api_key_env": "PROTEGE_TEST_UPSTREAM_KEY", "timeout_s": 10}
     config = {
         "server": {"ingress": {"replicas": 1, "num_cpus": 0}},
+        "logging": {"log_prompts": True},
         "variants": {
             "reference": {"engine": {**upstream, "model": "fake"}, "num_cpus": 0},
             "missing": {"engine": {**upstream, "model": "no-such-route"}, "num_cpus": 0},
@@ -51,3 +55,16 @@ def test_upstream_failure_is_a_bounded_502(front):
     error = r.json()["error"]
     assert error["type"] == "server_error" and "127.0.0.1" not in error["message"]
     assert front.client().models.list().data  # still serving
+
+
+def test_log_prompts_puts_prompt_and_answer_in_the_log_line(front):
+    r = front.client().chat.completions.create(model="reference", messages=MSG, max_tokens=3)
+    deadline = time.monotonic() + 20
+    lines = []
+    while not lines and time.monotonic() < deadline:
+        lines = [json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
+                 for line in front.logs().splitlines() if r.id in line and "completed" in line]
+        time.sleep(0.2)
+    (line,) = lines
+    assert line["prompt"] == MSG
+    assert line["answers"] == {"0": r.choices[0].message.content}
