@@ -17,3 +17,16 @@ def test_round_trip(error):
     assert type(back) is type(error)
     assert str(back) == str(error)
     assert vars(back) == vars(error)
+
+
+async def test_vllm_engine_without_vllm_says_how_to_install(tmp_path):
+    import importlib.util
+
+    from serving.config import VllmEngine as VllmConfig
+    from serving.engines import build_engine
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    engine = build_engine(VllmConfig(model=str(tmp_path)), lambda p: p)
+    with pytest.raises(EngineError, match=r"protege\[vllm\]"):
+        await engine.start()
