@@ -89,6 +89,31 @@ class VariantMetrics:
         )
 
 
+class ShadowMetrics:
+    """What the pair writer records: every pair offered ends up stored, spilled or dropped."""
+
+    OUTCOMES = ("stored", "spilled", "replayed")
+    DROP_REASONS = ("queue_full", "closed", "invalid", "store_error", "spill_corrupt")
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.records = Counter(
+            "protege_shadow_records",
+            "Pair records written to the store (stored), to the spill file (spilled), or from "
+            "the spill file to the store (replayed).", ("outcome",), registry=r,
+        )
+        self.dropped = Counter(
+            "protege_shadow_dropped", "Pair records lost, by reason.", ("reason",), registry=r,
+        )
+        self.queue_depth = Gauge(
+            "protege_shadow_queue_depth", "Pair records waiting for the store writer.", registry=r,
+        )
+        for outcome in self.OUTCOMES:  # zeros are exported before the first record
+            self.records.labels(outcome=outcome)
+        for reason in self.DROP_REASONS:
+            self.dropped.labels(reason=reason)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     text: str

@@ -1,0 +1,153 @@
+"""One shadow pair as stored: `PairRecord`, and its row and JSON forms. Pure: no I/O, no clock.
+
+Owns what a pair holds and how it is (de)serialised; does not own how the pair is produced
+(the mirror), scored (`shadow.scoring`, whose `score_pair` dict goes into `scores`) or written
+(`shadow.store`). `from_json(to_json(r)) == r` and `from_row(to_row(r)) == r` for every record.
+
+A record is frozen, but `request`, `scores` and `teacher_logprobs` are plain JSON values
+(dicts and lists) so they serialise as they are: treat them as read-only, and use
+`with_scores` to attach scores. Numbers must be finite (JSON has no NaN or infinity, and
+neither has PostgreSQL's jsonb): clamp a `-inf` logprob to a floor such as -9999.0 first.
+
+`created_at` is an ISO 8601 UTC timestamp chosen by the caller, always in one format (the store
+filters on it as text), e.g. `2026-11-28T21:43:08.123456+00:00`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1  # bump when a field changes meaning; `from_dict` refuses newer records
+
+# The columns a store keeps beside the full JSON record, to filter and index on.
+ROW_COLUMNS = (
+    "pair_id", "route", "variant", "student_version", "teacher", "created_at", "disagreement",
+    "record",
+)
+
+TopLogprob = dict[str, Any]  # {"token": str, "logprob": float, "top": [[token, logprob], ...]}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One side of a pair: what a model answered and how fast."""
+
+    model: str  # model name as served (a remote target: the remote model name)
+    version: str | None  # model version from the registry; None when unknown (a cloud model)
+    text: str  # the answer's text (first choice)
+    finish_reason: str | None  # "stop", "length", ...; None when the call did not finish
+    prompt_tokens: int | None  # from the usage block; None when the backend gave none
+    completion_tokens: int | None
+    ttft_ms: float | None  # request to first token; None when no token came
+    latency_ms: float  # request to last byte
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """A student answer and the teacher's answer to the same (redacted) request."""
+
+    pair_id: str  # the response id the client saw; the store's primary key
+    request_id: str  # the gateway's request id (logs, traces)
+    route: str
+    variant: str  # the A/B arm that answered the user
+    target: str  # the shadow target: a local variant or a remote endpoint's name
+    request: dict[str, Any]  # after redaction: messages or prompt, plus sampling parameters
+    student: Answer
+    teacher: Answer
+    created_at: str  # ISO 8601 UTC, see the module doc
+    teacher_logprobs: list[TopLogprob] | None = None  # per generated token, when provided
+    scores: dict[str, float | None] = field(default_factory=dict)  # `score_pair`; {} unscored
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("pair_id", "request_id", "route", "variant", "target", "created_at"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"PairRecord.{name} must be a non-empty string, got {value!r}")
+        _check_finite(self.scores, "scores")
+        _check_finite(self.teacher_logprobs, "teacher_logprobs")
+        for side in ("student", "teacher"):
+            answer = getattr(self, side)
+            _check_finite([answer.ttft_ms, answer.latency_ms], f"{side} latencies")
+
+    @property
+    def disagreement(self) -> float | None:
+        """The combined disagreement in [0, 1]; None until the pair is scored."""
+        return self.scores.get("disagreement")
+
+    def with_scores(self, scores: Mapping[str, float | None]) -> PairRecord:
+        return dataclasses.replace(self, scores=dict(scores))
+
+    # --- serialisation ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PairRecord:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"pair record {data.get('pair_id')!r} has schema_version {version!r}; this "
+                f"protege reads {SCHEMA_VERSION}: upgrade protege to read newer records"
+            )
+        _check_keys(data, {f.name for f in dataclasses.fields(cls)}, "pair record")
+        sides = {}
+        for side in ("student", "teacher"):
+            _check_keys(data[side], {f.name for f in dataclasses.fields(Answer)}, side)
+            sides[side] = Answer(**data[side])
+        return cls(**{**data, **sides})
+
+    def to_json(self) -> str:
+        """One line of compact JSON (no newline inside: it is also the spill file's format)."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> PairRecord:
+        return cls.from_dict(json.loads(text))
+
+    def to_row(self) -> dict[str, Any]:
+        """The store's row: the filterable columns of `ROW_COLUMNS` and the whole record as JSON."""
+        return {
+            "pair_id": self.pair_id,
+            "route": self.route,
+            "variant": self.variant,
+            "student_version": self.student.version,
+            "teacher": self.teacher.model,
+            "created_at": self.created_at,
+            "disagreement": self.disagreement,
+            "record": self.to_json(),
+        }
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> PairRecord:
+        """The record back from a row; only the `record` column is read (it holds everything)."""
+        return cls.from_json(row["record"])
+
+
+def _check_keys(data: Mapping[str, Any], known: set[str], what: str) -> None:
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{what} has unknown fields {sorted(unknown)}: upgrade protege, or "
+                         "bump SCHEMA_VERSION when adding fields")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Raise when a float anywhere in `value` (nested lists and dicts) is NaN or infinite."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise ValueError(f"PairRecord {where} holds {item}: JSON cannot store it; clamp "
+                                 "logprobs to a finite floor (e.g. -9999.0) and drop NaN scores")
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)

@@ -1,0 +1,409 @@
+"""Where pair records go: the `PairStore` interface, its SQLite backend, and `PairWriter`.
+
+Owns durability: `SqliteStore` keeps pairs in one WAL-mode SQLite file (the embedded default;
+a PostgreSQL backend implements the same `PairStore` protocol beside it), and `PairWriter`
+moves records from the request side to a store in batches, off the event loop. Does not own
+what a record holds (`shadow.records`) or scoring.
+
+Nothing is lost silently. Every record offered to a writer ends in exactly one of:
+`records{outcome="stored"}`, `records{outcome="spilled"}` (the store failed: the batch went to
+an fsynced JSON-lines spill file, replayed into the store once a write succeeds again, counted
+`replayed` then), or `dropped{reason}`:
+  queue_full     the writer's queue was full (`offer` never waits)
+  closed         offered after `close()`
+  invalid        neither the store nor the spill file could serialise the record
+  store_error    the store failed and so did the spill file
+  spill_corrupt  an unreadable line of a spill file (a write torn by a crash)
+
+Writes are idempotent on `pair_id` (the first write wins; a replay never duplicates or
+overwrites a pair), so a batch written twice, e.g. replayed after a crash mid-replay, is safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from ops.logging import get_logger
+from ops.metrics import ShadowMetrics
+from shadow.records import ROW_COLUMNS, PairRecord
+
+log = get_logger("shadow.store")
+
+
+class PairStore(Protocol):
+    """What `PairWriter` and the ML team's tools need from a store. Methods block: call them
+    from a thread (`asyncio.to_thread`), never on the event loop."""
+
+    def write_batch(self, records: Sequence[PairRecord]) -> None:
+        """Write all records in one transaction, or none; a pair_id already stored is skipped."""
+
+    def count(self) -> int: ...
+
+    def get(self, pair_id: str) -> PairRecord | None: ...
+
+    def iter_pairs(
+        self, *, route: str | None = None, since: str | None = None,
+        min_disagreement: float | None = None, limit: int | None = None,
+    ) -> Iterator[PairRecord]:
+        """Pairs oldest first (`created_at`, then `pair_id`); `since` is inclusive."""
+
+
+# --- SQLite ----------------------------------------------------------------------------------------
+
+# MIGRATIONS[i] takes the schema from `user_version` i to i + 1. Append; never edit one.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE pairs (
+            pair_id TEXT PRIMARY KEY,
+            route TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            student_version TEXT,
+            teacher TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            disagreement REAL,
+            record TEXT NOT NULL
+        )""",
+        "CREATE INDEX pairs_route_created ON pairs (route, created_at)",
+        "CREATE INDEX pairs_disagreement ON pairs (disagreement)",
+    ),
+)
+
+_INSERT = (
+    f"INSERT INTO pairs ({', '.join(ROW_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in ROW_COLUMNS)}) ON CONFLICT (pair_id) DO NOTHING"
+)
+
+
+class SqliteStore:
+    """Pairs in one SQLite file (WAL, synchronous=NORMAL). Each call opens its own connection,
+    so a file that was removed, replaced or unreachable fails that call (and the writer
+    spills) instead of writing into a deleted file, and the store recovers with the file."""
+
+    def __init__(self, path: str | os.PathLike[str], *, timeout_s: float = 5.0):
+        if str(path) in ("", ":memory:"):
+            raise ValueError(f"SqliteStore needs a file path, got {str(path)!r}: an in-memory "
+                             "database would lose every pair; pass e.g. 'data/pairs.db'")
+        self.path = Path(path)
+        self.timeout_s = timeout_s  # how long a write waits for another writer's lock
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+            if mode != "wal":  # set once per file (it persists); setting it takes a lock
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                raise sqlite3.OperationalError(
+                    f"{self.path}: journal_mode is {mode!r}, not 'wal'; put the store on a local "
+                    "file system that supports WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        target = len(MIGRATIONS)
+        if conn.execute("PRAGMA user_version").fetchone()[0] == target:
+            return
+        conn.execute("BEGIN IMMEDIATE")  # one migrator at a time; re-read under the lock
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > target:
+                raise RuntimeError(f"{self.path} has schema version {version}, newer than this "
+                                   f"protege's {target}: upgrade protege")
+            for statements in MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def write_batch(self, records: Sequence[PairRecord]) -> None:
+        rows = [r.to_row() for r in records]  # serialise before taking the write lock
+        if not rows:
+            return
+        with contextlib.closing(self._connect()) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT, rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def count(self) -> int:
+        with contextlib.closing(self._connect()) as conn:
+            return conn.execute("SELECT count(*) FROM pairs").fetchone()[0]
+
+    def get(self, pair_id: str) -> PairRecord | None:
+        with contextlib.closing(self._connect()) as conn:
+            row = conn.execute("SELECT record FROM pairs WHERE pair_id = ?", (pair_id,)).fetchone()
+        return None if row is None else PairRecord.from_json(row[0])
+
+    def iter_pairs(
+        self, *, route: str | None = None, since: str | None = None,
+        min_disagreement: float | None = None, limit: int | None = None,
+    ) -> Iterator[PairRecord]:
+        where, params = [], []
+        for clause, value in (("route = ?", route), ("created_at >= ?", since),
+                              ("disagreement >= ?", min_disagreement)):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        sql = "SELECT record FROM pairs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at, pair_id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        with contextlib.closing(self._connect()) as conn:
+            cursor = conn.execute(sql, params)
+            while rows := cursor.fetchmany(500):
+                for (text,) in rows:
+                    yield PairRecord.from_json(text)
+
+
+# --- the writer ------------------------------------------------------------------------------------
+
+
+class PairWriter:
+    """Batches records into a `PairStore` from a background task (see the module doc).
+
+    `offer` is the only call on the request side: it never waits. `start()` (inside a running
+    loop) starts the task, which first replays a spill file left by an earlier process;
+    `close()` drains the queue. Store and spill-file work runs in one worker thread at a time.
+
+    Spill files are `<spill_dir>/<name>.spill.jsonl` (appended) and `<name>.replaying.jsonl`
+    (being replayed). One writer per name: a lock file refuses a second one, so give each
+    process (replica) its own name, and reuse the name on restart to replay what it left.
+    """
+
+    def __init__(
+        self,
+        store: PairStore,
+        metrics: ShadowMetrics,
+        spill_dir: str | os.PathLike[str],
+        *,
+        name: str = "pairs",
+        maxsize: int = 10_000,
+        batch_size: int = 256,
+        flush_interval_s: float = 1.0,
+    ):
+        if maxsize < 1 or batch_size < 1 or flush_interval_s <= 0:
+            raise ValueError(f"PairWriter needs maxsize >= 1, batch_size >= 1 and "
+                             f"flush_interval_s > 0; got {maxsize}, {batch_size}, "
+                             f"{flush_interval_s}")
+        self.store, self.metrics = store, metrics
+        self.spill_dir = Path(spill_dir)
+        self.spill_path = self.spill_dir / f"{name}.spill.jsonl"
+        self.replaying_path = self.spill_dir / f"{name}.replaying.jsonl"
+        self._lock_path = self.spill_dir / f"{name}.lock"
+        self.batch_size, self.flush_interval_s = batch_size, flush_interval_s
+        self._queue: asyncio.Queue[PairRecord] = asyncio.Queue(maxsize)
+        self._files = threading.Lock()  # spill files: the worker thread vs close()'s last spill
+        self._spill_pending = False
+        self._lock_fd: int | None = None
+        self._task: asyncio.Task | None = None
+        self._closed = False
+
+    # --- the request side -----------------------------------------------------------------------
+
+    def offer(self, record: PairRecord) -> bool:
+        """Queue a record for writing; False (and counted as dropped) when it cannot be."""
+        if self._closed:
+            self.metrics.dropped.labels(reason="closed").inc()
+            return False
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.metrics.dropped.labels(reason="queue_full").inc()
+            return False
+        self.metrics.queue_depth.set(self._queue.qsize())
+        return True
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another PairWriter holds {self._lock_path}: give each process "
+                               "its own writer name") from None
+        self._lock_fd = fd
+        self._spill_pending = self.spill_path.exists() or self.replaying_path.exists()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="pair-writer")
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop taking records and write what is queued; at the deadline, spill the rest.
+
+        A batch whose write is running at the deadline finishes in its thread and counts
+        itself (stored or spilled); this call does not wait for it."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._queue.join(), timeout_s)
+            except TimeoutError:
+                log.warning("shadow.writer.drain_timed_out", left=self._queue.qsize(),
+                            timeout_s=timeout_s)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        # A batch whose thread is still running accounts for itself; what is queued is spilled.
+        left = []
+        while not self._queue.empty():
+            left.append(self._queue.get_nowait())
+            self._queue.task_done()
+        if left:
+            await asyncio.to_thread(self._spill_sync, left)
+        self.metrics.queue_depth.set(0)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    # --- the background task --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        if self._spill_pending:
+            await asyncio.to_thread(self._replay_sync)
+        while True:
+            retry = self.flush_interval_s if self._spill_pending else None
+            try:
+                first = await asyncio.wait_for(self._queue.get(), retry)
+            except TimeoutError:  # idle with a spill file: try the store again
+                await asyncio.to_thread(self._replay_sync)
+                continue
+            batch = [first]
+            deadline = asyncio.get_running_loop().time() + self.flush_interval_s
+            while len(batch) < self.batch_size:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                wait = deadline - asyncio.get_running_loop().time()
+                if wait <= 0 or self._closed:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), wait))
+                except TimeoutError:
+                    break
+            self.metrics.queue_depth.set(self._queue.qsize())
+            try:
+                await asyncio.to_thread(self._write_sync, batch)
+            except Exception as e:  # noqa: BLE001 - a bug must not stop the writer
+                log.error("shadow.writer.failed", records=len(batch), error=repr(e))
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    # --- the worker thread: every record it is given is counted exactly once ---------------------
+
+    def _write_sync(self, batch: list[PairRecord]) -> None:
+        try:
+            self.store.write_batch(batch)
+        except Exception as e:  # noqa: BLE001 - any store failure: the batch spills
+            log.warning("shadow.store.write_failed", records=len(batch), error=repr(e))
+            self._spill_sync(batch)
+            return
+        self.metrics.records.labels(outcome="stored").inc(len(batch))
+        if self._spill_pending:
+            self._replay_sync()
+
+    def _spill_sync(self, batch: list[PairRecord]) -> None:
+        lines = []
+        for record in batch:
+            try:
+                lines.append(record.to_json() + "\n")
+            except (TypeError, ValueError) as e:
+                self.metrics.dropped.labels(reason="invalid").inc()
+                log.error("shadow.record.dropped", pair_id=record.pair_id, reason="invalid",
+                          error=repr(e))
+        if not lines:
+            return
+        try:
+            with self._files:
+                self.spill_dir.mkdir(parents=True, exist_ok=True)
+                new = not self.spill_path.exists()
+                with open(self.spill_path, "a", encoding="utf-8") as f:
+                    f.write("".join(lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+                if new:
+                    _fsync_dir(self.spill_dir)
+                self._spill_pending = True
+        except Exception as e:  # noqa: BLE001 - the spill failed too: count, never raise
+            self.metrics.dropped.labels(reason="store_error").inc(len(lines))
+            log.error("shadow.spill.failed", records=len(lines), path=str(self.spill_path),
+                      error=repr(e))
+            return
+        self.metrics.records.labels(outcome="spilled").inc(len(lines))
+
+    def _replay_sync(self) -> None:
+        """Write the spill files into the store; on a failure they stay for the next try.
+
+        The spill file is first renamed to the replaying file (atomic), so new spills start a
+        new file; the replaying file is removed only after all of it is stored. A crash in
+        between replays it again, which idempotent writes make harmless.
+        """
+        try:
+            with self._files:
+                while True:
+                    if not self.replaying_path.exists():
+                        if not self.spill_path.exists():
+                            break
+                        os.replace(self.spill_path, self.replaying_path)
+                        _fsync_dir(self.spill_dir)
+                    self._replay_file(self.replaying_path)
+                    os.unlink(self.replaying_path)
+                    _fsync_dir(self.spill_dir)
+                self._spill_pending = False
+        except Exception as e:  # noqa: BLE001 - the files stay for the next try
+            log.warning("shadow.spill.replay_failed", path=str(self.replaying_path),
+                        error=repr(e))
+
+    def _replay_file(self, path: Path) -> None:
+        replayed = corrupt = 0
+        with open(path, encoding="utf-8") as f:
+            batch: list[PairRecord] = []
+            for line in f:
+                try:
+                    batch.append(PairRecord.from_json(line))
+                except (ValueError, TypeError, KeyError):
+                    corrupt += 1
+                    log.error("shadow.spill.corrupt_line", path=str(path), line=line[:200])
+                    continue
+                if len(batch) == self.batch_size:
+                    self.store.write_batch(batch)
+                    replayed, batch = replayed + len(batch), []
+            self.store.write_batch(batch)
+            replayed += len(batch)
+        # Counted once the whole file is stored: a retried file is not counted twice.
+        self.metrics.records.labels(outcome="replayed").inc(replayed)
+        self.metrics.dropped.labels(reason="spill_corrupt").inc(corrupt)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
