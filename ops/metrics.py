@@ -60,6 +60,10 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "protege_requests_in_flight", "Requests being answered now.", by_route, registry=r,
         )
+        self.mirrored = Counter(
+            "protege_shadow_mirrored", "Requests handed to the shadow worker, by outcome (sent, "
+            "or dropped: queue_full, failed).", ("route", "target", "outcome"), registry=r,
+        )
         self.rejections = Counter(
             "protege_rejections", "Requests refused before generation, by reason.",
             ("reason",), registry=r,
@@ -107,6 +111,23 @@ class ShadowMetrics:
         )
         self.queue_depth = Gauge(
             "protege_shadow_queue_depth", "Pair records waiting for the store writer.", registry=r,
+        )
+        self.mirrors = Counter(
+            "protege_shadow_teacher_calls", "Teacher calls by the shadow worker, by outcome "
+            "(completed, failed, timeout).", ("route", "target", "outcome"), registry=r,
+        )
+        self.teacher_latency = Histogram(
+            "protege_shadow_teacher_duration_seconds", "Teacher call time, request to last byte.",
+            ("route", "target"), buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.teacher_ttft = Histogram(
+            "protege_shadow_teacher_ttft_seconds", "Teacher time to first token.",
+            ("route", "target"), buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.disagreement = Histogram(
+            "protege_shadow_disagreement", "Combined disagreement of scored pairs (0 agree, 1 not).",
+            ("route", "variant", "version"), buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                                      0.9, 1.0), registry=r,
         )
         for outcome in self.OUTCOMES:  # zeros are exported before the first record
             self.records.labels(outcome=outcome)

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from serving.config import RouteConfig, Section, ServerConfig, VariantConfig, unknown_route_variants
+from shadow.config import ShadowSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,6 +41,7 @@ class Settings(BaseSettings):
     variants: dict[str, VariantConfig] = Field(min_length=1)
     routes: dict[str, RouteConfig] = Field(min_length=1)
     logging: LoggingConfig = LoggingConfig()
+    shadow: ShadowSettings = ShadowSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

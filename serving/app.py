@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -39,7 +40,9 @@ from serving.engines.base import (
     merge_deltas,
 )
 from serving.errors import OpenAIError
-from serving.router import choose_arm
+from serving.router import choose_arm, sample
+from shadow.mirror import MirrorJob
+from shadow.records import Answer
 
 APP_NAME = "protege"
 # Ray Serve's own access lines would triple the per-request log work; ours is the canonical one.
@@ -68,10 +71,18 @@ class RouteTarget:
 
 
 @dataclass(frozen=True)
+class ShadowPlan:
+    target: str  # a variant name or "remote:<model>"
+    rate: float
+    sample_key: str  # "request" or "user"
+
+
+@dataclass(frozen=True)
 class IngressParams:
     server: ServerConfig
     api_keys: tuple[str, ...]
     routes: dict[str, RouteTarget]
+    shadows: dict[str, ShadowPlan]  # by route; routes without a shadow are absent
     log_level: str
     json_logs: bool
     log_prompts: bool
@@ -190,10 +201,13 @@ class VariantServer:
 class Ingress:
     """The HTTP front door: OpenAI protocol, auth, limits, metrics and logs."""
 
-    async def __init__(self, params: IngressParams, variants: dict[str, DeploymentHandle]):
+    async def __init__(self, params: IngressParams, variants: dict[str, DeploymentHandle],
+                       shadow: DeploymentHandle | None = None):
         configure_logging(params.log_level, params.json_logs)
         self.p = params
         self.variants = variants
+        self.shadow = shadow
+        self._mirrors: set[asyncio.Task] = set()  # fire-and-forget handoffs still running
         self.log = get_logger("serving.ingress")
         self.metrics = GatewayMetrics()
         self.reporter = MetricsReporter(
@@ -292,6 +306,11 @@ class Ingress:
         )
         gen_requests = req.to_generation_requests(request_id)
         call = _Call(self, target, arm, key_kind, request_id, req.stream, started)
+        plan = self.p.shadows.get(target.route)
+        if plan is not None and self.shadow is not None:
+            sample_by = key if plan.sample_key == "user" else request_id
+            if sample(plan.rate, sample_by, f"{target.route}:shadow"):
+                call.mirror = (plan, gen_requests[0])
         if self.p.log_prompts:
             call.texts = {"prompt": gen_requests[0].prompt or [
                 {"role": m.role, "content": m.content} for m in gen_requests[0].messages or ()]}
@@ -388,6 +407,23 @@ class Ingress:
             stream.cancel()
             call.finish(status)
 
+    def hand_off(self, job: MirrorJob) -> None:
+        """Give a mirrored request to the shadow worker; never waits, never fails the user."""
+        task = asyncio.get_running_loop().create_task(self._hand_off(job))
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
+
+    async def _hand_off(self, job: MirrorJob) -> None:
+        outcome = "sent"
+        try:
+            await self.shadow.mirror.remote(job)
+        except BackPressureError:
+            outcome = "queue_full"
+        except Exception as e:  # noqa: BLE001 - counted; the user has their answer already
+            outcome = "failed"
+            self.log.info("shadow.handoff.failed", pair_id=job.pair_id, error=str(e)[:300])
+        self.metrics.mirrored.labels(route=job.route, target=job.target, outcome=outcome).inc()
+
     def _log_unknown_fields(self, req) -> None:
         for name in protocol.unknown_fields(req):
             if name not in self._unknown_logged and len(self._unknown_logged) < 1000:
@@ -411,6 +447,10 @@ class _Call:
         self.prompt_tokens = 0
         self.completion_tokens: dict[int, int] = {}
         self.texts: dict[str, object] | None = None  # prompt and answers, with log_prompts only
+        self.mirror: tuple[ShadowPlan, GenerationRequest] | None = None  # sampled for shadowing
+        self.answer = ""  # choice 0's text, kept only when mirrored
+        self.finish_reason: str | None = None
+        self.created_at = datetime.now(UTC).isoformat()
         self.done = False
 
     def begin(self) -> None:
@@ -425,9 +465,13 @@ class _Call:
                 self.i.metrics.inter_token.labels(**self.labels).observe(
                     now - self.last_token_at[index])
             self.last_token_at[index] = now
+            if self.mirror is not None and index == 0:
+                self.answer += delta.text
             if self.texts is not None:
                 answers = self.texts.setdefault("answers", {})
                 answers[index] = answers.get(index, "") + delta.text
+        if index == 0 and delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
         if delta.prompt_tokens is not None:
             self.prompt_tokens = delta.prompt_tokens
         if delta.completion_tokens is not None:
@@ -466,6 +510,20 @@ class _Call:
             prompt_tokens=self.prompt_tokens, completion_tokens=completion,
             **(self.texts or {}),
         )
+        if self.mirror is not None and status == 200:
+            plan, request = self.mirror
+            student = Answer(
+                model=self.arm.variant, version=self.arm.version, text=self.answer,
+                finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens.get(0),
+                ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
+                latency_ms=round((now - self.started) * 1000, 3),
+            )
+            self.i.hand_off(MirrorJob(
+                pair_id=self.request_id, route=self.t.route, variant=self.arm.variant,
+                target=plan.target, request=request, stream=self.stream, student=student,
+                created_at=self.created_at,
+            ))
 
 
 async def _await(response):
@@ -528,6 +586,29 @@ def build_app(settings) -> serve.Application:
             logging_config=SERVE_LOGGING,
         )
         variants[name] = deployment.bind(name, v, log.level, log.json_logs, str(REPO_ROOT))
+    shadows = {r: ShadowPlan(route.shadow.name, route.shadow.sample_rate, route.shadow.sample_key)
+               for r, route in settings.routes.items() if route.shadow is not None}
+    shadow = None
+    if shadows:
+        from shadow.worker import ShadowWorker
+
+        targets = {r: route.shadow for r, route in settings.routes.items()
+                   if route.shadow is not None}
+        sh = settings.shadow
+        shadow = serve.deployment(ShadowWorker).options(
+            name="shadow", num_replicas=1,  # one writer for the embedded SQLite store
+            ray_actor_options={"num_cpus": sh.num_cpus},
+            max_ongoing_requests=sh.max_concurrency, max_queued_requests=sh.max_pending,
+            graceful_shutdown_timeout_s=drain_s, health_check_timeout_s=60,
+            logging_config=SERVE_LOGGING,
+        ).bind(
+            sh,
+            {r: t.remote for r, t in targets.items() if t.remote is not None},  # by route
+            {t.variant: variants[t.variant] for t in targets.values() if t.variant is not None},
+            {t.variant: settings.variants[t.variant].version for t in targets.values()
+             if t.variant is not None},
+            str(REPO_ROOT), log.level, log.json_logs,
+        )
     ing = settings.server.ingress
     params = IngressParams(
         server=settings.server,
@@ -540,6 +621,7 @@ def build_app(settings) -> serve.Application:
             )
             for r, route in settings.routes.items()
         },
+        shadows=shadows,
         log_level=log.level,
         json_logs=log.json_logs,
         log_prompts=log.log_prompts,
@@ -553,7 +635,7 @@ def build_app(settings) -> serve.Application:
         graceful_shutdown_timeout_s=drain_s,
         logging_config=SERVE_LOGGING,
     )
-    return ingress.bind(params, variants)
+    return ingress.bind(params, variants, shadow)
 
 
 def serve_forever(settings) -> None:

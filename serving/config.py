@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -103,6 +103,26 @@ class ArmConfig(Section):
     )
 
 
+class ShadowTarget(Section):
+    """Mirror a sampled share of a route's answered requests to a teacher, fire-and-forget."""
+
+    variant: str | None = Field(None, pattern=NAME, description="a local variant as the teacher")
+    remote: RemoteEngine | None = Field(None, description="or an OpenAI-compatible endpoint")
+    sample_rate: float = Field(0.1, ge=0, le=1, description="share of requests mirrored")
+    sample_key: Literal["request", "user"] = Field(
+        "request", description="what the sampling hashes: the request id, or the user/session")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ShadowTarget:
+        if (self.variant is None) == (self.remote is None):
+            raise ValueError("set exactly one of `variant` (a local teacher) or `remote`")
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.variant if self.variant is not None else f"remote:{self.remote.model}"
+
+
 class RouteConfig(Section):
     """A name clients send as `model`, served by one variant or split across weighted arms."""
 
@@ -120,6 +140,7 @@ class RouteConfig(Section):
         description="how a request picks its arm: `user` hashes the x-session-id header, else the"
         " request's `user` field, else its id (so one user stays in one arm); `request`: its id",
     )
+    shadow: ShadowTarget | None = Field(None, description="mirror to a teacher (optional)")
     description: str = ""
 
     @field_validator("arms")
@@ -177,4 +198,8 @@ def unknown_route_variants(
             if arm.variant not in variants:
                 problems.append(f"routes.{name}.arms.{i}.variant: {arm.variant!r} is not a variant"
                                 f" (allowed: {known})")
+        teacher = route.shadow.variant if route.shadow else None
+        if teacher is not None and teacher not in variants:
+            problems.append(f"routes.{name}.shadow.variant: {teacher!r} is not a variant"
+                            f" (allowed: {known})")
     return problems

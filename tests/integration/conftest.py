@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-1"
@@ -132,3 +133,42 @@ def gateway(tmp_path_factory) -> Gateway:
     gw = Gateway(FAKE_CONFIG, tmp_path_factory.mktemp("gw"), env={"PROTEGE_API_KEYS": API_KEY})
     yield gw
     gw.stop()
+
+
+# -- reading /metrics ----------------------------------------------------------------------
+
+
+def sample(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def scrape(gateway, name, **labels) -> float:
+    return sample(httpx.get(gateway.base + "/metrics").text, name, **labels)
+
+
+def settled(gateway, keys) -> dict:
+    """Values once every replica has pushed what earlier tests did (pushes come each second)."""
+    values = None
+    for _ in range(20):
+        now = {k: scrape(gateway, k[0], **dict(k[1])) for k in keys}
+        if now == values:
+            return now
+        values = now
+        time.sleep(2.5)
+    raise AssertionError(f"metrics never settled: {values}")
+
+
+def wait_for_metric(gateway, name, expected, timeout_s=20, **labels) -> float:
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while time.monotonic() < deadline:
+        value = sample(httpx.get(gateway.base + "/metrics").text, name, **labels)
+        if value == expected:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{name}{labels} = {value}, expected {expected}")

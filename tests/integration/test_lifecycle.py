@@ -9,49 +9,12 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import FAKE_CONFIG, Gateway
+from tests.integration.conftest import FAKE_CONFIG, Gateway, scrape, settled, wait_for_metric
 
 pytestmark = pytest.mark.integration
 
 MSG = [{"role": "user", "content": "hi"}]
-
-
-def sample(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-def scrape(gateway, name, **labels) -> float:
-    return sample(httpx.get(gateway.base + "/metrics").text, name, **labels)
-
-
-def settled(gateway, keys) -> dict:
-    """Values once every replica has pushed what earlier tests did (pushes come each second)."""
-    values = None
-    for _ in range(20):
-        now = {k: scrape(gateway, k[0], **dict(k[1])) for k in keys}
-        if now == values:
-            return now
-        values = now
-        time.sleep(2.5)
-    raise AssertionError(f"metrics never settled: {values}")
-
-
-def wait_for_metric(gateway, name, expected, timeout_s=20, **labels) -> float:
-    deadline = time.monotonic() + timeout_s
-    value = None
-    while time.monotonic() < deadline:
-        value = sample(httpx.get(gateway.base + "/metrics").text, name, **labels)
-        if value == expected:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"{name}{labels} = {value}, expected {expected}")
 
 
 def test_metrics_sum_over_replicas(gateway):
@@ -72,8 +35,7 @@ def test_metrics_sum_over_replicas(gateway):
     for key, per_request in counters.items():
         wait_for_metric(gateway, key[0], before[key] + sent * per_request, **dict(key[1]))
     # Both ingress replicas and both variant replicas reported.
-    assert sample(httpx.get(gateway.base + "/metrics").text,
-                  "protege_engine_replica_up", variant="counted") == 2
+    assert scrape(gateway, "protege_engine_replica_up", variant="counted") == 2
     text = httpx.get(gateway.base + "/metrics").text
     for name in ("protege_time_to_first_token_seconds_bucket",
                  "protege_inter_token_latency_seconds_bucket", "protege_requests_in_flight",

@@ -1,0 +1,85 @@
+"""A mirrored request and how its teacher answer becomes a scored pair record.
+
+The gateway answers the user first; then, for a sampled request, it hands a `MirrorJob` (the
+request, the student's answer and timings) to the shadow worker. The worker calls the teacher
+in the same streaming mode, times it, scores the two answers and offers the record to the pair
+writer. This module holds the pieces that need no Ray and no network: the job, timing a
+teacher's delta stream, and building the record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+
+from serving.engines.base import Delta, GenerationRequest, TokenLogprob, merge_deltas
+from shadow.records import Answer, PairRecord
+
+MARKER_HEADER = "x-protege-shadow"  # sent to remote teachers: this request is a mirror
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+
+
+@dataclass(frozen=True)
+class MirrorJob:
+    pair_id: str  # the response id the client saw
+    route: str
+    variant: str  # the arm that answered the user
+    target: str  # the teacher: a variant name or "remote:<model>"
+    request: GenerationRequest  # the first choice of what the user asked
+    stream: bool  # the teacher is called the same way, so TTFT compares
+    student: Answer
+    created_at: str  # ISO 8601 UTC, when the user's request arrived
+
+
+def request_dict(request: GenerationRequest) -> dict:
+    """The request as stored with the pair: messages or prompt, plus the sampling parameters."""
+    out: dict = {"params": asdict(request.params)}
+    if request.messages is not None:
+        out["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    else:
+        out["prompt"] = request.prompt
+    out["params"]["stop"] = list(request.params.stop)
+    return out
+
+
+async def timed_answer(
+    deltas: AsyncIterator[Delta], model: str, version: str | None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[Answer, list[dict] | None]:
+    """Drain a teacher's deltas; its answer with TTFT and latency (ms), and its logprobs."""
+    started, first = clock(), None
+    seen: list[Delta] = []
+    async for delta in deltas:
+        if first is None and (delta.text or delta.token_ids):
+            first = clock()
+        seen.append(delta)
+    done = clock()
+    whole = merge_deltas(seen)
+    answer = Answer(
+        model=model, version=version, text=whole.text, finish_reason=whole.finish_reason,
+        prompt_tokens=whole.prompt_tokens, completion_tokens=whole.completion_tokens,
+        ttft_ms=round((first - started) * 1000, 3) if first is not None else None,
+        latency_ms=round((done - started) * 1000, 3),
+    )
+    return answer, _logprobs(whole.logprobs)
+
+
+def _logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> list[dict] | None:
+    if logprobs is None:
+        return None
+
+    def floor(x: float) -> float:
+        return x if x > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+    return [{"token": t.token, "logprob": floor(t.logprob),
+             "top": [[tok, floor(lp)] for tok, lp in t.top]} for t in logprobs]
+
+
+def make_record(job: MirrorJob, teacher: Answer, logprobs: list[dict] | None,
+                scores: dict[str, float | None]) -> PairRecord:
+    return PairRecord(
+        pair_id=job.pair_id, request_id=job.pair_id, route=job.route, variant=job.variant,
+        target=job.target, request=request_dict(job.request), student=job.student,
+        teacher=teacher, created_at=job.created_at, teacher_logprobs=logprobs, scores=scores,
+    )

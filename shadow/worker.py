@@ -1,0 +1,127 @@
+"""The shadow worker: a Ray Serve deployment that calls teachers, scores pairs and stores them.
+
+The ingress sends it a `MirrorJob` after the user has their answer and does not wait for the
+result. Ray Serve bounds the worker (`max_ongoing_requests` = teacher calls at once,
+`max_queued_requests` = jobs waiting; beyond that the ingress drops and counts). Each job: call
+the teacher (a local variant through its handle, or a remote endpoint with the marker header)
+in the same streaming mode, with a timeout and no retries; score the two answers in a worker
+thread (the embedder is loaded once, here, off the request path); offer the record to the pair
+writer, which batches it into the store or spills it. Failures are counted, never raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+from ops.logging import configure_logging, get_logger
+from ops.metrics import MetricsReporter, ShadowMetrics
+from serving.config import RemoteEngine as RemoteConfig
+from serving.engines.base import Delta
+from serving.engines.remote import RemoteEngine
+from shadow.config import ShadowSettings
+from shadow.mirror import MARKER_HEADER, MirrorJob, make_record, timed_answer
+from shadow.scoring import score_pair
+from shadow.store import PairWriter, SqliteStore
+
+
+class ShadowWorker:
+    async def __init__(self, settings: ShadowSettings, remotes: dict[str, RemoteConfig],
+                   teachers: dict, versions: dict[str, str], repo_root: str,
+                   log_level: str, json_logs: bool):
+        """`remotes`: remote teachers by route; `teachers`: local variants' handles by name,
+        with their `versions`."""
+        configure_logging(log_level, json_logs)
+        self.log = get_logger("shadow.worker")
+        self.settings, self.teachers, self.versions = settings, teachers, versions
+        root = Path(repo_root)
+        self.metrics = ShadowMetrics()
+        store_path = root / settings.store_path
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+        self.writer = PairWriter(SqliteStore(store_path), self.metrics, root / settings.spill_dir)
+        self.writer.start()
+        self.remotes: dict[str, RemoteEngine] = {}
+        self._clients: list[httpx.AsyncClient] = []
+        for name, cfg in remotes.items():
+            self._clients.append(client := _marked_client(cfg))
+            engine = RemoteEngine(cfg, client=client)
+            await engine.start()
+            self.remotes[name] = engine
+        self.embed = None
+        if settings.semantic_model and (root / settings.semantic_model).is_dir():
+            from shadow.embedder import SemanticEmbedder
+
+            self.embed = await asyncio.to_thread(
+                SemanticEmbedder, root / settings.semantic_model, threads=1)
+        self.reporter = MetricsReporter(
+            self.metrics.registry, f"shadow:{os.getpid()}:{uuid.uuid4().hex[:6]}")
+        self.reporter.start()
+        self.log.info("shadow.worker.started", store=str(store_path),
+                      semantic=self.embed is not None, remotes=sorted(self.remotes))
+
+    async def mirror(self, job: MirrorJob) -> None:
+        labels = {"route": job.route, "target": job.target}
+        request = replace(job.request, request_id="shadow-" + job.request.request_id)
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                answer, logprobs = await timed_answer(
+                    self._teacher(job, request), job.target.removeprefix("remote:"),
+                    self.versions.get(job.target))
+        except TimeoutError:
+            self.metrics.mirrors.labels(**labels, outcome="timeout").inc()
+            self.log.info("shadow.teacher.timed_out", pair_id=job.pair_id, **labels)
+            return
+        except Exception as e:  # noqa: BLE001 - a failing teacher is counted, never raised
+            self.metrics.mirrors.labels(**labels, outcome="failed").inc()
+            self.log.info("shadow.teacher.failed", pair_id=job.pair_id, error=str(e)[:300],
+                          **labels)
+            return
+        self.metrics.mirrors.labels(**labels, outcome="completed").inc()
+        self.metrics.teacher_latency.labels(**labels).observe(answer.latency_ms / 1000)
+        if answer.ttft_ms is not None:
+            self.metrics.teacher_ttft.labels(**labels).observe(answer.ttft_ms / 1000)
+        scores = await asyncio.to_thread(
+            score_pair, job.student.text, answer.text, embed=self.embed)
+        self.metrics.disagreement.labels(
+            route=job.route, variant=job.variant, version=job.student.version or "-",
+        ).observe(scores["disagreement"])
+        self.writer.offer(make_record(job, answer, logprobs, scores))
+
+    async def _teacher(self, job: MirrorJob, request) -> AsyncIterator[Delta]:
+        if job.route in self.remotes:
+            async for delta in self.remotes[job.route].generate(request):
+                yield delta
+            return
+        handle = self.teachers[job.target]
+        if job.stream:
+            async for batch in handle.options(stream=True).stream.remote([request]):
+                for _, delta in batch:
+                    yield delta
+        else:
+            (delta,) = await handle.complete.remote([request])
+            yield delta
+
+    async def __del__(self) -> None:
+        await self.writer.close()
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        await self.reporter.stop()
+
+
+def _marked_client(cfg: RemoteConfig) -> httpx.AsyncClient:
+    """The remote teacher's client: like the remote engine's own, plus the marker header."""
+    return httpx.AsyncClient(
+        base_url=cfg.base_url.rstrip("/") + "/",
+        timeout=httpx.Timeout(cfg.timeout_s, connect=min(10.0, cfg.timeout_s)),
+        limits=httpx.Limits(max_connections=cfg.max_connections,
+                            max_keepalive_connections=cfg.max_connections),
+        headers={MARKER_HEADER: "1"},
+    )

@@ -1,0 +1,77 @@
+"""The mirror's pure pieces: timing a teacher's deltas and building the pair record."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from ops.settings import ConfigError, load_settings
+from serving.engines.base import (
+    Delta,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    TokenLogprob,
+)
+from shadow.mirror import MirrorJob, make_record, request_dict, timed_answer
+from shadow.records import Answer, PairRecord
+
+REQUEST = GenerationRequest("r1", SamplingParams(16, 0.0, stop=("\n",)),
+                            messages=(Message("user", "hi"),))
+
+
+async def deltas(items):
+    for d in items:
+        yield d
+
+
+async def test_timed_answer_measures_ttft_and_latency_with_the_given_clock():
+    ticks = itertools.count(10.0, 0.5)  # read at the start, the first token and the end
+    answer, logprobs = await timed_answer(deltas([
+        Delta("", ()),
+        Delta("Hel", (1,), (TokenLogprob("Hel", float("-inf"), (("Hel", -0.1),)),)),
+        Delta("lo", (2,), None, "stop", 5, 2),
+    ]), "teacher", "t1", clock=lambda: next(ticks))
+    assert answer.text == "Hello" and answer.finish_reason == "stop"
+    assert (answer.prompt_tokens, answer.completion_tokens) == (5, 2)
+    assert answer.ttft_ms == 500.0 and answer.latency_ms == 1000.0
+    assert logprobs == [{"token": "Hel", "logprob": -9999.0, "top": [["Hel", -0.1]]}]
+
+
+async def test_timed_answer_without_tokens_has_no_ttft():
+    answer, logprobs = await timed_answer(deltas([Delta("", (), None, "stop", 3, 0)]), "m", None)
+    assert answer.ttft_ms is None and answer.text == "" and logprobs is None
+
+
+def test_request_dict_is_json_ready():
+    out = request_dict(REQUEST)
+    assert out["messages"] == [{"role": "user", "content": "hi"}]
+    assert out["params"]["stop"] == ["\n"] and out["params"]["max_tokens"] == 16
+    prompt = request_dict(GenerationRequest("r2", SamplingParams(4), prompt="Once"))
+    assert prompt["prompt"] == "Once" and "messages" not in prompt
+
+
+def test_make_record_round_trips():
+    student = Answer("student", "s1", "a", "stop", 3, 1, 1.0, 2.0)
+    teacher = Answer("teacher", "t1", "b", "stop", 3, 1, 3.0, 4.0)
+    job = MirrorJob("chatcmpl-1", "route", "student", "teacher", REQUEST, True, student,
+                    "2026-11-28T21:00:00+00:00")
+    record = make_record(job, teacher, None, {"disagreement": 0.5})
+    assert record.pair_id == "chatcmpl-1" and record.disagreement == 0.5
+    assert PairRecord.from_json(record.to_json()) == record
+
+
+@pytest.mark.parametrize(
+    ("shadow", "message"),
+    [
+        ({"sample_rate": 0.5}, "exactly one of"),
+        ({"variant": "v", "remote": {"base_url": "http://x", "model": "m"}}, "exactly one of"),
+        ({"variant": "nope"}, "routes.r.shadow.variant: 'nope' is not a variant"),
+        ({"variant": "v", "sample_rate": 1.5}, "routes.r.shadow.sample_rate: 1.5"),
+    ],
+)
+def test_shadow_target_config_errors(shadow, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_settings(None, variants={"v": {"engine": {"engine": "fake"}}},
+                      routes={"r": {"variant": "v", "shadow": shadow}})
