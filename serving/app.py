@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hmac
 import os
 import signal
@@ -409,7 +410,10 @@ class Ingress:
 
     def hand_off(self, job: MirrorJob) -> None:
         """Give a mirrored request to the shadow worker; never waits, never fails the user."""
-        task = asyncio.get_running_loop().create_task(self._hand_off(job))
+        # A fresh context: the handoff is no child of the user's request, so Ray Serve does not
+        # cancel it when that request ends (a streaming client closes right after [DONE]).
+        task = asyncio.get_running_loop().create_task(
+            self._hand_off(job), context=contextvars.Context())
         self._mirrors.add(task)
         task.add_done_callback(self._mirrors.discard)
 
@@ -419,10 +423,15 @@ class Ingress:
             await self.shadow.mirror.remote(job)
         except BackPressureError:
             outcome = "queue_full"
+        except asyncio.CancelledError:  # the ingress is stopping
+            outcome = "cancelled"
+            raise
         except Exception as e:  # noqa: BLE001 - counted; the user has their answer already
             outcome = "failed"
             self.log.info("shadow.handoff.failed", pair_id=job.pair_id, error=str(e)[:300])
-        self.metrics.mirrored.labels(route=job.route, target=job.target, outcome=outcome).inc()
+        finally:
+            self.metrics.mirrored.labels(route=job.route, target=job.target,
+                                         outcome=outcome).inc()
 
     def _log_unknown_fields(self, req) -> None:
         for name in protocol.unknown_fields(req):

@@ -128,6 +128,19 @@ def test_every_sampled_request_becomes_a_scored_pair(shadowed):
     wait_for_metric(shadowed, "protege_shadow_records_total", 6, outcome="stored")
 
 
+def test_rejected_requests_are_never_mirrored(shadowed):
+    before = scrape(shadowed, "protege_shadow_mirrored_total", route="all")
+    with shadowed.http() as http:
+        too_long = {"model": "all", "messages": MSG, "max_tokens": 100_000}  # over the window
+        assert http.post("/v1/chat/completions", json=too_long).status_code == 400
+        bad = {"model": "all", "messages": MSG, "temperature": 9}
+        assert http.post("/v1/chat/completions", json=bad).status_code == 400
+    r = shadowed.client().chat.completions.create(model="all", messages=MSG)  # one that counts
+    wait_for_metric(shadowed, "protege_shadow_mirrored_total", before + 1, route="all")
+    wait_for_pairs(shadowed.store, 7)  # the 6 above and this one: the 400s left no pair
+    assert shadowed.store.count() == 7 and shadowed.store.get(r.id) is not None
+
+
 def test_sample_rate_is_respected(shadowed):
     client = shadowed.client()
     for _ in range(100):
