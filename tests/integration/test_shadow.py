@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import threading
 import time
 
@@ -51,6 +53,41 @@ class BadTeacher:
         self.thread.join(10)
 
 
+class ResettingServer:
+    """A TCP listener on 127.0.0.1 that resets every connection as soon as it arrives."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.sock.settimeout(0.2)
+        self.resets = 0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()  # linger 0: the peer gets RST, not FIN
+            self.resets += 1
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def resetting():
+    server = ResettingServer()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def bad_teacher():
     t = BadTeacher()
@@ -59,7 +96,7 @@ def bad_teacher():
 
 
 @pytest.fixture(scope="module")
-def shadowed(tmp_path_factory, bad_teacher):
+def shadowed(tmp_path_factory, bad_teacher, resetting):
     tmp = tmp_path_factory.mktemp("shadow")
     remote = {"engine": "remote", "model": "teacher", "timeout_s": 30}
     down = free_port()  # nothing listens there
@@ -83,6 +120,8 @@ def shadowed(tmp_path_factory, bad_teacher):
                 **remote, "base_url": f"http://127.0.0.1:{bad_teacher.port}/fail"}}},
             "down": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
                 **remote, "base_url": f"http://127.0.0.1:{down}/v1"}}},
+            "reset": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
+                **remote, "base_url": f"http://127.0.0.1:{resetting.port}/v1"}}},
         },
     }
     gw = Gateway(config, tmp)
@@ -156,7 +195,7 @@ def test_sample_rate_is_respected(shadowed):
     assert 30 <= sent <= 70, sent
 
 
-@pytest.mark.parametrize("route", ["hang", "fail", "down"])
+@pytest.mark.parametrize("route", ["hang", "fail", "down", "reset"])
 def test_bad_teacher_leaves_the_user_untouched(shadowed, route):
     client = shadowed.client()
     for stream in (False, True, False):
@@ -176,3 +215,7 @@ def test_bad_teacher_leaves_the_user_untouched(shadowed, route):
 
 def test_remote_teacher_sees_the_marker_header(bad_teacher):
     assert bad_teacher.seen_marker >= 6  # every call to /hang and /fail carried it
+
+
+def test_resetting_teacher_was_really_reached(resetting):
+    assert resetting.resets >= 3
