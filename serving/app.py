@@ -312,6 +312,7 @@ class Ingress:
             sample_by = key if plan.sample_key == "user" else request_id
             if sample(plan.rate, sample_by, f"{target.route}:shadow"):
                 call.mirror = (plan, gen_requests[0])
+                call.created_at = datetime.now(UTC).isoformat()
         if self.p.log_prompts:
             call.texts = {"prompt": gen_requests[0].prompt or [
                 {"role": m.role, "content": m.content} for m in gen_requests[0].messages or ()]}
@@ -459,7 +460,7 @@ class _Call:
         self.mirror: tuple[ShadowPlan, GenerationRequest] | None = None  # sampled for shadowing
         self.answer = ""  # choice 0's text, kept only when mirrored
         self.finish_reason: str | None = None
-        self.created_at = datetime.now(UTC).isoformat()
+        self.created_at = ""  # when the request arrived (ISO 8601 UTC), set only when mirrored
         self.done = False
 
     def begin(self) -> None:
