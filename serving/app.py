@@ -299,7 +299,8 @@ class Ingress:
             )
             raise
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        key, key_kind = _sticky_key(request, req, target, request_id)
+        user = _user_key(request, req)
+        key, key_kind = _sticky_key(user, target, request_id)
         arm = target.choose(key)
         meta = responses.ResponseMeta(
             id=request_id, created=int(time.time()), model=req.model,
@@ -309,13 +310,15 @@ class Ingress:
         call = _Call(self, target, arm, key_kind, request_id, req.stream, started)
         plan = self.p.shadows.get(target.route)
         if plan is not None and self.shadow is not None:
-            sample_by = key if plan.sample_key == "user" else request_id
+            sample_by = user[0] if plan.sample_key == "user" and user else request_id
             if sample(plan.rate, sample_by, f"{target.route}:shadow"):
                 call.mirror = (plan, gen_requests[0])
                 call.created_at = datetime.now(UTC).isoformat()
+                call.answers = {}
         if self.p.log_prompts:
-            call.texts = {"prompt": gen_requests[0].prompt or [
-                {"role": m.role, "content": m.content} for m in gen_requests[0].messages or ()]}
+            call.prompt = gen_requests[0].prompt or [
+                {"role": m.role, "content": m.content} for m in gen_requests[0].messages or ()]
+            call.answers = {}
         call.begin()
         handle = self.variants[arm.variant]
         timeout = self.p.server.request_timeout_s
@@ -456,9 +459,9 @@ class _Call:
         self.last_token_at: dict[int, float] = {}
         self.prompt_tokens = 0
         self.completion_tokens: dict[int, int] = {}
-        self.texts: dict[str, object] | None = None  # prompt and answers, with log_prompts only
+        self.prompt: object = None  # the prompt as logged, with log_prompts only
         self.mirror: tuple[ShadowPlan, GenerationRequest] | None = None  # sampled for shadowing
-        self.answer = ""  # choice 0's text, kept only when mirrored
+        self.answers: dict[int, str] | None = None  # each choice's text: mirrored or logged only
         self.finish_reason: str | None = None
         self.created_at = ""  # when the request arrived (ISO 8601 UTC), set only when mirrored
         self.done = False
@@ -475,11 +478,8 @@ class _Call:
                 self.i.metrics.inter_token.labels(**self.labels).observe(
                     now - self.last_token_at[index])
             self.last_token_at[index] = now
-            if self.mirror is not None and index == 0:
-                self.answer += delta.text
-            if self.texts is not None:
-                answers = self.texts.setdefault("answers", {})
-                answers[index] = answers.get(index, "") + delta.text
+            if self.answers is not None:
+                self.answers[index] = self.answers.get(index, "") + delta.text
         if index == 0 and delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
         if delta.prompt_tokens is not None:
@@ -518,12 +518,13 @@ class _Call:
             latency_ms=round((now - self.started) * 1000, 2),
             ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
             prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-            **(self.texts or {}),
+            **({"prompt": self.prompt, "answers": self.answers} if self.prompt is not None
+               else {}),
         )
         if self.mirror is not None and status == 200:
             plan, request = self.mirror
             student = Answer(
-                model=self.arm.variant, version=self.arm.version, text=self.answer,
+                model=self.arm.variant, version=self.arm.version, text=self.answers.get(0, ""),
                 finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens.get(0),
                 ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
@@ -540,14 +541,19 @@ async def _await(response):
     return await response
 
 
-def _sticky_key(request: Request, req, target: RouteTarget, request_id: str) -> tuple[str, str]:
-    """What picks the arm, and which kind it is: the session header, the `user`, or the id."""
-    if target.sticky_key == "user":
-        session = request.headers.get("x-session-id")
-        if session:
-            return session, "session"
-        if req.user:
-            return req.user, "user"
+def _user_key(request: Request, req) -> tuple[str, str] | None:
+    """Who is asking, and how we know: the x-session-id header, else the `user` field."""
+    session = request.headers.get("x-session-id")
+    if session:
+        return session, "session"
+    return (req.user, "user") if req.user else None
+
+
+def _sticky_key(user: tuple[str, str] | None, target: RouteTarget,
+                request_id: str) -> tuple[str, str]:
+    """What picks the arm, and which kind it is: the user key, or the request id."""
+    if target.sticky_key == "user" and user is not None:
+        return user
     return request_id, "request"
 
 
@@ -596,14 +602,12 @@ def build_app(settings) -> serve.Application:
             logging_config=SERVE_LOGGING,
         )
         variants[name] = deployment.bind(name, v, log.level, log.json_logs, str(REPO_ROOT))
-    shadows = {r: ShadowPlan(route.shadow.name, route.shadow.sample_rate, route.shadow.sample_key)
-               for r, route in settings.routes.items() if route.shadow is not None}
+    targets = {r: route.shadow for r, route in settings.routes.items() if route.shadow is not None}
+    shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key) for r, t in targets.items()}
     shadow = None
-    if shadows:
+    if targets:
         from shadow.worker import ShadowWorker
 
-        targets = {r: route.shadow for r, route in settings.routes.items()
-                   if route.shadow is not None}
         sh = settings.shadow
         shadow = serve.deployment(ShadowWorker).options(
             name="shadow", num_replicas=1,  # one writer for the embedded SQLite store
