@@ -64,6 +64,11 @@ class GatewayMetrics:
             "protege_shadow_mirrored", "Requests handed to the shadow worker, by outcome (sent, "
             "or dropped: queue_full, failed).", ("route", "target", "outcome"), registry=r,
         )
+        self.responses_logged = Counter(
+            "protege_feedback_responses_logged", "Answered responses sent to the shadow worker "
+            "so feedback can find them, by outcome (sent, failed, cancelled).", ("outcome",),
+            registry=r,
+        )
         self.rejections = Counter(
             "protege_rejections", "Requests refused before generation, by reason.",
             ("reason",), registry=r,
@@ -94,27 +99,38 @@ class VariantMetrics:
 
 
 class ShadowMetrics:
-    """What the pair writer records: every pair offered ends up stored, spilled or dropped."""
+    """What the shadow worker records: teacher calls, scores, and the fate of every record.
+
+    Records are pairs (`kind="pair"`) and, on routes with feedback, answered responses
+    (`kind="response"`); each one offered ends up stored, spilled (then replayed) or dropped.
+    """
 
     OUTCOMES = ("stored", "spilled", "replayed")
     DROP_REASONS = ("queue_full", "closed", "invalid", "store_error", "spill_corrupt")
+    KINDS = ("pair", "response")
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.records = Counter(
             "protege_shadow_records",
-            "Pair records written to the store (stored), to the spill file (spilled), or from "
-            "the spill file to the store (replayed).", ("outcome",), registry=r,
+            "Records written to the store (stored), to the spill file (spilled), or from the "
+            "spill file to the store (replayed), by kind (pair, response).", ("kind", "outcome"),
+            registry=r,
         )
         self.dropped = Counter(
-            "protege_shadow_dropped", "Pair records lost, by reason.", ("reason",), registry=r,
+            "protege_shadow_dropped", "Records lost, by kind and reason.", ("kind", "reason"),
+            registry=r,
         )
         self.queue_depth = Gauge(
-            "protege_shadow_queue_depth", "Pair records waiting for the store writer.", registry=r,
+            "protege_shadow_queue_depth", "Records waiting for the store writer.", registry=r,
         )
-        self.mirrors = Counter(
-            "protege_shadow_teacher_calls", "Teacher calls by the shadow worker, by outcome "
+        self.requests = Counter(
+            "protege_shadow_requests", "Teacher calls by the shadow worker, by outcome "
             "(completed, failed, timeout).", ("route", "target", "outcome"), registry=r,
+        )
+        self.in_flight = Gauge(
+            "protege_shadow_requests_in_flight", "Teacher calls running now.",
+            ("route", "target"), registry=r,
         )
         self.teacher_latency = Histogram(
             "protege_shadow_teacher_duration_seconds", "Teacher call time, request to last byte.",
@@ -124,15 +140,33 @@ class ShadowMetrics:
             "protege_shadow_teacher_ttft_seconds", "Teacher time to first token.",
             ("route", "target"), buckets=LATENCY_BUCKETS, registry=r,
         )
+        self.scorer_latency = Histogram(
+            "protege_shadow_scorer_duration_seconds", "Time to score one pair.",
+            buckets=TOKEN_GAP_BUCKETS, registry=r,
+        )
         self.disagreement = Histogram(
             "protege_shadow_disagreement", "Combined disagreement of scored pairs (0 agree, 1 not).",
             ("route", "variant", "version"), buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
                                                       0.9, 1.0), registry=r,
         )
-        for outcome in self.OUTCOMES:  # zeros are exported before the first record
-            self.records.labels(outcome=outcome)
-        for reason in self.DROP_REASONS:
-            self.dropped.labels(reason=reason)
+        self.redactions = Counter(
+            "protege_shadow_redactions", "Personal data replaced before storing, by kind.",
+            ("kind",), registry=r,
+        )
+        self.feedback = Counter(
+            "protege_feedback", "Feedback received, by route, arm, model version and metric.",
+            ("route", "variant", "version", "metric"), registry=r,
+        )
+        self.feedback_value = Counter(
+            "protege_feedback_value_sum", "Sum of numeric feedback values (booleans count 1); "
+            "divide by protege_feedback_total for the mean.",
+            ("route", "variant", "version", "metric"), registry=r,
+        )
+        for kind in self.KINDS:  # zeros are exported before the first record
+            for outcome in self.OUTCOMES:
+                self.records.labels(kind=kind, outcome=outcome)
+            for reason in self.DROP_REASONS:
+                self.dropped.labels(kind=kind, reason=reason)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and turns validation errors into one line per bad field.
 from __future__ import annotations
 
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,7 +18,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from serving.config import RouteConfig, Section, ServerConfig, VariantConfig, unknown_route_variants
-from shadow.config import ShadowSettings
+from shadow.config import FEEDBACK_NAME, FeedbackMetric, ShadowSettings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,8 @@ class Settings(BaseSettings):
     routes: dict[str, RouteConfig] = Field(min_length=1)
     logging: LoggingConfig = LoggingConfig()
     shadow: ShadowSettings = ShadowSettings()
+    feedback: dict[str, FeedbackMetric] = Field(
+        {}, description="metrics clients may post to /v1/feedback, by name")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -53,6 +56,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_routes(self) -> Settings:
         problems = unknown_route_variants(self.variants, self.routes)
+        problems += [f"feedback.{name}: not a metric name (allowed: {FEEDBACK_NAME})"
+                     for name in self.feedback if not re.match(FEEDBACK_NAME, name)]
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -40,14 +40,18 @@ from serving.engines.base import (
     PromptTooLong,
     merge_deltas,
 )
-from serving.errors import OpenAIError
+from serving.errors import OpenAIError, clip
 from serving.router import choose_arm, sample
+from shadow.config import FeedbackMetric
+from shadow.feedback import parse_feedback
 from shadow.mirror import MirrorJob
-from shadow.records import Answer
+from shadow.records import Answer, ResponseRecord
 
 APP_NAME = "protege"
 # Ray Serve's own access lines would triple the per-request log work; ours is the canonical one.
 SERVE_LOGGING = {"enable_access_log": False}
+RESPONSE_FLUSH_S = 0.5  # answered responses go to the shadow worker in batches this often
+RESPONSE_BATCH = 512  # or as soon as this many are waiting
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class IngressParams:
     api_keys: tuple[str, ...]
     routes: dict[str, RouteTarget]
     shadows: dict[str, ShadowPlan]  # by route; routes without a shadow are absent
+    feedback: dict[str, FeedbackMetric]  # metrics clients may post; empty: no feedback
     log_level: str
     json_logs: bool
     log_prompts: bool
@@ -217,6 +222,11 @@ class Ingress:
         self.reporter.start()
         self._keys = tuple(k.encode() for k in params.api_keys)
         self._unknown_logged: set[str] = set()
+        self._responses: list[ResponseRecord] = []  # answered, not yet sent to the worker
+        self._flusher = None
+        if params.feedback and shadow is not None:
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush_responses_forever(), context=contextvars.Context())
 
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
@@ -231,6 +241,9 @@ class Ingress:
                 _require_method(method, "POST")
                 kind = "chat" if path.endswith("chat/completions") else "completion"
                 return await self._generate(request, kind)
+            if path == "/v1/feedback":
+                _require_method(method, "POST")
+                return await self._feedback(request)
             if path == "/v1/models":
                 _require_method(method, "GET")
                 return JSONResponse(
@@ -437,6 +450,57 @@ class Ingress:
             self.metrics.mirrored.labels(route=job.route, target=job.target,
                                          outcome=outcome).inc()
 
+    # -- feedback ---------------------------------------------------------------------------
+
+    def log_response(self, row: ResponseRecord) -> None:
+        """Keep an answered response for feedback; the flusher sends them in batches."""
+        self._responses.append(row)
+        if len(self._responses) >= RESPONSE_BATCH:
+            asyncio.get_running_loop().create_task(
+                self._flush_responses(), context=contextvars.Context())
+
+    async def _flush_responses_forever(self) -> None:
+        while True:
+            await asyncio.sleep(RESPONSE_FLUSH_S)
+            await self._flush_responses()
+
+    async def _flush_responses(self) -> None:
+        batch, self._responses = self._responses, []
+        if not batch:
+            return
+        outcome = "sent"
+        try:
+            await self.shadow.record_responses.remote(batch)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception as e:  # noqa: BLE001 - counted; feedback on these ids will 404
+            outcome = "failed"
+            self.log.warning("feedback.responses.not_sent", responses=len(batch),
+                             error=str(e)[:300])
+        finally:
+            self.metrics.responses_logged.labels(outcome=outcome).inc(len(batch))
+
+    async def _feedback(self, request: Request) -> Response:
+        post = parse_feedback(await self._read_body(request), self.p.feedback)
+        await self._flush_responses()  # a response this replica answered is known first
+        try:
+            async with asyncio.timeout(30):
+                result = await self.shadow.feedback.remote(post, datetime.now(UTC).isoformat())
+        except Exception as e:  # noqa: BLE001 - the worker is busy or down: the client retries
+            self.log.warning("feedback.worker_unavailable", error=str(e)[:300])
+            result = {"error": "worker_unavailable"}
+        if result.get("error") == "unknown_response":
+            raise OpenAIError(
+                404, f"No response with id {clip(post.response_id, 100)!r} was answered by this "
+                "gateway on a route with feedback.", "not_found_error", "response_id",
+                "response_not_found")
+        if "error" in result:
+            raise OpenAIError.busy(self.p.server.retry_after_s)
+        return JSONResponse({"id": result["id"], "object": "feedback",
+                             "response_id": post.response_id, "metric": post.metric,
+                             "created": int(time.time())})
+
     def _log_unknown_fields(self, req) -> None:
         for name in protocol.unknown_fields(req):
             if name not in self._unknown_logged and len(self._unknown_logged) < 1000:
@@ -444,6 +508,12 @@ class Ingress:
                 self.log.info("serving.request.field_ignored", field=name)
 
     async def __del__(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._flusher
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._flush_responses(), 5)
         await self.reporter.stop()
 
 
@@ -521,6 +591,10 @@ class _Call:
             **({"prompt": self.prompt, "answers": self.answers} if self.prompt is not None
                else {}),
         )
+        if status == 200 and self.i.p.feedback:
+            self.i.log_response(ResponseRecord(
+                self.request_id, self.t.route, self.arm.variant, self.arm.version,
+                self.created_at or datetime.now(UTC).isoformat()))
         if self.mirror is not None and status == 200:
             plan, request = self.mirror
             student = Answer(
@@ -605,7 +679,7 @@ def build_app(settings) -> serve.Application:
     targets = {r: route.shadow for r, route in settings.routes.items() if route.shadow is not None}
     shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key) for r, t in targets.items()}
     shadow = None
-    if targets:
+    if targets or settings.feedback:
         from shadow.worker import ShadowWorker
 
         sh = settings.shadow
@@ -636,6 +710,7 @@ def build_app(settings) -> serve.Application:
             for r, route in settings.routes.items()
         },
         shadows=shadows,
+        feedback=dict(settings.feedback),
         log_level=log.level,
         json_logs=log.json_logs,
         log_prompts=log.log_prompts,

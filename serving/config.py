@@ -111,6 +111,8 @@ class ShadowTarget(Section):
     sample_rate: float = Field(0.1, ge=0, le=1, description="share of requests mirrored")
     sample_key: Literal["request", "user"] = Field(
         "request", description="what the sampling hashes: the request id, or the user/session")
+    store_prompt: bool = Field(
+        True, description="false: pairs of this route keep no prompt text (answers only)")
 
     @model_validator(mode="after")
     def _one_target(self) -> ShadowTarget:

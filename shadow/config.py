@@ -1,4 +1,5 @@
-"""The shadow section of the settings: where pairs go and how much mirroring may cost.
+"""The shadow and feedback sections of the settings: where pairs go, what mirroring may cost,
+what is redacted, and which feedback metrics clients may send.
 
 Which routes are mirrored, to what and how often is part of each route (`serving.config`
 `RouteConfig.shadow`); this section holds what all routes share. Pure data.
@@ -6,11 +7,64 @@ Which routes are mirrored, to what and how often is part of each route (`serving
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FEEDBACK_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FeedbackMetric(BaseModel):
+    """A metric clients may post to `/v1/feedback`: `boolean` (thumbs up/down), `float`
+    (a rating, optionally bounded) or `comment` (free text)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["boolean", "float", "comment"]
+    min: float | None = Field(None, allow_inf_nan=False, description="float: lowest allowed")
+    max: float | None = Field(None, allow_inf_nan=False, description="float: highest allowed")
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> FeedbackMetric:
+        if self.type != "float" and (self.min is not None or self.max is not None):
+            raise ValueError("min and max apply to float metrics only")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
+
+
+class RedactionSettings(BaseModel):
+    """Personal data replaced before anything is stored (`shadow.redact`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    builtins: list[Literal["email", "phone", "card", "iban", "ip"]] = Field(
+        ["email", "phone", "card", "iban", "ip"], description="built-in detectors that run")
+    patterns: dict[str, str] = Field(
+        {}, description="extra detectors: name -> regex; a hit becomes [NAME]")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compile(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for name, regex in patterns.items():
+            try:
+                re.compile(regex)
+            except re.error as e:
+                raise ValueError(f"pattern {name!r} is not a valid regex: {e}") from None
+        return patterns
 
 
 class ShadowSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    store: Literal["sqlite", "postgres"] = Field(
+        "sqlite", description="sqlite: one file (one node); postgres: several nodes")
+    postgres_dsn_env: str = Field(
+        "PROTEGE_POSTGRES_DSN", description="the environment variable holding the DSN")
+    redaction: RedactionSettings = RedactionSettings()
 
     store_path: str = Field("data/pairs.sqlite", description="SQLite file of the pairs")
     spill_dir: str = Field("data/spill", description="append-only files while the store is down")

@@ -1,6 +1,10 @@
-"""One shadow pair as stored: `PairRecord`, and its row and JSON forms. Pure: no I/O, no clock.
+"""What the shadow store holds, and its row and JSON forms. Pure: no I/O, no clock.
 
-Owns what a pair holds and how it is (de)serialised; does not own how the pair is produced
+`PairRecord`: a student answer and the teacher's answer to the same request. `ResponseRecord`:
+every response id the gateway answered on a route with feedback (so feedback can find its route,
+arm and version). `FeedbackRecord`: one piece of feedback on a response.
+
+Owns what a record holds and how it is (de)serialised; does not own how the pair is produced
 (the mirror), scored (`shadow.scoring`, whose `score_pair` dict goes into `scores`) or written
 (`shadow.store`). `from_json(to_json(r)) == r` and `from_row(to_row(r)) == r` for every record.
 
@@ -151,3 +155,58 @@ def _check_finite(value: Any, where: str) -> None:
             stack.extend(item.values())
         elif isinstance(item, list | tuple):
             stack.extend(item)
+
+
+# --- responses and feedback --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResponseRecord:
+    """A response the gateway answered: what feedback on its id is aggregated by."""
+
+    response_id: str
+    route: str
+    variant: str  # the A/B arm that answered
+    version: str
+    created_at: str  # ISO 8601 UTC, see the module doc
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"ResponseRecord.{f.name} must be a non-empty string, "
+                                 f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class FeedbackRecord:
+    """One piece of feedback: a boolean (1.0/0.0) or float `value`, or a text `comment`."""
+
+    feedback_id: str
+    response: ResponseRecord  # the response it is about
+    metric: str
+    value: float | None
+    comment: str | None
+    created_at: str
+
+    def __post_init__(self) -> None:
+        if (self.value is None) == (self.comment is None):
+            raise ValueError("FeedbackRecord needs exactly one of value or comment")
+        _check_finite(self.value, "feedback value")
+
+
+def spill_line(item: PairRecord | ResponseRecord) -> str:
+    """One line of the writer's spill file (no newline): a pair, or a tagged response."""
+    if isinstance(item, ResponseRecord):
+        return json.dumps({"kind": "response", **dataclasses.asdict(item)},
+                          ensure_ascii=False, separators=(",", ":"))
+    return item.to_json()
+
+
+def from_spill_line(line: str) -> PairRecord | ResponseRecord:
+    data = json.loads(line)
+    if isinstance(data, dict) and data.get("kind") == "response":
+        del data["kind"]
+        _check_keys(data, {f.name for f in dataclasses.fields(ResponseRecord)}, "response record")
+        return ResponseRecord(**data)
+    return PairRecord.from_dict(data)

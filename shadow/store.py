@@ -22,7 +22,9 @@ overwrites a pair), so a batch written twice, e.g. replayed after a crash mid-re
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -33,27 +35,46 @@ from typing import Protocol
 
 from ops.logging import get_logger
 from ops.metrics import ShadowMetrics
-from shadow.records import ROW_COLUMNS, PairRecord
+from shadow.config import ShadowSettings
+from shadow.records import (
+    ROW_COLUMNS,
+    FeedbackRecord,
+    PairRecord,
+    ResponseRecord,
+    from_spill_line,
+    spill_line,
+)
 
 log = get_logger("shadow.store")
 
 
-class PairStore(Protocol):
-    """What `PairWriter` and the ML team's tools need from a store. Methods block: call them
-    from a thread (`asyncio.to_thread`), never on the event loop."""
+Record = PairRecord | ResponseRecord  # what a writer batches
 
-    def write_batch(self, records: Sequence[PairRecord]) -> None:
-        """Write all records in one transaction, or none; a pair_id already stored is skipped."""
+
+class PairStore(Protocol):
+    """What `PairWriter`, feedback and the ML team's tools need from a store. Methods block:
+    call them from a thread (`asyncio.to_thread`), never on the event loop."""
+
+    def write_batch(self, records: Sequence[Record]) -> None:
+        """Write all records in one transaction, or none; an id already stored is skipped."""
 
     def count(self) -> int: ...
 
     def get(self, pair_id: str) -> PairRecord | None: ...
 
     def iter_pairs(
-        self, *, route: str | None = None, since: str | None = None,
+        self, *, route: str | None = None, since: str | None = None, until: str | None = None,
         min_disagreement: float | None = None, limit: int | None = None,
     ) -> Iterator[PairRecord]:
-        """Pairs oldest first (`created_at`, then `pair_id`); `since` is inclusive."""
+        """Pairs oldest first (`created_at`, then `pair_id`); `since` inclusive, `until` not."""
+
+    def get_response(self, response_id: str) -> ResponseRecord | None: ...
+
+    def add_feedback(self, feedback: FeedbackRecord) -> None:
+        """Store one piece of feedback (several per response and metric are kept)."""
+
+    def iter_feedback(self, *, since: str | None = None) -> Iterator[FeedbackRecord]:
+        """Feedback oldest first."""
 
 
 # --- SQLite ----------------------------------------------------------------------------------------
@@ -74,12 +95,70 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX pairs_route_created ON pairs (route, created_at)",
         "CREATE INDEX pairs_disagreement ON pairs (disagreement)",
     ),
+    (
+        """CREATE TABLE responses (
+            response_id TEXT PRIMARY KEY,
+            route TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            version TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE feedback (
+            feedback_id TEXT PRIMARY KEY,
+            response_id TEXT NOT NULL,
+            route TEXT NOT NULL,
+            variant TEXT NOT NULL,
+            version TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            value REAL,
+            comment TEXT,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX feedback_response ON feedback (response_id)",
+        "CREATE INDEX feedback_created ON feedback (created_at)",
+    ),
 )
 
 _INSERT = (
     f"INSERT INTO pairs ({', '.join(ROW_COLUMNS)}) "
     f"VALUES ({', '.join(':' + c for c in ROW_COLUMNS)}) ON CONFLICT (pair_id) DO NOTHING"
 )
+RESPONSE_COLUMNS = ("response_id", "route", "variant", "version", "created_at")
+FEEDBACK_COLUMNS = ("feedback_id", "response_id", "route", "variant", "version", "metric",
+                    "value", "comment", "created_at")
+_INSERT_RESPONSE = (
+    f"INSERT INTO responses ({', '.join(RESPONSE_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in RESPONSE_COLUMNS)}) ON CONFLICT DO NOTHING"
+)
+_INSERT_FEEDBACK = (
+    f"INSERT INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in FEEDBACK_COLUMNS)}) ON CONFLICT DO NOTHING"
+)
+
+
+def split_batch(records: Sequence[Record]) -> tuple[list[dict], list[dict]]:
+    """Rows for the pairs table and for the responses table (serialised before any lock)."""
+    pairs, responses = [], []
+    for r in records:
+        if isinstance(r, ResponseRecord):
+            responses.append(dataclasses.asdict(r))
+        else:
+            pairs.append(r.to_row())
+    return pairs, responses
+
+
+def feedback_row(f: FeedbackRecord) -> dict:
+    return {"feedback_id": f.feedback_id, "response_id": f.response.response_id,
+            "route": f.response.route, "variant": f.response.variant,
+            "version": f.response.version, "metric": f.metric, "value": f.value,
+            "comment": f.comment, "created_at": f.created_at}
+
+
+def feedback_from_row(row: Sequence) -> FeedbackRecord:
+    """A `FeedbackRecord` from a row in `FEEDBACK_COLUMNS` order."""
+    fid, rid, route, variant, version, metric, value, comment, created = row
+    return FeedbackRecord(fid, ResponseRecord(rid, route, variant, version, "-"), metric,
+                          value, comment, created)
 
 
 class SqliteStore:
@@ -132,14 +211,15 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             raise
 
-    def write_batch(self, records: Sequence[PairRecord]) -> None:
-        rows = [r.to_row() for r in records]  # serialise before taking the write lock
-        if not rows:
+    def write_batch(self, records: Sequence[Record]) -> None:
+        pairs, responses = split_batch(records)  # serialise before taking the write lock
+        if not (pairs or responses):
             return
         with contextlib.closing(self._connect()) as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_INSERT, rows)
+                conn.executemany(_INSERT, pairs)
+                conn.executemany(_INSERT_RESPONSE, responses)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -156,12 +236,12 @@ class SqliteStore:
         return None if row is None else PairRecord.from_json(row[0])
 
     def iter_pairs(
-        self, *, route: str | None = None, since: str | None = None,
+        self, *, route: str | None = None, since: str | None = None, until: str | None = None,
         min_disagreement: float | None = None, limit: int | None = None,
     ) -> Iterator[PairRecord]:
         where, params = [], []
         for clause, value in (("route = ?", route), ("created_at >= ?", since),
-                              ("disagreement >= ?", min_disagreement)):
+                              ("created_at < ?", until), ("disagreement >= ?", min_disagreement)):
             if value is not None:
                 where.append(clause)
                 params.append(value)
@@ -177,6 +257,44 @@ class SqliteStore:
             while rows := cursor.fetchmany(500):
                 for (text,) in rows:
                     yield PairRecord.from_json(text)
+
+    def get_response(self, response_id: str) -> ResponseRecord | None:
+        with contextlib.closing(self._connect()) as conn:
+            row = conn.execute(
+                f"SELECT {', '.join(RESPONSE_COLUMNS)} FROM responses WHERE response_id = ?",
+                (response_id,)).fetchone()
+        return None if row is None else ResponseRecord(*row)
+
+    def add_feedback(self, feedback: FeedbackRecord) -> None:
+        with contextlib.closing(self._connect()) as conn:
+            conn.execute(_INSERT_FEEDBACK, feedback_row(feedback))
+
+    def iter_feedback(self, *, since: str | None = None) -> Iterator[FeedbackRecord]:
+        sql = f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback"
+        params: list = []
+        if since is not None:
+            sql += " WHERE created_at >= ?"
+            params.append(since)
+        with contextlib.closing(self._connect()) as conn:
+            cursor = conn.execute(sql + " ORDER BY created_at, feedback_id", params)
+            while rows := cursor.fetchmany(500):
+                yield from map(feedback_from_row, rows)
+
+
+def open_store(settings: ShadowSettings, root: Path) -> PairStore:
+    """The store `settings` names: SQLite at `store_path` (relative to `root`), or PostgreSQL
+    at the DSN in the environment variable `postgres_dsn_env`."""
+    if settings.store == "postgres":
+        dsn = os.environ.get(settings.postgres_dsn_env, "")
+        if not dsn:
+            raise ValueError(f"shadow.store is postgres but ${settings.postgres_dsn_env} is not "
+                             "set: export it as postgresql://USER:PASSWORD@HOST:PORT/DB")
+        from shadow.pgstore import PostgresStore
+
+        return PostgresStore(dsn)
+    path = root / settings.store_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return SqliteStore(path)
 
 
 # --- the writer ------------------------------------------------------------------------------------
@@ -215,7 +333,7 @@ class PairWriter:
         self.replaying_path = self.spill_dir / f"{name}.replaying.jsonl"
         self._lock_path = self.spill_dir / f"{name}.lock"
         self.batch_size, self.flush_interval_s = batch_size, flush_interval_s
-        self._queue: asyncio.Queue[PairRecord] = asyncio.Queue(maxsize)
+        self._queue: asyncio.Queue[Record] = asyncio.Queue(maxsize)
         self._files = threading.Lock()  # spill files: the worker thread vs close()'s last spill
         self._spill_pending = False
         self._lock_fd: int | None = None
@@ -224,15 +342,15 @@ class PairWriter:
 
     # --- the request side -----------------------------------------------------------------------
 
-    def offer(self, record: PairRecord) -> bool:
+    def offer(self, record: Record) -> bool:
         """Queue a record for writing; False (and counted as dropped) when it cannot be."""
         if self._closed:
-            self.metrics.dropped.labels(reason="closed").inc()
+            self.metrics.dropped.labels(kind=_kind(record), reason="closed").inc()
             return False
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
-            self.metrics.dropped.labels(reason="queue_full").inc()
+            self.metrics.dropped.labels(kind=_kind(record), reason="queue_full").inc()
             return False
         self.metrics.queue_depth.set(self._queue.qsize())
         return True
@@ -317,25 +435,32 @@ class PairWriter:
 
     # --- the worker thread: every record it is given is counted exactly once ---------------------
 
-    def _write_sync(self, batch: list[PairRecord]) -> None:
+    def _write_sync(self, batch: list[Record]) -> None:
         try:
             self.store.write_batch(batch)
         except Exception as e:  # noqa: BLE001 - any store failure: the batch spills
             log.warning("shadow.store.write_failed", records=len(batch), error=repr(e))
             self._spill_sync(batch)
             return
-        self.metrics.records.labels(outcome="stored").inc(len(batch))
+        self._count("records", "stored", batch)
         if self._spill_pending:
             self._replay_sync()
 
-    def _spill_sync(self, batch: list[PairRecord]) -> None:
-        lines = []
+    def _count(self, metric: str, label: str, items: Sequence[Record]) -> None:
+        kinds = collections.Counter(map(_kind, items))
+        key = "outcome" if metric == "records" else "reason"
+        for kind, n in kinds.items():
+            getattr(self.metrics, metric).labels(kind=kind, **{key: label}).inc(n)
+
+    def _spill_sync(self, batch: list[Record]) -> None:
+        lines, kept = [], []
         for record in batch:
             try:
-                lines.append(record.to_json() + "\n")
+                lines.append(spill_line(record) + "\n")
+                kept.append(record)
             except (TypeError, ValueError) as e:
-                self.metrics.dropped.labels(reason="invalid").inc()
-                log.error("shadow.record.dropped", pair_id=record.pair_id, reason="invalid",
+                self._count("dropped", "invalid", [record])
+                log.error("shadow.record.dropped", id=_id(record), reason="invalid",
                           error=repr(e))
         if not lines:
             return
@@ -351,11 +476,11 @@ class PairWriter:
                     _fsync_dir(self.spill_dir)
                 self._spill_pending = True
         except Exception as e:  # noqa: BLE001 - the spill failed too: count, never raise
-            self.metrics.dropped.labels(reason="store_error").inc(len(lines))
+            self._count("dropped", "store_error", kept)
             log.error("shadow.spill.failed", records=len(lines), path=str(self.spill_path),
                       error=repr(e))
             return
-        self.metrics.records.labels(outcome="spilled").inc(len(lines))
+        self._count("records", "spilled", kept)
 
     def _replay_sync(self) -> None:
         """Write the spill files into the store; on a failure they stay for the next try.
@@ -381,24 +506,34 @@ class PairWriter:
                         error=repr(e))
 
     def _replay_file(self, path: Path) -> None:
-        replayed = corrupt = 0
+        replayed: list[Record] = []
+        corrupt = 0
         with open(path, encoding="utf-8") as f:
-            batch: list[PairRecord] = []
+            batch: list[Record] = []
             for line in f:
                 try:
-                    batch.append(PairRecord.from_json(line))
+                    batch.append(from_spill_line(line))
                 except (ValueError, TypeError, KeyError):
                     corrupt += 1
                     log.error("shadow.spill.corrupt_line", path=str(path), line=line[:200])
                     continue
                 if len(batch) == self.batch_size:
                     self.store.write_batch(batch)
-                    replayed, batch = replayed + len(batch), []
+                    replayed, batch = replayed + batch, []
             self.store.write_batch(batch)
-            replayed += len(batch)
-        # Counted once the whole file is stored: a retried file is not counted twice.
-        self.metrics.records.labels(outcome="replayed").inc(replayed)
-        self.metrics.dropped.labels(reason="spill_corrupt").inc(corrupt)
+            replayed += batch
+        # Counted once the whole file is stored: a retried file is not counted twice. A torn
+        # line cannot say what it was; it counts as a pair (responses are the cheaper loss).
+        self._count("records", "replayed", replayed)
+        self.metrics.dropped.labels(kind="pair", reason="spill_corrupt").inc(corrupt)
+
+
+def _kind(record: Record) -> str:
+    return "response" if isinstance(record, ResponseRecord) else "pair"
+
+
+def _id(record: Record) -> str:
+    return record.response_id if isinstance(record, ResponseRecord) else record.pair_id
 
 
 def _fsync_dir(path: Path) -> None:

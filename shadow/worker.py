@@ -1,4 +1,5 @@
-"""The shadow worker: a Ray Serve deployment that calls teachers, scores pairs and stores them.
+"""The shadow worker: a Ray Serve deployment that calls teachers, scores pairs and stores them,
+and keeps the record of answered responses that feedback is given on.
 
 The ingress sends it a `MirrorJob` after the user has their answer and does not wait for the
 result. Ray Serve bounds the worker (`max_ongoing_requests` = teacher calls at once,
@@ -7,13 +8,19 @@ the teacher (a local variant through its handle, or a remote endpoint with the m
 in the same streaming mode, with a timeout and no retries; score the two answers in a worker
 thread (the embedder is loaded once, here, off the request path); offer the record to the pair
 writer, which batches it into the store or spills it. Failures are counted, never raised.
+
+On routes with feedback the ingresses send batches of answered responses (`record_responses`);
+`feedback` finds the response (recent ones in memory, older ones in the store), stores the
+feedback and counts it by route, arm, version and metric.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -27,9 +34,14 @@ from serving.config import RemoteEngine as RemoteConfig
 from serving.engines.base import Delta
 from serving.engines.remote import RemoteEngine
 from shadow.config import ShadowSettings
+from shadow.feedback import FeedbackPost
 from shadow.mirror import MARKER_HEADER, MirrorJob, make_record, timed_answer
+from shadow.records import FeedbackRecord, ResponseRecord
 from shadow.scoring import score_pair
-from shadow.store import PairWriter, SqliteStore
+from shadow.store import PairWriter, open_store
+
+RECENT_RESPONSES = 100_000  # answered responses kept in memory for feedback lookups
+LATE_RESPONSE_S = 2.0  # how long feedback waits for a response another ingress has not sent yet
 
 
 class ShadowWorker:
@@ -43,10 +55,10 @@ class ShadowWorker:
         self.settings, self.teachers, self.versions = settings, teachers, versions
         root = Path(repo_root)
         self.metrics = ShadowMetrics()
-        store_path = root / settings.store_path
-        store_path.parent.mkdir(parents=True, exist_ok=True)
-        self.writer = PairWriter(SqliteStore(store_path), self.metrics, root / settings.spill_dir)
+        self.store = open_store(settings, root)
+        self.writer = PairWriter(self.store, self.metrics, root / settings.spill_dir)
         self.writer.start()
+        self._recent: collections.OrderedDict[str, ResponseRecord] = collections.OrderedDict()
         self.remotes: dict[str, RemoteEngine] = {}
         self._clients: list[httpx.AsyncClient] = []
         for name, cfg in remotes.items():
@@ -63,7 +75,7 @@ class ShadowWorker:
         self.reporter = MetricsReporter(
             self.metrics.registry, f"shadow:{os.getpid()}:{uuid.uuid4().hex[:6]}")
         self.reporter.start()
-        self.log.info("shadow.worker.started", store=str(store_path),
+        self.log.info("shadow.worker.started", store=settings.store,
                       semantic=self.embed is not None, remotes=sorted(self.remotes))
 
     async def mirror(self, job: MirrorJob) -> None:
@@ -75,24 +87,76 @@ class ShadowWorker:
                     self._teacher(job, request), job.target.removeprefix("remote:"),
                     self.versions.get(job.target))
         except TimeoutError:
-            self.metrics.mirrors.labels(**labels, outcome="timeout").inc()
+            self.metrics.requests.labels(**labels, outcome="timeout").inc()
             self.log.info("shadow.teacher.timed_out", pair_id=job.pair_id, **labels)
             return
         except Exception as e:  # noqa: BLE001 - a failing teacher is counted, never raised
-            self.metrics.mirrors.labels(**labels, outcome="failed").inc()
+            self.metrics.requests.labels(**labels, outcome="failed").inc()
             self.log.info("shadow.teacher.failed", pair_id=job.pair_id, error=str(e)[:300],
                           **labels)
             return
-        self.metrics.mirrors.labels(**labels, outcome="completed").inc()
+        self.metrics.requests.labels(**labels, outcome="completed").inc()
         self.metrics.teacher_latency.labels(**labels).observe(answer.latency_ms / 1000)
         if answer.ttft_ms is not None:
             self.metrics.teacher_ttft.labels(**labels).observe(answer.ttft_ms / 1000)
+        started = time.monotonic()
         scores = await asyncio.to_thread(
             score_pair, job.student.text, answer.text, embed=self.embed)
+        self.metrics.scorer_latency.observe(time.monotonic() - started)
         self.metrics.disagreement.labels(
             route=job.route, variant=job.variant, version=job.student.version or "-",
         ).observe(scores["disagreement"])
         self.writer.offer(make_record(job, answer, logprobs, scores))
+
+    async def record_responses(self, rows: list[ResponseRecord]) -> None:
+        """Remember answered responses (for feedback) and queue them for the store."""
+        for row in rows:
+            self._recent[row.response_id] = row
+            self.writer.offer(row)
+        while len(self._recent) > RECENT_RESPONSES:
+            self._recent.popitem(last=False)
+
+    async def feedback(self, post: FeedbackPost, created_at: str) -> dict:
+        """Store one piece of feedback: `{"id": ...}`, or `{"error": "unknown_response"}`, or
+        `{"error": "store_unavailable"}` (nothing was stored; the client may retry)."""
+        response = await self._find_response(post.response_id)
+        if response is None:
+            return {"error": "unknown_response"}
+        record = FeedbackRecord("fb-" + uuid.uuid4().hex, response, post.metric, post.value,
+                                post.comment, created_at)
+        try:
+            await asyncio.to_thread(self.store.add_feedback, record)
+        except Exception as e:  # noqa: BLE001 - the client is told and may retry
+            self.log.warning("shadow.feedback.store_failed", error=repr(e)[:300])
+            return {"error": "store_unavailable"}
+        labels = {"route": response.route, "variant": response.variant,
+                  "version": response.version, "metric": post.metric}
+        self.metrics.feedback.labels(**labels).inc()
+        if post.value is not None:
+            self.metrics.feedback_value.labels(**labels).inc(post.value)
+        return {"id": record.feedback_id}
+
+    async def _find_response(self, response_id: str) -> ResponseRecord | None:
+        """In memory, else in the store; an id not seen yet may still be on its way from
+        another ingress replica (they send every half second), so wait a little for it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LATE_RESPONSE_S
+        stored = True
+        while True:
+            if response_id in self._recent:
+                return self._recent[response_id]
+            if stored:
+                try:
+                    found = await asyncio.to_thread(self.store.get_response, response_id)
+                except Exception as e:  # noqa: BLE001 - treated as not found yet
+                    self.log.warning("shadow.feedback.lookup_failed", error=repr(e)[:300])
+                    found = None
+                if found is not None:
+                    return found
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.25)
+            stored = loop.time() + 0.25 >= deadline  # look in the store again at the end
 
     async def _teacher(self, job: MirrorJob, request) -> AsyncIterator[Delta]:
         if job.route in self.remotes:

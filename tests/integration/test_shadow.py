@@ -109,11 +109,18 @@ def shadowed(tmp_path_factory, bad_teacher, resetting):
                         "version": "s1"},
             "teacher": {"engine": {"engine": "fake", "completion_tokens": 10}, "num_cpus": 0,
                         "version": "t1"},
+            "student-b": {"engine": {"engine": "fake", "completion_tokens": 6}, "num_cpus": 0,
+                          "version": "b1"},
         },
+        "feedback": {"thumbs_up": {"type": "boolean"},
+                     "rating": {"type": "float", "min": 1, "max": 5},
+                     "note": {"type": "comment"}},
         "routes": {
             "all": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 1}},
             "half": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 0.5}},
             "plain": {"variant": "student"},
+            "ab": {"variant": "student", "sticky_key": "request", "arms": [
+                {"variant": "student", "weight": 1}, {"variant": "student-b", "weight": 1}]},
             "hang": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
                 **remote, "base_url": f"http://127.0.0.1:{bad_teacher.port}/hang"}}},
             "fail": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
@@ -164,7 +171,8 @@ def test_every_sampled_request_becomes_a_scored_pair(shadowed):
         assert 0.0 <= pair.disagreement <= 1.0
         assert pair.student.latency_ms > 0 and pair.teacher.latency_ms > 0
     wait_for_metric(shadowed, "protege_shadow_mirrored_total", 6, route="all", outcome="sent")
-    wait_for_metric(shadowed, "protege_shadow_records_total", 6, outcome="stored")
+    wait_for_metric(shadowed, "protege_shadow_records_total", 6, kind="pair",
+                    outcome="stored")
 
 
 def test_rejected_requests_are_never_mirrored(shadowed):
@@ -206,10 +214,10 @@ def test_bad_teacher_leaves_the_user_untouched(shadowed, route):
             assert r.choices[0].message.content and r.choices[0].finish_reason == "stop"
     if route == "hang":
         # The users got their answers while the teacher calls were still hanging.
-        assert scrape(shadowed, "protege_shadow_teacher_calls_total", route=route,
+        assert scrape(shadowed, "protege_shadow_requests_total", route=route,
                       outcome="timeout") < 3
     outcome = "timeout" if route == "hang" else "failed"
-    wait_for_metric(shadowed, "protege_shadow_teacher_calls_total", 3, route=route,
+    wait_for_metric(shadowed, "protege_shadow_requests_total", 3, route=route,
                     outcome=outcome, timeout_s=30)
 
 
@@ -219,3 +227,72 @@ def test_remote_teacher_sees_the_marker_header(bad_teacher):
 
 def test_resetting_teacher_was_really_reached(resetting):
     assert resetting.resets >= 3
+
+
+# --- feedback ----------------------------------------------------------------------------------
+
+
+def post_feedback(gw, response_id, metric, value):
+    with gw.http() as http:
+        return http.post("/v1/feedback", json={"response_id": response_id, "metric": metric,
+                                               "value": value})
+
+
+def test_feedback_on_shadowed_plain_and_ab_responses(shadowed):
+    client = shadowed.client()
+    shadowed_id = client.chat.completions.create(model="all", messages=MSG).id
+    plain_id = client.chat.completions.create(model="plain", messages=MSG).id
+    ab = [client.chat.completions.with_raw_response.create(model="ab", messages=MSG)
+          for _ in range(12)]
+    arms = {r.headers["x-protege-variant"] for r in ab}
+    assert arms == {"student", "student-b"}, arms  # 12 requests at 50/50: both arms answered
+
+    r = post_feedback(shadowed, shadowed_id, "thumbs_up", True)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "feedback" and body["id"].startswith("fb-")
+    assert body["response_id"] == shadowed_id and body["metric"] == "thumbs_up"
+    assert post_feedback(shadowed, plain_id, "rating", 4.5).status_code == 200
+    assert post_feedback(shadowed, plain_id, "note", "too long").status_code == 200
+    for resp in ab:
+        assert post_feedback(shadowed, resp.parse().id, "thumbs_up",
+                             resp.headers["x-protege-variant"] == "student").status_code == 200
+
+    stored = {(f.response.response_id, f.metric): f for f in shadowed.store.iter_feedback()}
+    assert stored[(shadowed_id, "thumbs_up")].value == 1.0
+    assert stored[(shadowed_id, "thumbs_up")].response.route == "all"
+    assert stored[(plain_id, "rating")].value == 4.5
+    assert stored[(plain_id, "note")].comment == "too long"
+    assert stored[(plain_id, "note")].response.version == "s1"
+    by_arm = {v: sum(1 for r in ab if r.headers["x-protege-variant"] == v) for v in arms}
+    wait_for_metric(shadowed, "protege_feedback_total", by_arm["student-b"], route="ab",
+                    variant="student-b", version="b1", metric="thumbs_up")
+    wait_for_metric(shadowed, "protege_feedback_total", by_arm["student"], route="ab",
+                    variant="student", version="s1", metric="thumbs_up")
+    # Booleans sum as 1/0: the mean per arm is value_sum / total.
+    wait_for_metric(shadowed, "protege_feedback_value_sum_total", by_arm["student"], route="ab",
+                    variant="student", metric="thumbs_up")
+    wait_for_metric(shadowed, "protege_feedback_value_sum_total", 0, route="ab",
+                    variant="student-b", metric="thumbs_up")
+    wait_for_metric(shadowed, "protege_feedback_value_sum_total", 4.5, route="plain",
+                    metric="rating")
+
+
+def test_feedback_errors_name_the_problem(shadowed):
+    rid = shadowed.client().chat.completions.create(model="plain", messages=MSG).id
+    r = post_feedback(shadowed, "chatcmpl-never-answered", "thumbs_up", True)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"]["code"] == "response_not_found"
+    assert r.json()["error"]["param"] == "response_id"
+    for metric, value, param in (("stars", 1, "metric"), ("thumbs_up", "yes", "value"),
+                                 ("rating", 9, "value"), ("rating", True, "value"),
+                                 ("note", "", "value")):
+        r = post_feedback(shadowed, rid, metric, value)
+        assert r.status_code == 400, (metric, value, r.text)
+        assert r.json()["error"]["param"] == param
+    with shadowed.http() as http:
+        assert http.get("/v1/feedback").status_code == 405
+        r = http.post("/v1/feedback", content=b"{", headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    rejected = [f for f in shadowed.store.iter_feedback() if f.response.response_id == rid]
+    assert rejected == []  # nothing from a refused post was stored

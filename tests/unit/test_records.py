@@ -100,3 +100,34 @@ def test_json_is_plain_json():
     assert data["student"]["ttft_ms"] == 41.5
     assert data["teacher"]["ttft_ms"] is None
     assert data["teacher_logprobs"][0]["top"][1] == ["paris", -2.5]
+
+
+# --- responses, feedback and the spill line --------------------------------------------------------
+
+
+def test_spill_line_round_trips_pairs_and_responses():
+    from shadow.records import ResponseRecord, from_spill_line, spill_line
+
+    response = ResponseRecord("chatcmpl-1", "default", "student-a", "v3",
+                              "2026-11-28T21:00:00.000000+00:00")
+    pair = make_record(3)
+    assert from_spill_line(spill_line(response)) == response
+    assert from_spill_line(spill_line(pair)) == pair
+    assert "\n" not in spill_line(response)
+    with pytest.raises(ValueError, match="unknown fields"):
+        from_spill_line(spill_line(response)[:-1] + ',"extra":1}')
+
+
+def test_feedback_needs_one_value_and_finite_numbers():
+    from shadow.records import FeedbackRecord, ResponseRecord
+
+    response = ResponseRecord("r", "default", "a", "1", "2026-11-28T21:00:00+00:00")
+    FeedbackRecord("f", response, "thumbs_up", 1.0, None, "t")
+    FeedbackRecord("f", response, "comment", None, "great", "t")
+    for value, comment in ((None, None), (1.0, "both")):
+        with pytest.raises(ValueError, match="exactly one"):
+            FeedbackRecord("f", response, "m", value, comment, "t")
+    with pytest.raises(ValueError, match="JSON cannot store"):
+        FeedbackRecord("f", response, "m", float("nan"), None, "t")
+    with pytest.raises(ValueError, match="non-empty"):
+        ResponseRecord("", "default", "a", "1", "t")

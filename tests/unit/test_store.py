@@ -20,17 +20,19 @@ def records(start: int, n: int) -> list[PairRecord]:
     return [make_record(i) for i in range(start, start + n)]
 
 
-def counts(m: ShadowMetrics) -> dict[str, float]:
-    out = {o: m.registry.get_sample_value("protege_shadow_records_total", {"outcome": o})
+def counts(m: ShadowMetrics, kind: str = "pair") -> dict[str, float]:
+    out = {o: m.registry.get_sample_value("protege_shadow_records_total",
+                                          {"kind": kind, "outcome": o})
            for o in ShadowMetrics.OUTCOMES}
     out["dropped"] = sum(
-        m.registry.get_sample_value("protege_shadow_dropped_total", {"reason": r})
+        m.registry.get_sample_value("protege_shadow_dropped_total", {"kind": kind, "reason": r})
         for r in ShadowMetrics.DROP_REASONS)
     return out
 
 
-def dropped(m: ShadowMetrics, reason: str) -> float:
-    return m.registry.get_sample_value("protege_shadow_dropped_total", {"reason": reason})
+def dropped(m: ShadowMetrics, reason: str, kind: str = "pair") -> float:
+    return m.registry.get_sample_value("protege_shadow_dropped_total",
+                                       {"kind": kind, "reason": reason})
 
 
 async def until(predicate, timeout_s: float = 10.0) -> None:
@@ -74,7 +76,7 @@ def test_round_trip_schema_and_filters(tmp_path):
 
     with sqlite3.connect(tmp_path / "pairs.db") as conn:  # a second, independent connection
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"pairs_route_created", "pairs_disagreement"} <= indexes
 
@@ -307,3 +309,63 @@ async def test_one_writer_per_spill_name(tmp_path):
     await first.close()
     await other.close()
     shutil.rmtree(tmp_path / "spill")
+
+
+# --- responses and feedback ------------------------------------------------------------------------
+
+
+def responses(start: int, n: int):
+    from shadow.records import ResponseRecord
+
+    return [ResponseRecord(f"chatcmpl-r{i:04d}", "default", "student-b" if i % 2 else "student-a",
+                           "v3", f"2026-11-28T22:00:{i % 60:02d}.000000+00:00")
+            for i in range(start, start + n)]
+
+
+def test_responses_and_feedback_round_trip(tmp_path):
+    from shadow.records import FeedbackRecord
+
+    store = SqliteStore(tmp_path / "pairs.db")
+    rs = responses(0, 4)
+    store.write_batch([*rs[:2], make_record(1), *rs[2:]])  # one batch, both kinds
+    store.write_batch(rs[:1])  # idempotent
+    assert store.count() == 1
+    assert [store.get_response(r.response_id) for r in rs] == rs
+    assert store.get_response("chatcmpl-nope") is None
+
+    fb = [FeedbackRecord(f"fb-{i}", rs[i % 4], "thumbs_up" if i < 3 else "note",
+                         float(i % 2) if i < 3 else None, None if i < 3 else "too long",
+                         f"2026-11-28T23:00:0{i}.000000+00:00") for i in range(5)]
+    for f in fb:
+        store.add_feedback(f)
+    got = list(store.iter_feedback())
+    assert [(g.feedback_id, g.metric, g.value, g.comment, g.response.response_id,
+             g.response.variant) for g in got] == [
+        (f.feedback_id, f.metric, f.value, f.comment, f.response.response_id, f.response.variant)
+        for f in fb]
+    assert [g.feedback_id for g in store.iter_feedback(since=fb[3].created_at)] == ["fb-3", "fb-4"]
+
+
+def test_iter_pairs_until_is_exclusive(tmp_path):
+    store = SqliteStore(tmp_path / "pairs.db")
+    batch = records(0, 6)
+    store.write_batch(batch)
+    got = list(store.iter_pairs(since=batch[1].created_at, until=batch[4].created_at))
+    assert got == batch[1:4]
+
+
+async def test_responses_spill_and_replay_counted_by_kind(tmp_path):
+    db = tmp_path / "pairs.db"
+    store, m = SqliteStore(db), ShadowMetrics()
+    writer = PairWriter(store, m, tmp_path / "spill", batch_size=4, flush_interval_s=0.02)
+    writer.start()
+    break_store(db)
+    for item in [*responses(0, 3), *records(0, 2)]:
+        writer.offer(item)
+    await until(lambda: counts(m, "response")["spilled"] == 3 and counts(m)["spilled"] == 2)
+    fix_store(db)
+    await until(lambda: counts(m, "response")["replayed"] == 3)
+    await writer.close()
+    assert [store.get_response(r.response_id) for r in responses(0, 3)] == responses(0, 3)
+    assert store.count() == 2
+    assert counts(m)["replayed"] == 2
