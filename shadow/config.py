@@ -73,6 +73,9 @@ class ShadowSettings(BaseModel):
     max_concurrency: int = Field(2, ge=1, le=10_000, description="teacher calls at once")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="a teacher call gives up after this")
     num_cpus: float = Field(0.0, ge=0, le=64, description="Ray CPUs reserved for the worker")
+    teacher_top_logprobs: int | None = Field(
+        5, ge=0, le=20, description="top-k logprobs asked of every teacher and stored with the "
+        "pair (for distillation); null: none (an endpoint that refuses logprobs)")
     semantic_model: str | None = Field(
         "models/scorer/all-MiniLM-L6-v2",
         description="sentence embedder for the semantic score; null: no semantic score")

@@ -31,7 +31,7 @@ import httpx
 from ops.logging import configure_logging, get_logger
 from ops.metrics import MetricsReporter, ShadowMetrics
 from serving.config import RemoteEngine as RemoteConfig
-from serving.engines.base import Delta
+from serving.engines.base import Delta, GenerationRequest
 from serving.engines.remote import RemoteEngine
 from shadow.config import ShadowSettings
 from shadow.feedback import FeedbackPost
@@ -80,7 +80,7 @@ class ShadowWorker:
 
     async def mirror(self, job: MirrorJob) -> None:
         labels = {"route": job.route, "target": job.target}
-        request = replace(job.request, request_id="shadow-" + job.request.request_id)
+        request = teacher_request(job.request, self.settings.teacher_top_logprobs)
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 answer, logprobs = await timed_answer(
@@ -178,6 +178,14 @@ class ShadowWorker:
             with contextlib.suppress(Exception):
                 await client.aclose()
         await self.reporter.stop()
+
+
+def teacher_request(request: GenerationRequest, top_logprobs: int | None) -> GenerationRequest:
+    """The user's request as the teacher gets it: its own id, and top-k logprobs asked for."""
+    params = request.params
+    if top_logprobs is not None:
+        params = replace(params, logprobs=max(params.logprobs or 0, top_logprobs))
+    return replace(request, request_id="shadow-" + request.request_id, params=params)
 
 
 def _marked_client(cfg: RemoteConfig) -> httpx.AsyncClient:

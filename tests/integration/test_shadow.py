@@ -167,6 +167,8 @@ def test_every_sampled_request_becomes_a_scored_pair(shadowed):
         assert pair.student.text == text and pair.student.version == "s1"
         assert pair.teacher.model == "teacher" and pair.teacher.version == "t1"
         assert pair.teacher.completion_tokens == 10 and pair.teacher.text
+        assert len(pair.teacher_logprobs) == 10  # asked of the teacher though the user did not
+        assert all(len(t["top"]) == 5 for t in pair.teacher_logprobs)
         assert pair.request["messages"] == MSG
         assert 0.0 <= pair.disagreement <= 1.0
         assert pair.student.latency_ms > 0 and pair.teacher.latency_ms > 0

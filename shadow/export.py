@@ -1,0 +1,153 @@
+"""`protege dataset export`: stored pairs become chat-format training examples for distill.
+
+Each example is the user's (redacted) messages followed by the teacher's answer as the assistant
+turn, with the pair's ids, scores and the teacher's top-k logprobs beside it. Pure pieces:
+`to_example` (a pair, or None when it cannot teach: no prompt stored, empty or unfinished
+teacher answer), `content_key` (what dedupe and the split hash), `split_of` (train or
+validation by hash, so an example never moves between splits as the data grows), and
+`FeedbackFilter`. `write_examples` writes JSONL or Parquet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shadow.records import FeedbackRecord, PairRecord
+
+FORMATS = ("jsonl", "parquet")
+
+
+def messages_of(pair: PairRecord) -> list[dict[str, str]] | None:
+    """The request as chat messages (a completion prompt becomes one user message)."""
+    if pair.request.get("messages"):
+        return [{"role": m["role"], "content": m["content"]} for m in pair.request["messages"]]
+    if pair.request.get("prompt"):
+        return [{"role": "user", "content": pair.request["prompt"]}]
+    return None
+
+
+def to_example(pair: PairRecord) -> dict[str, Any] | None:
+    messages = messages_of(pair)
+    teacher = pair.teacher
+    if messages is None or not teacher.text.strip() or teacher.finish_reason is None:
+        return None
+    return {
+        "id": pair.pair_id,
+        "messages": [*messages, {"role": "assistant", "content": teacher.text}],
+        "route": pair.route,
+        "created_at": pair.created_at,
+        "student_model": pair.student.model,
+        "student_version": pair.student.version,
+        "student_answer": pair.student.text,
+        "teacher_model": teacher.model,
+        "teacher_finish_reason": teacher.finish_reason,
+        "disagreement": pair.disagreement,
+        "teacher_logprobs": pair.teacher_logprobs,
+    }
+
+
+def content_key(messages: list[dict[str, str]]) -> str:
+    """A stable hash of the prompt messages (not the answer): duplicates share it."""
+    text = json.dumps(messages, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def split_of(key: str, validation_share: float) -> str:
+    """`validation` for about `validation_share` of keys, always the same for a key."""
+    bucket = int(key[:8], 16) / 0xFFFFFFFF
+    return "validation" if bucket < validation_share else "train"
+
+
+@dataclass(frozen=True)
+class FeedbackFilter:
+    """`metric=value` keeps pairs with such feedback; `metric!=value` drops them."""
+
+    metric: str
+    value: float
+    keep: bool
+
+    @classmethod
+    def parse(cls, text: str) -> FeedbackFilter:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(!?=)\s*(\S+)\s*", text)
+        if not m:
+            raise ValueError(f"{text!r}: write METRIC=VALUE or METRIC!=VALUE, e.g. "
+                             "thumbs_up=true")
+        raw = m.group(3).lower()
+        try:
+            value = {"true": 1.0, "false": 0.0}[raw] if raw in ("true", "false") else float(raw)
+        except ValueError:
+            raise ValueError(f"{text!r}: the value must be true, false or a number") from None
+        return cls(m.group(1), value, m.group(2) == "=")
+
+    def matches(self, values: dict[str, list[float]]) -> bool:
+        hit = self.value in values.get(self.metric, ())
+        return hit if self.keep else not hit
+
+
+def select(pairs: Iterable[PairRecord], feedback: Iterable[FeedbackRecord],
+           filters: list[FeedbackFilter], validation_share: float) -> Iterator[dict[str, Any]]:
+    """Examples in pair order, deduped by prompt (first kept), each with its `split`."""
+    by_response: dict[str, dict[str, list[float]]] = {}
+    if filters:
+        for f in feedback:
+            if f.value is not None:
+                by_response.setdefault(f.response.response_id, {}).setdefault(
+                    f.metric, []).append(f.value)
+    seen: set[str] = set()
+    for pair in pairs:
+        if filters and not all(f.matches(by_response.get(pair.pair_id, {})) for f in filters):
+            continue
+        example = to_example(pair)
+        if example is None:
+            continue
+        key = content_key(example["messages"][:-1])
+        if key in seen:
+            continue
+        seen.add(key)
+        yield {**example, "split": split_of(key, validation_share)}
+
+
+def write_examples(examples: Iterable[dict[str, Any]], out_dir: Path, fmt: str) -> dict[str, int]:
+    """`<out_dir>/train.<fmt>` and `validation.<fmt>`; the number written to each."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} (allowed: {', '.join(FORMATS)})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, list[dict[str, Any]]] = {"train": [], "validation": []}
+    for e in examples:
+        splits[e["split"]].append(e)
+    for split, rows in splits.items():
+        path = out_dir / f"{split}.{fmt}"
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        if fmt == "jsonl":
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            _write_parquet(rows, tmp)
+        tmp.replace(path)  # a reader never sees half a file
+    return {split: len(rows) for split, rows in splits.items()}
+
+
+def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema([
+        ("id", pa.string()), ("messages", pa.list_(message)), ("route", pa.string()),
+        ("created_at", pa.string()), ("student_model", pa.string()),
+        ("student_version", pa.string()), ("student_answer", pa.string()),
+        ("teacher_model", pa.string()), ("teacher_finish_reason", pa.string()),
+        ("disagreement", pa.float64()), ("teacher_logprobs", pa.string()), ("split", pa.string()),
+    ])
+    columns = {name: [r[name] for r in rows] for name in schema.names}
+    columns["teacher_logprobs"] = [  # nested and ragged: kept as JSON text
+        None if v is None else json.dumps(v, ensure_ascii=False)
+        for v in columns["teacher_logprobs"]]
+    pq.write_table(pa.table(columns, schema=schema), path)

@@ -1,0 +1,171 @@
+"""`shadow report` and `dataset export`: the pure pieces, and the commands on a real store."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from ops.cli import app
+from shadow.export import FeedbackFilter, content_key, select, split_of, to_example
+from shadow.records import Answer, FeedbackRecord, ResponseRecord
+from shadow.report import percentile, summarize
+from shadow.store import SqliteStore
+from tests.unit.test_records import make_record
+
+
+def pair(i, *, route="default", version="v3", d=0.5, prompt=None, teacher_text="t", **kw):
+    content = prompt if prompt is not None else f"question {i}"
+    return make_record(
+        i, route=route, scores={"disagreement": d},
+        request={"messages": [{"role": "system", "content": "be brief"},
+                              {"role": "user", "content": content}], "params": {}},
+        student=Answer("student", version, f"s{i}", "stop", 3, 2, 10.0 + i, 100.0 + i),
+        teacher=Answer("teacher", None, teacher_text, "stop", 3, 4, 50.0, 500.0 + i), **kw)
+
+
+def feedback(response_id, metric, value, *, variant="student-a", route="default", comment=None):
+    r = ResponseRecord(response_id, route, variant, "v3", "2026-11-28T21:00:00+00:00")
+    return FeedbackRecord(f"fb-{response_id}-{metric}-{value}", r, metric, value, comment,
+                          "2026-11-28T21:00:01+00:00")
+
+
+def test_percentile_nearest_rank():
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0 and percentile(values, 90) == 90.0
+    assert percentile(values, 100) == 100.0 and percentile(values, 0) == 1.0
+
+
+def test_summary_groups_routes_and_versions_and_keeps_the_worst():
+    pairs = [pair(i, d=i / 10) for i in range(10)]
+    pairs += [pair(20, route="other", version="v4", d=0.2), make_record(21, scores={})]
+    fb = [feedback("a", "thumbs_up", 1.0), feedback("b", "thumbs_up", 0.0),
+          feedback("c", "thumbs_up", 1.0, variant="student-b"),
+          feedback("d", "note", None, comment="meh")]
+    s = summarize(pairs, fb, worst=3)
+    assert s["pairs"] == 12 and s["scored"] == 11
+    default = next(r for r in s["routes"] if r["route"] == "default" and r["student_version"]
+                   == "v3")
+    assert default["pairs"] == 11 and default["scored"] == 10  # the unscored pair counts too
+    assert default["disagreement"]["mean"] == pytest.approx(0.45)
+    assert default["disagreement"]["p90"] == pytest.approx(0.8)
+    # 100..109 and the unscored pair's 120.25: the 6th of 11
+    assert default["student_latency_ms"]["p50"] == pytest.approx(105.0)
+    assert [w["pair_id"] for w in s["worst"]] == [pairs[9].pair_id, pairs[8].pair_id,
+                                                  pairs[7].pair_id]
+    assert s["worst"][0]["prompt"] == "question 9" and s["worst"][0]["teacher"] == "t"
+    rows = {(r["variant"], r["metric"]): r for r in s["feedback"]}
+    assert rows[("student-a", "thumbs_up")]["count"] == 2
+    assert rows[("student-a", "thumbs_up")]["mean"] == 0.5
+    assert rows[("student-b", "thumbs_up")]["mean"] == 1.0
+    assert rows[("student-a", "note")]["comments"] == 1 and rows[("student-a", "note")][
+        "mean"] is None
+    assert summarize([], [], worst=0) == {"pairs": 0, "scored": 0, "routes": [], "worst": [],
+                                          "feedback": []}
+
+
+def test_example_is_the_prompt_plus_the_teacher_answer():
+    e = to_example(pair(1, teacher_text="Paris."))
+    assert e["messages"] == [{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": "question 1"},
+                             {"role": "assistant", "content": "Paris."}]
+    assert e["teacher_logprobs"][0]["token"] == "Paris" and e["disagreement"] == 0.5
+    completion = make_record(2, request={"prompt": "Once upon", "params": {}})
+    assert to_example(completion)["messages"][0] == {"role": "user", "content": "Once upon"}
+    assert to_example(pair(3, teacher_text="  ")) is None  # nothing to learn
+    assert to_example(make_record(4, request={"params": {}})) is None  # prompt not stored
+
+
+def test_split_is_stable_and_near_the_share():
+    keys = [content_key([{"role": "user", "content": f"q{i}"}]) for i in range(2000)]
+    splits = [split_of(k, 0.1) for k in keys]
+    assert 0.07 < splits.count("validation") / len(keys) < 0.13
+    assert splits == [split_of(k, 0.1) for k in keys]
+    # Growing the share only moves train examples into validation, never back.
+    wider = [split_of(k, 0.2) for k in keys]
+    assert all(w == "validation" for s, w in zip(splits, wider, strict=True)
+               if s == "validation")
+    assert {split_of(k, 0.0) for k in keys} == {"train"}
+
+
+def test_select_dedupes_by_prompt_and_filters_by_feedback():
+    pairs = [pair(0, prompt="same"), pair(1, prompt="same"), pair(2), pair(3)]
+    out = list(select(pairs, [], [], 0.5))
+    assert [e["id"] for e in out] == [pairs[0].pair_id, pairs[2].pair_id, pairs[3].pair_id]
+    fb = [feedback(pairs[2].pair_id, "thumbs_up", 1.0),
+          feedback(pairs[3].pair_id, "thumbs_up", 0.0)]
+    keep = [FeedbackFilter.parse("thumbs_up=true")]
+    assert [e["id"] for e in select(pairs, fb, keep, 0.5)] == [pairs[2].pair_id]
+    drop = [FeedbackFilter.parse("thumbs_up != false")]
+    assert [e["id"] for e in select(pairs, fb, drop, 0.5)] == [pairs[0].pair_id,
+                                                                 pairs[2].pair_id]
+    for bad in ("thumbs_up", "thumbs_up=maybe", "=1"):
+        with pytest.raises(ValueError, match="thumbs_up|METRIC|value"):
+            FeedbackFilter.parse(bad)
+
+
+@pytest.fixture
+def store_config(tmp_path):
+    config = yaml.safe_load(open("examples/fake.yaml"))
+    config["shadow"] = {"store_path": str(tmp_path / "pairs.sqlite"),
+                        "spill_dir": str(tmp_path / "spill")}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    store = SqliteStore(tmp_path / "pairs.sqlite")
+    pairs = [pair(i, d=i / 20) for i in range(20)] + [pair(30, route="other")]
+    store.write_batch(pairs)
+    for f in (feedback(pairs[1].pair_id, "thumbs_up", 1.0),
+              feedback(pairs[2].pair_id, "thumbs_up", 0.0)):
+        store.add_feedback(f)
+    return path, pairs
+
+
+def test_report_command_prints_tables_and_json(store_config):
+    path, pairs = store_config
+    runner = CliRunner()
+    result = runner.invoke(app, ["shadow", "report", "--config", str(path), "--worst", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Shadow pairs: 21 (21 scored)" in result.output and "Worst pairs" in result.output
+    assert "Feedback by arm" in result.output
+    result = runner.invoke(app, ["shadow", "report", "--config", str(path), "--json",
+                                 "--route", "default"])
+    data = json.loads(result.output)
+    assert data["pairs"] == 20 and data["worst"][0]["pair_id"] == pairs[19].pair_id
+    result = runner.invoke(app, ["shadow", "report", "--config", str(path), "--since", "soon"])
+    assert result.exit_code == 2 and "ISO 8601" in result.output
+
+
+def test_export_command_writes_both_formats(store_config, tmp_path):
+    path, pairs = store_config
+    runner = CliRunner()
+    out = tmp_path / "ds"
+    result = runner.invoke(app, ["dataset", "export", "--config", str(path), "--out", str(out),
+                                 "--route", "default", "--min-disagreement", "0.5",
+                                 "--validation-share", "0.3"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for split in ("train", "validation")
+            for line in (out / f"{split}.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(p.pair_id for p in pairs[10:20])
+    assert f"exported {sum(r['split'] == 'train' for r in rows)} train" in result.output
+    assert all(r["messages"][-1] == {"role": "assistant", "content": "t"} for r in rows)
+
+    result = runner.invoke(app, ["dataset", "export", "--config", str(path), "--out", str(out),
+                                 "--format", "parquet", "--feedback", "thumbs_up=true"])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out / "train.parquet").to_pylist() + pq.read_table(
+        out / "validation.parquet").to_pylist()
+    assert [r["id"] for r in table] == [pairs[1].pair_id]
+    assert table[0]["messages"][1] == {"role": "user", "content": "question 1"}
+    assert json.loads(table[0]["teacher_logprobs"])[0]["token"] == "Paris"
+
+    bad = runner.invoke(app, ["dataset", "export", "--config", str(path), "--out", str(out),
+                              "--feedback", "thumbs_up"])
+    assert bad.exit_code == 2 and "METRIC=VALUE" in bad.output
+    bad = runner.invoke(app, ["dataset", "export", "--config", str(path), "--out", str(out),
+                              "--format", "csv"])
+    assert bad.exit_code == 2
