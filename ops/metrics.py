@@ -61,9 +61,17 @@ class GatewayMetrics:
             "protege_requests_in_flight", "Requests being answered now.", by_route, registry=r,
         )
         self.mirrored = Counter(
-            "protege_shadow_mirrored", "Requests handed to the shadow worker, by outcome (sent, "
-            "or dropped: queue_full, failed).", ("route", "target", "outcome"), registry=r,
+            "protege_shadow_mirrored", "Requests sampled for the shadow, by outcome: sent to the "
+            "worker, or dropped (budget: the teacher is saturated; queue_full: the worker's "
+            "queue is; failed; cancelled: the gateway stopped).", ("route", "target", "outcome"),
+            registry=r,
         )
+        self.shadow_dropped = Counter(  # the ingress's share of ShadowMetrics.dropped
+            "protege_shadow_dropped", "Records lost, by kind and reason.", ("kind", "reason"),
+            registry=r,
+        )
+        for reason in ("budget", "worker_busy", "handoff_failed", "cancelled"):
+            self.shadow_dropped.labels(kind="pair", reason=reason)
         self.responses_logged = Counter(
             "protege_feedback_responses_logged", "Answered responses sent to the shadow worker "
             "so feedback can find them, by outcome (sent, failed, cancelled).", ("outcome",),
@@ -106,7 +114,8 @@ class ShadowMetrics:
     """
 
     OUTCOMES = ("stored", "spilled", "replayed")
-    DROP_REASONS = ("queue_full", "closed", "invalid", "store_error", "spill_corrupt")
+    DROP_REASONS = ("queue_full", "closed", "invalid", "store_error", "spill_corrupt",
+                    "teacher_failed", "teacher_timeout")
     KINDS = ("pair", "response")
 
     def __init__(self) -> None:

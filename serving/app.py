@@ -80,6 +80,7 @@ class ShadowPlan:
     target: str  # a variant name or "remote:<model>"
     rate: float
     sample_key: str  # "request" or "user"
+    store_prompt: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class IngressParams:
     routes: dict[str, RouteTarget]
     shadows: dict[str, ShadowPlan]  # by route; routes without a shadow are absent
     feedback: dict[str, FeedbackMetric]  # metrics clients may post; empty: no feedback
+    mirror_budget: int  # mirrors unfinished by the teacher per replica; more are dropped
     log_level: str
     json_logs: bool
     log_prompts: bool
@@ -112,6 +114,8 @@ class VariantServer:
         self._outcomes = {o: self.metrics.generations.labels(**labels, outcome=o)
                           for o in ("completed", "aborted", "rejected", "failed")}
         started = time.monotonic()
+        if config.nice:
+            lower_priority(config.nice)
         self.engine = build_engine(config.engine, lambda p: _resolve(repo_root, p))
         await self.engine.start()
         self.metrics.replica_up.labels(**labels).set(1)
@@ -426,7 +430,15 @@ class Ingress:
             call.finish(status)
 
     def hand_off(self, job: MirrorJob) -> None:
-        """Give a mirrored request to the shadow worker; never waits, never fails the user."""
+        """Give a mirrored request to the shadow worker; never waits, never fails the user.
+
+        While this replica already has `mirror_budget` mirrors the teacher has not finished,
+        the teacher is saturated: the sample is dropped (`budget`), so the effective sample
+        rate falls to what the teacher keeps up with and it never queues work behind the user.
+        """
+        if len(self._mirrors) >= self.p.mirror_budget:
+            self._count_mirror(job, "budget")
+            return
         # A fresh context: the handoff is no child of the user's request, so Ray Serve does not
         # cancel it when that request ends (a streaming client closes right after [DONE]).
         task = asyncio.get_running_loop().create_task(
@@ -447,8 +459,12 @@ class Ingress:
             outcome = "failed"
             self.log.info("shadow.handoff.failed", pair_id=job.pair_id, error=str(e)[:300])
         finally:
-            self.metrics.mirrored.labels(route=job.route, target=job.target,
-                                         outcome=outcome).inc()
+            self._count_mirror(job, outcome)
+
+    def _count_mirror(self, job: MirrorJob, outcome: str) -> None:
+        self.metrics.mirrored.labels(route=job.route, target=job.target, outcome=outcome).inc()
+        if outcome != "sent":  # the pair will never exist: one of the shadow's counted losses
+            self.metrics.shadow_dropped.labels(kind="pair", reason=_DROP_REASON[outcome]).inc()
 
     # -- feedback ---------------------------------------------------------------------------
 
@@ -607,7 +623,7 @@ class _Call:
             self.i.hand_off(MirrorJob(
                 pair_id=self.request_id, route=self.t.route, variant=self.arm.variant,
                 target=plan.target, request=request, stream=self.stream, student=student,
-                created_at=self.created_at,
+                created_at=self.created_at, store_prompt=plan.store_prompt,
             ))
 
 
@@ -631,6 +647,10 @@ def _sticky_key(user: tuple[str, str] | None, target: RouteTarget,
     return request_id, "request"
 
 
+_DROP_REASON = {"budget": "budget", "queue_full": "worker_busy", "failed": "handoff_failed",
+                "cancelled": "cancelled"}
+
+
 def _backend_error() -> OpenAIError:
     return OpenAIError(502, "The model backend failed; see the gateway log.",
                        type="server_error", code="backend_error")
@@ -645,6 +665,15 @@ def _require_method(method: str, allowed: str) -> None:
 
 def _error_response(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the niceness of every thread of this process to `nice` (threads started later
+    inherit it from their parent thread): the kernel then runs them after normal work."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that has just exited
+            os.setpriority(os.PRIO_PROCESS, int(tid), max(nice, os.getpriority(
+                os.PRIO_PROCESS, int(tid))))
 
 
 def _resolve(repo_root: str, path: str):
@@ -677,7 +706,8 @@ def build_app(settings) -> serve.Application:
         )
         variants[name] = deployment.bind(name, v, log.level, log.json_logs, str(REPO_ROOT))
     targets = {r: route.shadow for r, route in settings.routes.items() if route.shadow is not None}
-    shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key) for r, t in targets.items()}
+    shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key, t.store_prompt)
+               for r, t in targets.items()}
     shadow = None
     if targets or settings.feedback:
         from shadow.worker import ShadowWorker
@@ -711,6 +741,7 @@ def build_app(settings) -> serve.Application:
         },
         shadows=shadows,
         feedback=dict(settings.feedback),
+        mirror_budget=settings.shadow.max_in_flight or settings.shadow.max_concurrency,
         log_level=log.level,
         json_logs=log.json_logs,
         log_prompts=log.log_prompts,

@@ -91,6 +91,8 @@ class VariantConfig(Section):
     num_gpus: float = Field(0.0, ge=0, le=64)
     max_ongoing_requests: int = Field(8, ge=1, le=100_000)
     max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="-1: unbounded")
+    nice: int = Field(0, ge=0, le=19, description="CPU niceness of the replica's threads: a "
+                      "teacher sharing cores with the student yields to it (e.g. 10)")
 
 
 class ArmConfig(Section):

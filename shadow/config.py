@@ -7,7 +7,6 @@ Which routes are mirrored, to what and how often is part of each route (`serving
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -49,12 +48,16 @@ class RedactionSettings(BaseModel):
     @field_validator("patterns")
     @classmethod
     def _compile(cls, patterns: dict[str, str]) -> dict[str, str]:
-        for name, regex in patterns.items():
-            try:
-                re.compile(regex)
-            except re.error as e:
-                raise ValueError(f"pattern {name!r} is not a valid regex: {e}") from None
+        from shadow.redact import compile_patterns
+
+        compile_patterns(patterns)  # a bad regex or name fails at start, naming the pattern
         return patterns
+
+    def redactor(self):
+        """The `shadow.redact.Redactor` these settings describe; None when disabled."""
+        from shadow.redact import Redactor
+
+        return Redactor(tuple(self.builtins), dict(self.patterns)) if self.enabled else None
 
 
 class ShadowSettings(BaseModel):
@@ -71,6 +74,10 @@ class ShadowSettings(BaseModel):
     max_pending: int = Field(32, ge=1, le=100_000,
                              description="mirrors waiting for the shadow worker; more are dropped")
     max_concurrency: int = Field(2, ge=1, le=10_000, description="teacher calls at once")
+    max_in_flight: int | None = Field(
+        None, ge=1, le=100_000, description="mirrors an ingress replica lets the teacher have "
+        "unfinished; at the limit the teacher is saturated and samples are dropped (counted "
+        "`budget`); null: max_concurrency")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="a teacher call gives up after this")
     num_cpus: float = Field(0.0, ge=0, le=64, description="Ray CPUs reserved for the worker")
     teacher_top_logprobs: int | None = Field(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from serving.engines.base import Delta, GenerationRequest, TokenLogprob, merge_deltas
 from shadow.records import Answer, PairRecord
@@ -30,6 +30,7 @@ class MirrorJob:
     stream: bool  # the teacher is called the same way, so TTFT compares
     student: Answer
     created_at: str  # ISO 8601 UTC, when the user's request arrived
+    store_prompt: bool = True  # False: the pair keeps no prompt text
 
 
 def request_dict(request: GenerationRequest) -> dict:
@@ -77,9 +78,28 @@ def _logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> list[dict] | None:
 
 
 def make_record(job: MirrorJob, teacher: Answer, logprobs: list[dict] | None,
-                scores: dict[str, float | None]) -> PairRecord:
-    return PairRecord(
+                scores: dict[str, float | None], redactor=None) -> tuple[PairRecord, dict]:
+    """The pair as stored, and what `redactor` (a `shadow.redact.Redactor`) replaced by kind.
+
+    The prompt (when the route stores it) and both answers are redacted; scores were computed
+    on the original text by then. Without `store_prompt` only the parameters are kept."""
+    request = request_dict(job.request)
+    if not job.store_prompt:
+        request = {"params": request["params"]}
+    student, counts = job.student, {}
+    if redactor is not None:
+        request, counts = redactor.redact_json(request)
+        student, teacher = (_redacted(a, redactor, counts) for a in (student, teacher))
+    record = PairRecord(
         pair_id=job.pair_id, request_id=job.pair_id, route=job.route, variant=job.variant,
-        target=job.target, request=request_dict(job.request), student=job.student,
-        teacher=teacher, created_at=job.created_at, teacher_logprobs=logprobs, scores=scores,
+        target=job.target, request=request, student=student, teacher=teacher,
+        created_at=job.created_at, teacher_logprobs=logprobs, scores=scores,
     )
+    return record, counts
+
+
+def _redacted(answer: Answer, redactor, counts: dict[str, int]) -> Answer:
+    text, found = redactor.redact(answer.text)
+    for kind, n in found.items():
+        counts[kind] = counts.get(kind, 0) + n
+    return replace(answer, text=text) if found else answer

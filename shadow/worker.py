@@ -58,6 +58,7 @@ class ShadowWorker:
         self.store = open_store(settings, root)
         self.writer = PairWriter(self.store, self.metrics, root / settings.spill_dir)
         self.writer.start()
+        self.redactor = settings.redaction.redactor()
         self._recent: collections.OrderedDict[str, ResponseRecord] = collections.OrderedDict()
         self.remotes: dict[str, RemoteEngine] = {}
         self._clients: list[httpx.AsyncClient] = []
@@ -88,10 +89,12 @@ class ShadowWorker:
                     self.versions.get(job.target))
         except TimeoutError:
             self.metrics.requests.labels(**labels, outcome="timeout").inc()
+            self.metrics.dropped.labels(kind="pair", reason="teacher_timeout").inc()
             self.log.info("shadow.teacher.timed_out", pair_id=job.pair_id, **labels)
             return
         except Exception as e:  # noqa: BLE001 - a failing teacher is counted, never raised
             self.metrics.requests.labels(**labels, outcome="failed").inc()
+            self.metrics.dropped.labels(kind="pair", reason="teacher_failed").inc()
             self.log.info("shadow.teacher.failed", pair_id=job.pair_id, error=str(e)[:300],
                           **labels)
             return
@@ -106,7 +109,10 @@ class ShadowWorker:
         self.metrics.disagreement.labels(
             route=job.route, variant=job.variant, version=job.student.version or "-",
         ).observe(scores["disagreement"])
-        self.writer.offer(make_record(job, answer, logprobs, scores))
+        record, redacted = make_record(job, answer, logprobs, scores, self.redactor)
+        for kind, n in redacted.items():
+            self.metrics.redactions.labels(kind=kind).inc(n)
+        self.writer.offer(record)
 
     async def record_responses(self, rows: list[ResponseRecord]) -> None:
         """Remember answered responses (for feedback) and queue them for the store."""
@@ -122,8 +128,13 @@ class ShadowWorker:
         response = await self._find_response(post.response_id)
         if response is None:
             return {"error": "unknown_response"}
+        comment = post.comment
+        if comment is not None and self.redactor is not None:
+            comment, redacted = self.redactor.redact(comment)
+            for kind, n in redacted.items():
+                self.metrics.redactions.labels(kind=kind).inc(n)
         record = FeedbackRecord("fb-" + uuid.uuid4().hex, response, post.metric, post.value,
-                                post.comment, created_at)
+                                comment, created_at)
         try:
             await asyncio.to_thread(self.store.add_feedback, record)
         except Exception as e:  # noqa: BLE001 - the client is told and may retry

@@ -103,7 +103,8 @@ def shadowed(tmp_path_factory, bad_teacher, resetting):
     config = {
         "server": {"ingress": {"replicas": 1, "num_cpus": 0}, "request_timeout_s": 20},
         "shadow": {"store_path": str(tmp / "pairs.sqlite"), "spill_dir": str(tmp / "spill"),
-                   "timeout_s": 2, "semantic_model": None, "max_pending": 200},
+                   "timeout_s": 2, "semantic_model": None, "max_pending": 200,
+                   "max_in_flight": 1000},
         "variants": {
             "student": {"engine": {"engine": "fake", "completion_tokens": 8}, "num_cpus": 0,
                         "version": "s1"},
@@ -119,6 +120,8 @@ def shadowed(tmp_path_factory, bad_teacher, resetting):
             "all": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 1}},
             "half": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 0.5}},
             "plain": {"variant": "student"},
+            "private": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 1,
+                                                         "store_prompt": False}},
             "ab": {"variant": "student", "sticky_key": "request", "arms": [
                 {"variant": "student", "weight": 1}, {"variant": "student-b", "weight": 1}]},
             "hang": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
@@ -298,3 +301,22 @@ def test_feedback_errors_name_the_problem(shadowed):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     rejected = [f for f in shadowed.store.iter_feedback() if f.response.response_id == rid]
     assert rejected == []  # nothing from a refused post was stored
+
+
+def test_personal_data_never_reaches_the_store(shadowed):
+    client = shadowed.client()
+    secret = [{"role": "user", "content": "I am ann@example.com, IBAN DE89 3704 0044 0532 0130 "
+                                          "00, call me on +49 30 1234567."}]
+    shared = client.chat.completions.create(model="all", messages=secret).id
+    private = client.chat.completions.create(model="private", messages=secret).id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (shadowed.store.get(shared)
+                                               and shadowed.store.get(private)):
+        time.sleep(0.3)
+    kept = shadowed.store.get(shared)
+    assert kept.request["messages"][0]["content"] == "I am [EMAIL], IBAN [IBAN], call me on [PHONE]."
+    bare = shadowed.store.get(private)
+    assert "messages" not in bare.request and bare.teacher.text  # answers only
+    for pair in (kept, bare):
+        assert "ann@example.com" not in pair.to_json() and "1234567" not in pair.to_json()
+    wait_for_metric(shadowed, "protege_shadow_redactions_total", 1, kind="iban")

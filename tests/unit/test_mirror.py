@@ -57,9 +57,44 @@ def test_make_record_round_trips():
     teacher = Answer("teacher", "t1", "b", "stop", 3, 1, 3.0, 4.0)
     job = MirrorJob("chatcmpl-1", "route", "student", "teacher", REQUEST, True, student,
                     "2026-11-28T21:00:00+00:00")
-    record = make_record(job, teacher, None, {"disagreement": 0.5})
+    record, redacted = make_record(job, teacher, None, {"disagreement": 0.5})
     assert record.pair_id == "chatcmpl-1" and record.disagreement == 0.5
-    assert PairRecord.from_json(record.to_json()) == record
+    assert PairRecord.from_json(record.to_json()) == record and redacted == {}
+
+
+def test_make_record_redacts_prompt_and_answers_and_can_drop_the_prompt():
+    from dataclasses import replace
+
+    from shadow.config import RedactionSettings
+
+    redactor = RedactionSettings(patterns={"ticket": r"TCK-[0-9]+"}).redactor()
+    request = GenerationRequest("r1", SamplingParams(16), messages=(
+        Message("system", "be brief"),
+        Message("user", "I am ann@example.com, card 4111 1111 1111 1111, ticket TCK-991")))
+    student = Answer("student", "s1", "Mail ann@example.com", "stop", 3, 1, 1.0, 2.0)
+    teacher = Answer("teacher", "t1", "Call +44 20 7946 0958 from 10.0.0.7", "stop", 3, 1,
+                     3.0, 4.0)
+    job = MirrorJob("chatcmpl-1", "route", "student", "teacher", request, True, student,
+                    "2026-11-28T21:00:00+00:00")
+    record, redacted = make_record(job, teacher, None, {}, redactor)
+    assert record.request["messages"][1]["content"] == (
+        "I am [EMAIL], card [CARD], ticket [TICKET]")
+    assert record.request["messages"][0]["content"] == "be brief"
+    assert record.student.text == "Mail [EMAIL]"
+    assert record.teacher.text == "Call [PHONE] from [IP]"
+    assert redacted == {"email": 2, "card": 1, "ticket": 1, "phone": 1, "ip": 1}
+    assert "ann@example.com" not in record.to_json()
+
+    bare, _ = make_record(replace(job, store_prompt=False), teacher, None, {}, redactor)
+    assert set(bare.request) == {"params"} and "ann" not in bare.to_json()
+    assert RedactionSettings(enabled=False).redactor() is None
+
+
+def test_redaction_config_errors_name_the_pattern():
+    with pytest.raises(ConfigError, match=r"shadow\.redaction\.patterns.*'id'.*bad regex"):
+        load_settings(None, variants={"v": {"engine": {"engine": "fake"}}},
+                      routes={"r": {"variant": "v"}},
+                      shadow={"redaction": {"patterns": {"id": "(E"}}})
 
 
 @pytest.mark.parametrize(

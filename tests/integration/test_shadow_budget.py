@@ -1,0 +1,57 @@
+"""A saturated teacher: samples beyond the budget are dropped and counted, the user unharmed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shadow.store import SqliteStore
+from tests.integration.conftest import Gateway, scrape, wait_for_metric
+
+pytestmark = pytest.mark.integration
+
+MSG = [{"role": "user", "content": "Explain tides."}]
+
+
+@pytest.fixture(scope="module")
+def budgeted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("budget")
+    config = {
+        "server": {"ingress": {"replicas": 1, "num_cpus": 0}},
+        "shadow": {"store_path": str(tmp / "pairs.sqlite"), "spill_dir": str(tmp / "spill"),
+                   "semantic_model": None, "max_concurrency": 1, "max_in_flight": 1},
+        "variants": {
+            "student": {"engine": {"engine": "fake", "completion_tokens": 8}, "num_cpus": 0},
+            # Each teacher answer takes 1.5 s: a teacher far slower than the traffic.
+            "teacher": {"engine": {"engine": "fake", "completion_tokens": 4, "ttft_s": 1.5},
+                        "num_cpus": 0, "nice": 10},
+        },
+        "routes": {"all": {"variant": "student",
+                           "shadow": {"variant": "teacher", "sample_rate": 1}}},
+    }
+    gw = Gateway(config, tmp)
+    gw.store = SqliteStore(tmp / "pairs.sqlite")
+    yield gw
+    gw.stop()
+
+
+def test_a_saturated_teacher_lowers_the_effective_rate(budgeted):
+    client = budgeted.client()
+    ids = [client.chat.completions.create(model="all", messages=MSG).id for _ in range(20)]
+    assert len(set(ids)) == 20  # every user request answered
+    deadline = time.monotonic() + 30
+    sent = budget = 0.0
+    while time.monotonic() < deadline:
+        sent = scrape(budgeted, "protege_shadow_mirrored_total", outcome="sent")
+        budget = scrape(budgeted, "protege_shadow_mirrored_total", outcome="budget")
+        if sent + budget == 20:
+            break
+        time.sleep(0.5)
+    assert sent + budget == 20, (sent, budget)
+    # One mirror at a time, each 1.5 s, while 20 requests took far less: most were not sent.
+    assert sent >= 1 and budget >= 10, (sent, budget)
+    wait_for_metric(budgeted, "protege_shadow_dropped_total", budget, reason="budget")
+    wait_for_metric(budgeted, "protege_shadow_records_total", sent, kind="pair", outcome="stored",
+                    timeout_s=30)
+    assert budgeted.store.count() == sent
