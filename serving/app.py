@@ -44,6 +44,7 @@ from serving.errors import OpenAIError, clip
 from serving.router import choose_arm, sample
 from shadow.config import FeedbackMetric
 from shadow.feedback import parse_feedback
+from shadow.ledger import Ledger
 from shadow.mirror import MirrorJob
 from shadow.records import Answer, ResponseRecord
 
@@ -91,6 +92,8 @@ class IngressParams:
     shadows: dict[str, ShadowPlan]  # by route; routes without a shadow are absent
     feedback: dict[str, FeedbackMetric]  # metrics clients may post; empty: no feedback
     mirror_budget: int  # mirrors unfinished by the teacher per replica; more are dropped
+    ledger_dir: str  # where sampled and dropped pairs are noted (`shadow.ledger`)
+    run: str  # this gateway run's id
     log_level: str
     json_logs: bool
     log_prompts: bool
@@ -226,6 +229,8 @@ class Ingress:
         self.reporter.start()
         self._keys = tuple(k.encode() for k in params.api_keys)
         self._unknown_logged: set[str] = set()
+        self.ledger = (Ledger(params.ledger_dir, params.run, f"ingress-{os.getpid()}-"
+                              f"{uuid.uuid4().hex[:6]}") if params.shadows else None)
         self._responses: list[ResponseRecord] = []  # answered, not yet sent to the worker
         self._flusher = None
         if params.feedback and shadow is not None:
@@ -436,6 +441,7 @@ class Ingress:
         the teacher is saturated: the sample is dropped (`budget`), so the effective sample
         rate falls to what the teacher keeps up with and it never queues work behind the user.
         """
+        self.ledger.sampled(job.pair_id)
         if len(self._mirrors) >= self.p.mirror_budget:
             self._count_mirror(job, "budget")
             return
@@ -465,6 +471,7 @@ class Ingress:
         self.metrics.mirrored.labels(route=job.route, target=job.target, outcome=outcome).inc()
         if outcome != "sent":  # the pair will never exist: one of the shadow's counted losses
             self.metrics.shadow_dropped.labels(kind="pair", reason=_DROP_REASON[outcome]).inc()
+            self.ledger.dropped(job.pair_id, _DROP_REASON[outcome])
 
     # -- feedback ---------------------------------------------------------------------------
 
@@ -530,6 +537,8 @@ class Ingress:
                 await self._flusher
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._flush_responses(), 5)
+        if self.ledger is not None:
+            self.ledger.close()
         await self.reporter.stop()
 
 
@@ -692,6 +701,7 @@ def build_app(settings) -> serve.Application:
 
     log = settings.logging
     drain_s = settings.server.drain_timeout_s
+    run = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"  # names this run's ledger files
     variants = {}
     for name, v in settings.variants.items():
         deployment = serve.deployment(VariantServer).options(
@@ -725,7 +735,7 @@ def build_app(settings) -> serve.Application:
             {t.variant: variants[t.variant] for t in targets.values() if t.variant is not None},
             {t.variant: settings.variants[t.variant].version for t in targets.values()
              if t.variant is not None},
-            str(REPO_ROOT), log.level, log.json_logs,
+            str(REPO_ROOT), log.level, log.json_logs, run,
         )
     ing = settings.server.ingress
     params = IngressParams(
@@ -742,6 +752,8 @@ def build_app(settings) -> serve.Application:
         shadows=shadows,
         feedback=dict(settings.feedback),
         mirror_budget=settings.shadow.max_in_flight or settings.shadow.max_concurrency,
+        ledger_dir=str(settings.resolve_path(settings.shadow.spill_dir) / "ledger"),
+        run=run,
         log_level=log.level,
         json_logs=log.json_logs,
         log_prompts=log.log_prompts,

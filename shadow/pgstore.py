@@ -180,6 +180,12 @@ class PostgresStore:
             cur.execute(sql, params)
             yield from cur
 
+    def existing(self, pair_ids: Sequence[str]) -> set[str]:
+        with self._connect() as conn:
+            rows = conn.execute("SELECT pair_id FROM pairs WHERE pair_id = ANY(%s)",
+                                (list(pair_ids),)).fetchall()
+        return {r[0] for r in rows}
+
     def get_response(self, response_id: str) -> ResponseRecord | None:
         with self._connect() as conn:
             row = conn.execute(

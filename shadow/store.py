@@ -29,7 +29,7 @@ import fcntl
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -67,6 +67,9 @@ class PairStore(Protocol):
         min_disagreement: float | None = None, limit: int | None = None,
     ) -> Iterator[PairRecord]:
         """Pairs oldest first (`created_at`, then `pair_id`); `since` inclusive, `until` not."""
+
+    def existing(self, pair_ids: Sequence[str]) -> set[str]:
+        """Which of `pair_ids` are stored."""
 
     def get_response(self, response_id: str) -> ResponseRecord | None: ...
 
@@ -258,6 +261,16 @@ class SqliteStore:
                 for (text,) in rows:
                     yield PairRecord.from_json(text)
 
+    def existing(self, pair_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with contextlib.closing(self._connect()) as conn:
+            for i in range(0, len(pair_ids), 500):
+                chunk = list(pair_ids[i:i + 500])
+                marks = ", ".join("?" * len(chunk))
+                found.update(r[0] for r in conn.execute(
+                    f"SELECT pair_id FROM pairs WHERE pair_id IN ({marks})", chunk))
+        return found
+
     def get_response(self, response_id: str) -> ResponseRecord | None:
         with contextlib.closing(self._connect()) as conn:
             row = conn.execute(
@@ -322,6 +335,7 @@ class PairWriter:
         maxsize: int = 10_000,
         batch_size: int = 256,
         flush_interval_s: float = 1.0,
+        on_drop: Callable[[Record, str], None] | None = None,
     ):
         if maxsize < 1 or batch_size < 1 or flush_interval_s <= 0:
             raise ValueError(f"PairWriter needs maxsize >= 1, batch_size >= 1 and "
@@ -339,18 +353,24 @@ class PairWriter:
         self._lock_fd: int | None = None
         self._task: asyncio.Task | None = None
         self._closed = False
+        self._on_drop = on_drop  # told of each dropped record and the reason (the ledger)
+
+    @property
+    def spill_pending(self) -> bool:
+        """True while spilled records wait to be replayed into the store."""
+        return self._spill_pending
 
     # --- the request side -----------------------------------------------------------------------
 
     def offer(self, record: Record) -> bool:
         """Queue a record for writing; False (and counted as dropped) when it cannot be."""
         if self._closed:
-            self.metrics.dropped.labels(kind=_kind(record), reason="closed").inc()
+            self._count("dropped", "closed", [record])
             return False
         try:
             self._queue.put_nowait(record)
         except asyncio.QueueFull:
-            self.metrics.dropped.labels(kind=_kind(record), reason="queue_full").inc()
+            self._count("dropped", "queue_full", [record])
             return False
         self.metrics.queue_depth.set(self._queue.qsize())
         return True
@@ -451,6 +471,9 @@ class PairWriter:
         key = "outcome" if metric == "records" else "reason"
         for kind, n in kinds.items():
             getattr(self.metrics, metric).labels(kind=kind, **{key: label}).inc(n)
+        if metric == "dropped" and self._on_drop is not None:
+            for item in items:
+                self._on_drop(item, label)
 
     def _spill_sync(self, batch: list[Record]) -> None:
         lines, kept = [], []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -36,7 +37,8 @@ from serving.engines.remote import RemoteEngine
 from shadow.config import ShadowSettings
 from shadow.feedback import FeedbackPost
 from shadow.mirror import MARKER_HEADER, MirrorJob, make_record, timed_answer
-from shadow.records import FeedbackRecord, ResponseRecord
+from shadow.ledger import Ledger, earlier_runs, read_ledgers, reconcile
+from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
 from shadow.scoring import score_pair
 from shadow.store import PairWriter, open_store
 
@@ -47,17 +49,22 @@ LATE_RESPONSE_S = 2.0  # how long feedback waits for a response another ingress 
 class ShadowWorker:
     async def __init__(self, settings: ShadowSettings, remotes: dict[str, RemoteConfig],
                    teachers: dict, versions: dict[str, str], repo_root: str,
-                   log_level: str, json_logs: bool):
+                   log_level: str, json_logs: bool, run: str):
         """`remotes`: remote teachers by route; `teachers`: local variants' handles by name,
-        with their `versions`."""
+        with their `versions`; `run`: this gateway run's id (its ledger files)."""
         configure_logging(log_level, json_logs)
         self.log = get_logger("shadow.worker")
         self.settings, self.teachers, self.versions = settings, teachers, versions
         root = Path(repo_root)
         self.metrics = ShadowMetrics()
         self.store = open_store(settings, root)
-        self.writer = PairWriter(self.store, self.metrics, root / settings.spill_dir)
+        self.ledger_dir = root / settings.spill_dir / "ledger"
+        self.run = run
+        self.ledger = Ledger(self.ledger_dir, run, f"worker-{os.getpid()}")
+        self.writer = PairWriter(self.store, self.metrics, root / settings.spill_dir,
+                                 on_drop=self._ledger_drop)
         self.writer.start()
+        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_earlier_runs())
         self.redactor = settings.redaction.redactor()
         self._recent: collections.OrderedDict[str, ResponseRecord] = collections.OrderedDict()
         self.remotes: dict[str, RemoteEngine] = {}
@@ -82,6 +89,8 @@ class ShadowWorker:
     async def mirror(self, job: MirrorJob) -> None:
         labels = {"route": job.route, "target": job.target}
         request = teacher_request(job.request, self.settings.teacher_top_logprobs)
+        in_flight = self.metrics.in_flight.labels(**labels)
+        in_flight.inc()
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 answer, logprobs = await timed_answer(
@@ -90,14 +99,18 @@ class ShadowWorker:
         except TimeoutError:
             self.metrics.requests.labels(**labels, outcome="timeout").inc()
             self.metrics.dropped.labels(kind="pair", reason="teacher_timeout").inc()
+            self.ledger.dropped(job.pair_id, "teacher_timeout")
             self.log.info("shadow.teacher.timed_out", pair_id=job.pair_id, **labels)
             return
         except Exception as e:  # noqa: BLE001 - a failing teacher is counted, never raised
             self.metrics.requests.labels(**labels, outcome="failed").inc()
             self.metrics.dropped.labels(kind="pair", reason="teacher_failed").inc()
+            self.ledger.dropped(job.pair_id, "teacher_failed")
             self.log.info("shadow.teacher.failed", pair_id=job.pair_id, error=str(e)[:300],
                           **labels)
             return
+        finally:
+            in_flight.dec()
         self.metrics.requests.labels(**labels, outcome="completed").inc()
         self.metrics.teacher_latency.labels(**labels).observe(answer.latency_ms / 1000)
         if answer.ttft_ms is not None:
@@ -113,6 +126,40 @@ class ShadowWorker:
         for kind, n in redacted.items():
             self.metrics.redactions.labels(kind=kind).inc(n)
         self.writer.offer(record)
+
+    def _ledger_drop(self, record, reason: str) -> None:
+        if isinstance(record, PairRecord):
+            self.ledger.dropped(record.pair_id, reason)
+
+    async def _reconcile_earlier_runs(self) -> None:
+        """Account for the pairs of earlier runs (see `shadow.ledger`), once their spilled
+        records are back in the store: the ones a crash took are counted as `crash`. The
+        ledger files are then archived under `reconciled/<this run>/` with a JSON summary."""
+        while self.writer.spill_pending:
+            await asyncio.sleep(1.0)
+        files = earlier_runs(self.ledger_dir, self.run)
+        if not files:
+            return
+        try:
+            sampled, dropped = await asyncio.to_thread(read_ledgers, files)
+            result = await asyncio.to_thread(reconcile, sampled, dropped, self.store.existing)
+        except Exception as e:  # noqa: BLE001 - the files stay for the next start
+            self.log.warning("shadow.ledger.reconcile_failed", error=repr(e)[:300])
+            return
+        crashed = result.dropped.get("crash", 0)
+        self.metrics.dropped.labels(kind="pair", reason="crash").inc(crashed)
+        for pair_id in result.crashed:  # the current ledger keeps the account of the loss
+            self.ledger.dropped(pair_id, "crash")
+        # The accounted files move to reconciled/<run>/ (for audits), beside the summary.
+        archive = self.ledger_dir / "reconciled" / self.run
+        archive.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            f.replace(archive / f.name)
+        (archive.parent / f"{self.run}.json").write_text(json.dumps({
+            "runs": [f.name for f in files], "sampled": result.sampled, "stored": result.stored,
+            "dropped": result.dropped, "balanced": result.balanced}))
+        self.log.info("shadow.ledger.reconciled", sampled=result.sampled, stored=result.stored,
+                      dropped=result.dropped, files=len(files))
 
     async def record_responses(self, rows: list[ResponseRecord]) -> None:
         """Remember answered responses (for feedback) and queue them for the store."""
@@ -184,7 +231,9 @@ class ShadowWorker:
             yield delta
 
     async def __del__(self) -> None:
+        self._reconciler.cancel()
         await self.writer.close()
+        self.ledger.close()
         for client in self._clients:
             with contextlib.suppress(Exception):
                 await client.aclose()

@@ -1,4 +1,5 @@
-"""The packaged SmolLM2 student through llama.cpp behind the gateway, with examples/default.yaml."""
+"""The packaged SmolLM2 student through llama.cpp behind the gateway, with examples/default.yaml:
+answers, the teacher route, and mirroring to the packaged teacher down to `shadow report`."""
 
 from __future__ import annotations
 
@@ -16,8 +17,14 @@ STUDENT = REPO / "models" / "student" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 def gateway(tmp_path_factory):
     if not STUDENT.exists():
         pytest.fail(f"{STUDENT} is missing: run `make models` (make test does it)")
+    tmp = tmp_path_factory.mktemp("e2e")
     config = yaml.safe_load((REPO / "examples" / "default.yaml").read_text())
-    gw = Gateway(config, tmp_path_factory.mktemp("e2e"), startup_s=300)
+    config["shadow"].update(store_path=str(tmp / "pairs.sqlite"), spill_dir=str(tmp / "spill"),
+                            max_in_flight=8)  # earlier tests' mirrors must not use the budget
+    config["routes"]["student"]["shadow"]["sample_rate"] = 1.0  # every chat: no luck involved
+    gw = Gateway(config, tmp, startup_s=300)
+    gw.config = config
+    gw.tmp = tmp
     yield gw
     gw.stop()
 
@@ -40,3 +47,37 @@ def test_teacher_route_serves_too(gateway):
         model="teacher", messages=[{"role": "user", "content": "Write the word hello."}],
         temperature=0, max_tokens=16)
     assert r.choices[0].message.content.strip()
+
+
+def test_chats_are_mirrored_to_the_packaged_teacher_and_reported(gateway):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from shadow.store import SqliteStore
+
+    client = gateway.client()
+    r = client.chat.completions.create(
+        model="student", messages=[{"role": "user", "content": "Name a primary colour."}],
+        temperature=0, max_tokens=24)
+    store = SqliteStore(gateway.tmp / "pairs.sqlite")
+    deadline = time.monotonic() + 180  # the teacher answers on one niced thread
+    while time.monotonic() < deadline and not (store.path.exists() and store.get(r.id)):
+        time.sleep(1)
+    pair = store.get(r.id)
+    assert pair is not None, gateway.logs()[-3000:]
+    assert pair.student.text == r.choices[0].message.content
+    assert pair.teacher.model == "qwen-coder-0.5b" and pair.teacher.text.strip()
+    assert pair.scores["semantic"] is not None  # the packaged MiniLM scored it
+    assert 0.0 <= pair.disagreement <= 1.0
+    assert pair.teacher_logprobs and len(pair.teacher_logprobs[0]["top"]) == 5
+
+    config = gateway.tmp / "report.yaml"
+    config.write_text(yaml.safe_dump(gateway.config))
+    out = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "shadow", "report", "--config", str(config), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(out.stdout)
+    assert report["pairs"] >= 1 and report["routes"][0]["route"] == "student"
+    assert report["worst"][0]["teacher"]
