@@ -126,8 +126,7 @@ def write_examples(examples: Iterable[dict[str, Any]], out_dir: Path, fmt: str) 
         tmp = path.with_suffix(path.suffix + ".tmp")
         if fmt == "jsonl":
             with open(tmp, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
         else:
             _write_parquet(rows, tmp)
         tmp.replace(path)  # a reader never sees half a file

@@ -36,8 +36,8 @@ from serving.engines.base import Delta, GenerationRequest
 from serving.engines.remote import RemoteEngine
 from shadow.config import ShadowSettings
 from shadow.feedback import FeedbackPost
-from shadow.mirror import MARKER_HEADER, MirrorJob, make_record, timed_answer
 from shadow.ledger import Ledger, earlier_runs, read_ledgers, reconcile
+from shadow.mirror import MARKER_HEADER, MirrorJob, make_record, timed_answer
 from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
 from shadow.scoring import score_pair
 from shadow.store import PairWriter, open_store

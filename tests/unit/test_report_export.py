@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -111,7 +112,7 @@ def test_select_dedupes_by_prompt_and_filters_by_feedback():
 
 @pytest.fixture
 def store_config(tmp_path):
-    config = yaml.safe_load(open("examples/fake.yaml"))
+    config = yaml.safe_load(Path("examples/fake.yaml").read_text())
     config["shadow"] = {"store_path": str(tmp_path / "pairs.sqlite"),
                         "spill_dir": str(tmp_path / "spill")}
     path = tmp_path / "config.yaml"
