@@ -82,6 +82,7 @@ class ShadowPlan:
     rate: float
     sample_key: str  # "request" or "user"
     store_prompt: bool = True
+    labels: tuple[str, ...] = ()  # the route's label set (classification routes)
 
 
 @dataclass(frozen=True)
@@ -632,7 +633,7 @@ class _Call:
             self.i.hand_off(MirrorJob(
                 pair_id=self.request_id, route=self.t.route, variant=self.arm.variant,
                 target=plan.target, request=request, stream=self.stream, student=student,
-                created_at=self.created_at, store_prompt=plan.store_prompt,
+                created_at=self.created_at, store_prompt=plan.store_prompt, labels=plan.labels,
             ))
 
 
@@ -716,7 +717,8 @@ def build_app(settings) -> serve.Application:
         )
         variants[name] = deployment.bind(name, v, log.level, log.json_logs, str(REPO_ROOT))
     targets = {r: route.shadow for r, route in settings.routes.items() if route.shadow is not None}
-    shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key, t.store_prompt)
+    shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key, t.store_prompt,
+                             tuple(settings.routes[r].labels or ()))
                for r, t in targets.items()}
     shadow = None
     if targets or settings.feedback:

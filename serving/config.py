@@ -145,6 +145,9 @@ class RouteConfig(Section):
         " request's `user` field, else its id (so one user stays in one arm); `request`: its id",
     )
     shadow: ShadowTarget | None = Field(None, description="mirror to a teacher (optional)")
+    labels: list[str] | None = Field(
+        None, min_length=2, description="a classification route's label set: shadow pairs "
+        "are scored on whether both answers name the same label")
     description: str = ""
 
     @field_validator("arms")

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shadow.scoring import ScoreWeights
+
 FEEDBACK_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 
 
@@ -68,6 +70,8 @@ class ShadowSettings(BaseModel):
     postgres_dsn_env: str = Field(
         "PROTEGE_POSTGRES_DSN", description="the environment variable holding the DSN")
     redaction: RedactionSettings = RedactionSettings()
+    weights: ScoreWeights = Field(
+        ScoreWeights(), description="weight of each score in the combined disagreement")
 
     store_path: str = Field("data/pairs.sqlite", description="SQLite file of the pairs")
     spill_dir: str = Field("data/spill", description="append-only files while the store is down")

@@ -31,6 +31,7 @@ class MirrorJob:
     student: Answer
     created_at: str  # ISO 8601 UTC, when the user's request arrived
     store_prompt: bool = True  # False: the pair keeps no prompt text
+    labels: tuple[str, ...] = ()  # a classification route's label set
 
 
 def request_dict(request: GenerationRequest) -> dict:

@@ -117,7 +117,8 @@ class ShadowWorker:
             self.metrics.teacher_ttft.labels(**labels).observe(answer.ttft_ms / 1000)
         started = time.monotonic()
         scores = await asyncio.to_thread(
-            score_pair, job.student.text, answer.text, embed=self.embed)
+            score_pair, job.student.text, answer.text, labels=job.labels,
+            weights=self.settings.weights, embed=self.embed)
         self.metrics.scorer_latency.observe(time.monotonic() - started)
         self.metrics.disagreement.labels(
             route=job.route, variant=job.variant, version=job.student.version or "-",

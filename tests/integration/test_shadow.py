@@ -14,6 +14,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from serving.engines.fake import WORDS
 from shadow.store import SqliteStore
 from tests.integration.conftest import Gateway, free_port, scrape, wait_for_metric
 
@@ -120,6 +121,9 @@ def shadowed(tmp_path_factory, bad_teacher, resetting):
             "all": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 1}},
             "half": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 0.5}},
             "plain": {"variant": "student"},
+            # Every fake word is a label: both answers name the first word they say.
+            "classify": {"variant": "student", "labels": list(WORDS),
+                         "shadow": {"variant": "teacher", "sample_rate": 1}},
             "private": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 1,
                                                          "store_prompt": False}},
             "ab": {"variant": "student", "sticky_key": "request", "arms": [
@@ -320,3 +324,16 @@ def test_personal_data_never_reaches_the_store(shadowed):
     for pair in (kept, bare):
         assert "ann@example.com" not in pair.to_json() and "1234567" not in pair.to_json()
     wait_for_metric(shadowed, "protege_shadow_redactions_total", 1, kind="iban")
+
+
+def test_classification_routes_score_label_agreement(shadowed):
+    client = shadowed.client()
+    labelled = client.chat.completions.create(model="classify", messages=MSG, temperature=0).id
+    plain = client.chat.completions.create(model="all", messages=MSG, temperature=0).id
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (shadowed.store.get(labelled)
+                                               and shadowed.store.get(plain)):
+        time.sleep(0.3)
+    # Greedy fake answers share their first words, so the first label agrees.
+    assert shadowed.store.get(labelled).scores["label_agreement"] == 1.0
+    assert shadowed.store.get(plain).scores["label_agreement"] is None

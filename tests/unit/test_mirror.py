@@ -110,3 +110,18 @@ def test_shadow_target_config_errors(shadow, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_settings(None, variants={"v": {"engine": {"engine": "fake"}}},
                       routes={"r": {"variant": "v", "shadow": shadow}})
+
+
+def test_score_weights_and_labels_come_from_config():
+    s = load_settings(None, variants={"v": {"engine": {"engine": "fake"}}},
+                      routes={"r": {"variant": "v", "labels": ["spam", "ham"]}},
+                      shadow={"weights": {"semantic": 0, "label_agreement": 9}})
+    assert s.shadow.weights.semantic == 0 and s.shadow.weights.label_agreement == 9
+    assert s.routes["r"].labels == ["spam", "ham"]
+    zeros = dict.fromkeys(s.shadow.weights.model_dump(), 0)
+    with pytest.raises(ConfigError, match="at least one score weight must be positive"):
+        load_settings(None, variants={"v": {"engine": {"engine": "fake"}}},
+                      routes={"r": {"variant": "v"}}, shadow={"weights": zeros})
+    with pytest.raises(ConfigError, match=r"routes\.r\.labels"):
+        load_settings(None, variants={"v": {"engine": {"engine": "fake"}}},
+                      routes={"r": {"variant": "v", "labels": ["only-one"]}})
