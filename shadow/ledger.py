@@ -1,15 +1,17 @@
 """The mirror ledger: what was sampled and what was lost, so a crash loses nothing silently.
 
-Each process that samples or drops pairs appends lines `<pair_id>\\t<event>` to its own file
-`<dir>/<run>.<process>.ledger`: `sampled` when a request is picked for the shadow, `dropped
-<reason>` when its pair will never exist. Lines go out with one `os.write` on an `O_APPEND`
-descriptor: they are in the kernel's page cache at once, so they survive a `kill -9` of the
-gateway (not a power cut: no fsync per line, to keep the request path free).
+Each process that samples or drops pairs appends lines `<pair_id>\t<event>` to its own files
+`<dir>/<run>.<process>.<seq>.ledger`: `sampled` when a request is picked for the shadow,
+`dropped <reason>` when its pair will never exist. Lines go out with one `os.write` on an
+`O_APPEND` descriptor: they are in the kernel's page cache at once, so they survive a `kill -9`
+of the gateway (not a power cut: no fsync per line, to keep the request path free). A file is
+closed after `max_lines` lines and the next `seq` begins, so no file grows without end.
 
-After a restart, `reconcile` reads the ledgers of earlier runs and the store: every sampled
-pair is stored, or dropped with a reason, or (sampled and then neither: the crash took it)
-counted as `crash`. The shadow worker runs it at start and removes the files it has accounted
-for. `reconcile` is pure; `Ledger` and `read_ledgers` are the file I/O.
+`reconcile` accounts for the pairs of finished files (`finished`: every file of an earlier run,
+and closed files of this run old enough that their mirrors are over): every sampled pair is
+stored, or dropped with a reason, or (sampled and then neither: a crash took it) counted as
+`crash`. The shadow worker runs it at start and then periodically, and deletes the files it has
+accounted for. `reconcile` is pure; the rest is file I/O.
 """
 
 from __future__ import annotations
@@ -24,11 +26,17 @@ SUFFIX = ".ledger"
 
 
 class Ledger:
-    """An append-only ledger file of one process (one line per event, one write per line)."""
+    """The append-only ledger files of one process (one line per event, one write per line)."""
 
-    def __init__(self, directory: str | os.PathLike[str], run: str, process: str):
-        self.path = Path(directory) / f"{run}.{process}{SUFFIX}"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, directory: str | os.PathLike[str], run: str, process: str, *,
+                 max_lines: int = 100_000):
+        self.directory, self.prefix, self.max_lines = Path(directory), f"{run}.{process}", max_lines
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._seq, self._lines, self._fd = 0, 0, None
+        self._open()
+
+    def _open(self) -> None:
+        self.path = self.directory / f"{self.prefix}.{self._seq:06d}{SUFFIX}"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def sampled(self, pair_id: str) -> None:
@@ -38,8 +46,14 @@ class Ledger:
         self._write(f"{pair_id}\tdropped {reason}\n")
 
     def _write(self, line: str) -> None:
-        if self._fd is not None:
-            os.write(self._fd, line.encode())
+        if self._fd is None:
+            return
+        os.write(self._fd, line.encode())
+        self._lines += 1
+        if self._lines >= self.max_lines:  # the next file; this one is finished
+            os.close(self._fd)
+            self._seq, self._lines = self._seq + 1, 0
+            self._open()
 
     def close(self) -> None:
         if self._fd is not None:
@@ -47,12 +61,38 @@ class Ledger:
             self._fd = None
 
 
-def earlier_runs(directory: str | os.PathLike[str], run: str) -> list[Path]:
-    """The ledger files in `directory` written by runs other than `run`."""
+def _parts(path: Path) -> tuple[str, str]:
+    """`(run.process, seq)` of a ledger file name."""
+    prefix, _, seq = path.name.removesuffix(SUFFIX).rpartition(".")
+    return prefix, seq
+
+
+def finished(directory: str | os.PathLike[str], run: str, *, now: float,
+             min_age_s: float) -> list[Path]:
+    """The ledger files whose events are all written: every file of a run other than `run`,
+    and this run's closed files (a later `seq` of the same process exists) not modified for
+    `min_age_s` seconds (so the mirrors they sampled have finished)."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    return sorted(p for p in d.glob(f"*{SUFFIX}") if not p.name.startswith(f"{run}."))
+    files = sorted(d.glob(f"*{SUFFIX}"))
+    latest: dict[str, str] = {}
+    for p in files:
+        prefix, seq = _parts(p)
+        latest[prefix] = max(latest.get(prefix, ""), seq)
+    out = []
+    for p in files:
+        prefix, seq = _parts(p)
+        earlier = not p.name.startswith(f"{run}.")
+        if earlier or (seq < latest[prefix] and now - p.stat().st_mtime >= min_age_s):
+            out.append(p)
+    return out
+
+
+def current_run(directory: str | os.PathLike[str], run: str) -> list[Path]:
+    """This run's ledger files (their drop notes may be about pairs of finished files)."""
+    d = Path(directory)
+    return sorted(d.glob(f"{run}.*{SUFFIX}")) if d.is_dir() else []
 
 
 def read_ledgers(paths: Iterable[Path]) -> tuple[list[str], list[tuple[str, str]]]:

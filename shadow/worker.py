@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -36,13 +37,14 @@ from serving.engines.base import Delta, GenerationRequest
 from serving.engines.remote import RemoteEngine
 from shadow.config import ShadowSettings
 from shadow.feedback import FeedbackPost
-from shadow.ledger import Ledger, earlier_runs, read_ledgers, reconcile
+from shadow.ledger import Ledger, current_run, finished, read_ledgers, reconcile
 from shadow.mirror import MARKER_HEADER, MirrorJob, make_record, timed_answer
 from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
 from shadow.scoring import score_pair
 from shadow.store import PairWriter, open_store
 
 RECENT_RESPONSES = 100_000  # answered responses kept in memory for feedback lookups
+RECONCILE_EVERY_S = 60.0  # how often this run's closed ledger files are accounted for
 LATE_RESPONSE_S = 2.0  # how long feedback waits for a response another ingress has not sent yet
 
 
@@ -64,7 +66,7 @@ class ShadowWorker:
         self.writer = PairWriter(self.store, self.metrics, root / settings.spill_dir,
                                  on_drop=self._ledger_drop)
         self.writer.start()
-        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_earlier_runs())
+        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
         self.redactor = settings.redaction.redactor()
         self._recent: collections.OrderedDict[str, ResponseRecord] = collections.OrderedDict()
         self.remotes: dict[str, RemoteEngine] = {}
@@ -132,33 +134,34 @@ class ShadowWorker:
         if isinstance(record, PairRecord):
             self.ledger.dropped(record.pair_id, reason)
 
-    async def _reconcile_earlier_runs(self) -> None:
-        """Account for the pairs of earlier runs (see `shadow.ledger`), once their spilled
-        records are back in the store: the ones a crash took are counted as `crash`. The
-        ledger files are then archived under `reconciled/<this run>/` with a JSON summary."""
-        while self.writer.spill_pending:
-            await asyncio.sleep(1.0)
-        files = earlier_runs(self.ledger_dir, self.run)
+    async def _reconcile_forever(self) -> None:
+        """Account for the pairs of finished ledger files (see `shadow.ledger`): at start (an
+        earlier run's), then every `RECONCILE_EVERY_S` (this run's closed files)."""
+        while True:
+            if not self.writer.spill_pending:  # spilled pairs must be back in the store first
+                try:
+                    await self._reconcile_finished()
+                except Exception as e:  # noqa: BLE001 - the files stay for the next round
+                    self.log.warning("shadow.ledger.reconcile_failed", error=repr(e)[:300])
+            await asyncio.sleep(1.0 if self.writer.spill_pending else RECONCILE_EVERY_S)
+
+    async def _reconcile_finished(self) -> None:
+        s = self.settings
+        # Long enough for every mirror a file sampled to be over: queued, then the teacher call.
+        min_age_s = s.timeout_s * (1 + s.max_pending / s.max_concurrency) + 60
+        files = finished(self.ledger_dir, self.run, now=time.time(), min_age_s=min_age_s)
         if not files:
             return
-        try:
-            sampled, dropped = await asyncio.to_thread(read_ledgers, files)
-            result = await asyncio.to_thread(reconcile, sampled, dropped, self.store.existing)
-        except Exception as e:  # noqa: BLE001 - the files stay for the next start
-            self.log.warning("shadow.ledger.reconcile_failed", error=repr(e)[:300])
-            return
-        crashed = result.dropped.get("crash", 0)
-        self.metrics.dropped.labels(kind="pair", reason="crash").inc(crashed)
-        for pair_id in result.crashed:  # the current ledger keeps the account of the loss
-            self.ledger.dropped(pair_id, "crash")
-        # The accounted files move to reconciled/<run>/ (for audits), beside the summary.
-        archive = self.ledger_dir / "reconciled" / self.run
-        archive.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            f.replace(archive / f.name)
-        (archive.parent / f"{self.run}.json").write_text(json.dumps({
-            "runs": [f.name for f in files], "sampled": result.sampled, "stored": result.stored,
-            "dropped": result.dropped, "balanced": result.balanced}))
+        others = [p for p in current_run(self.ledger_dir, self.run) if p not in files]
+        sampled, dropped = await asyncio.to_thread(read_ledgers, files)
+        dropped += (await asyncio.to_thread(read_ledgers, others))[1]
+        result = await asyncio.to_thread(reconcile, sampled, dropped, self.store.existing)
+        self.metrics.dropped.labels(kind="pair", reason="crash").inc(len(result.crashed))
+        summary = {"at": datetime.now(UTC).isoformat(), "run": self.run,
+                   "files": [f.name for f in files], "sampled": result.sampled,
+                   "stored": result.stored, "dropped": result.dropped,
+                   "balanced": result.balanced, "crashed": list(result.crashed[:1000])}
+        await asyncio.to_thread(_close_books, self.ledger_dir / "reconciled.jsonl", summary, files)
         self.log.info("shadow.ledger.reconciled", sampled=result.sampled, stored=result.stored,
                       dropped=result.dropped, files=len(files))
 
@@ -247,6 +250,14 @@ def teacher_request(request: GenerationRequest, top_logprobs: int | None) -> Gen
     if top_logprobs is not None:
         params = replace(params, logprobs=max(params.logprobs or 0, top_logprobs))
     return replace(request, request_id="shadow-" + request.request_id, params=params)
+
+
+def _close_books(summaries: Path, summary: dict, files: list[Path]) -> None:
+    """Append the summary of a reconciliation, then delete the files it accounted for."""
+    with open(summaries, "a", encoding="utf-8") as f:
+        f.write(json.dumps(summary) + "\n")
+    for file in files:
+        file.unlink()
 
 
 def _marked_client(cfg: RemoteConfig) -> httpx.AsyncClient:

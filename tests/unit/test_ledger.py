@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
-from shadow.ledger import Ledger, earlier_runs, read_ledgers, reconcile
+import time
+
+from shadow.ledger import Ledger, current_run, finished, read_ledgers, reconcile
 
 
 def test_lines_written_before_a_kill_9_are_there(tmp_path):
@@ -21,11 +23,11 @@ def test_lines_written_before_a_kill_9_are_there(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), os.getcwd()], check=False)
     assert proc.returncode == -9
-    sampled, dropped = read_ledgers(earlier_runs(tmp_path, "run2"))
+    sampled, dropped = read_ledgers(finished(tmp_path, "run2", now=time.time(), min_age_s=0))
     assert sampled == [f"id{i}" for i in range(100)] and dropped == [("id3", "budget")]
 
 
-def test_earlier_runs_skips_the_current_one_and_torn_lines(tmp_path):
+def test_earlier_runs_are_finished_and_torn_lines_skipped(tmp_path):
     old, now = Ledger(tmp_path, "r1", "ingress-1"), Ledger(tmp_path, "r2", "ingress-1")
     old.sampled("a")
     old.dropped("a", "teacher_failed")
@@ -34,10 +36,26 @@ def test_earlier_runs_skips_the_current_one_and_torn_lines(tmp_path):
     now.close()
     with open(old.path, "a") as f:
         f.write("torn\tsamp")  # a crash mid-line: no newline
-    assert earlier_runs(tmp_path, "r2") == [old.path]
+    assert finished(tmp_path, "r2", now=time.time(), min_age_s=0) == [old.path]
+    assert current_run(tmp_path, "r2") == [now.path]
     assert read_ledgers([old.path]) == (["a"], [("a", "teacher_failed")])
-    assert earlier_runs(tmp_path / "absent", "r2") == []
+    assert finished(tmp_path / "absent", "r2", now=0, min_age_s=0) == []
     old.sampled("after close is a no-op")
+
+
+def test_files_rotate_and_closed_ones_of_this_run_finish_when_old(tmp_path):
+    ledger = Ledger(tmp_path, "r1", "worker-7", max_lines=3)
+    for i in range(7):
+        ledger.sampled(f"p{i}")
+    files = current_run(tmp_path, "r1")
+    assert [f.name for f in files] == [f"r1.worker-7.{n:06d}.ledger" for n in range(3)]
+    assert [len(f.read_text().splitlines()) for f in files] == [3, 3, 1]
+    later = time.time() + 3600
+    # The open file (the last seq) is never finished; closed ones once old enough.
+    assert finished(tmp_path, "r1", now=time.time(), min_age_s=60) == []
+    assert finished(tmp_path, "r1", now=later, min_age_s=60) == files[:2]
+    assert read_ledgers(files)[0] == [f"p{i}" for i in range(7)]
+    ledger.close()
 
 
 def test_reconcile_accounts_for_every_sampled_pair():
