@@ -390,11 +390,14 @@ async def part_b(gw, client, metrics, store: SqliteStore, args, log) -> dict:
             f"({stored_load} during load), drops {r['drops']}, catch-up {catch_up:.1f} s")
         behind = r["missed"] > 0 or r["achieved_rps"] < 0.9 * rate or r["late"] > 0.1 * r["sent"]
         if d["dropped"] or r["errors"] or behind or not settled:
-            log("B: stopping: " + ("drops" if d["dropped"] else "errors" if r["errors"] else
-                                   "the client fell behind" if behind else "store not caught up"))
+            stop = ("drops" if d["dropped"] else "user errors" if r["errors"] else
+                    "the client fell behind" if behind else "the store did not catch up")
+            log(f"B: stopping: {stop}")
             break
+    else:
+        stop = "all rates done (the limit may be higher)"
     clean = [s for s in steps if s["clean"]]
-    return {"steps": steps, "cap": args.b_cap, "step_s": args.step_s,
+    return {"steps": steps, "cap": args.b_cap, "step_s": args.step_s, "stopped": stop,
             "best_rate": clean[-1]["rate"] if clean else None}
 
 
@@ -430,8 +433,9 @@ def part_c(args, tmp: Path, log) -> dict:
 
 
 async def c_requests(gw, k: int, log) -> dict:
-    """The same prompt multiset in each phase: before + after (even, odd indices) and each
-    alternating route use prompts 0..k-1 (mod the prompt list)."""
+    """Phases get the same prompt mix: before + after (even, odd indices) and each alternating
+    route use prompts 0..k-1 (mod the list; `on` shifted by half the list, so no request repeats
+    the previous one's prompt: llama.cpp would reuse its cached prompt and answer faster)."""
     url = gw.base + "/v1/chat/completions"
     records: list[dict] = []
     async with httpx.AsyncClient(timeout=600, trust_env=False) as client:
@@ -454,7 +458,7 @@ async def c_requests(gw, k: int, log) -> dict:
         log(f"C: {k} requests per route, alternating off/on")
         for i in range(k):
             await one("off", i, "off (alternating)")
-            await one("on", i, "on (alternating)")
+            await one("on", i + len(C_PROMPTS) // 2, "on (alternating)")
         end, waited, ok = await wait_settled(client, gw.base, None, 300)
         log(f"C: teacher idle after {waited:.1f} s (settled: {ok}); "
             f"{len(range(1, k, 2))} more on off")
@@ -616,8 +620,11 @@ def main(argv: list[str] | None = None) -> int:
               "the step\n   to its end); stored/s +catch-up: stored / (load time + catch-up "
               "until /metrics showed every mirror ended);\n   drops: from /metrics, all reasons\n")
         print(b_table(b))
-        print(f"\nhighest rate with zero drops and zero user errors: "
-              f"{b['best_rate'] if b['best_rate'] is not None else 'none'} req/s offered")
+        best = [s for s in b["steps"] if s["rate"] == b["best_rate"]]
+        print("\nhighest step with zero drops and zero user errors: " + (
+            f"{best[0]['rate']:.0f} req/s offered, {best[0]['stored']} pairs stored, "
+            f"{fmt_num(best[0]['stored_per_s_steady'], 1)} pairs/s steady" if best else "none")
+            + f"; stopped: {b['stopped']}")
     if "c" in result:
         c = result["c"]
         print(f"\nC. Packaged student (SmolLM2, llama.cpp) vs mirroring to the packaged teacher "
