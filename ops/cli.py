@@ -5,6 +5,8 @@
     protege config check --config FILE
     protege shadow report --config FILE [--since T] [--route R] [--worst N] [--json]
     protege dataset export --config FILE --out DIR [--format jsonl|parquet] [filters]
+    protege distill init-student --from MODEL --out DIR (--every N | --keep-layers 0,3,...)
+    protege distill run --config FILE [--resume] [--workers N]
     protege version
 
 Exit codes: 0 ok, 1 a failure while running (a model could not be fetched), 2 a bad
@@ -38,6 +40,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(shadow_app, name="shadow")
 app.add_typer(dataset_app, name="dataset")
+distill_app = typer.Typer(help="Distil a student from a teacher.", no_args_is_help=True)
+app.add_typer(distill_app, name="distill")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="YAML settings file; PROTEGE_* env vars override it")
@@ -231,6 +235,33 @@ def dataset_export(
         raise typer.Exit(1) from None
     typer.echo(f"exported {counts['train']} train and {counts['validation']} validation "
                f"examples to {out}/ ({fmt})")
+
+
+@distill_app.command("init-student")
+def distill_init_student(
+    source: Annotated[str, typer.Option(
+        "--from", help="the teacher: a Hugging Face model folder or a .gguf file")],
+    out: Annotated[Path, typer.Option(help="a new (or empty) folder for the student")],
+    every: Annotated[int | None, typer.Option(min=1, help="keep layers 0, N, 2N, ...")] = None,
+    keep_layers: Annotated[str | None, typer.Option(
+        help="comma-separated teacher layer indices to keep, e.g. 0,3,6,9")] = None,
+) -> None:
+    """A smaller student made of some of the teacher's layers (DistilBERT-style init)."""
+    keep = None
+    if keep_layers is not None:
+        try:
+            keep = [int(x) for x in keep_layers.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{keep_layers!r}: integers separated by commas",
+                                     param_hint="--keep-layers") from None
+    from distill.student import init_student
+
+    try:
+        folder = init_student(source, out, keep_layers=keep, every=every)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        typer.echo(f"distill init-student: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"student written to {folder}")
 
 
 @app.command()

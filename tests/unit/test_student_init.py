@@ -219,3 +219,22 @@ def test_a_model_loaded_from_a_folder_brings_its_tokenizer_files(teacher_dir, te
     out = init_student(teacher, tmp_path / "s", keep_layers=[5])
     assert (out / "tokenizer.json").read_bytes() == (teacher_dir / "tokenizer.json").read_bytes()
     assert json.loads((out / INIT_FILE).read_text())["teacher"] == str(teacher_dir)
+
+
+def test_cli_init_student(teacher_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli-student"
+    result = runner.invoke(app, ["distill", "init-student", "--from", str(teacher_dir),
+                                 "--out", str(out), "--keep-layers", "0,2"])
+    assert result.exit_code == 0, result.output
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    bad = runner.invoke(app, ["distill", "init-student", "--from", str(teacher_dir),
+                              "--out", str(tmp_path / "bad"), "--keep-layers", "0,99"])
+    assert bad.exit_code == 2 and "99" in bad.output
+    bad = runner.invoke(app, ["distill", "init-student", "--from", str(teacher_dir),
+                              "--out", str(tmp_path / "bad2"), "--keep-layers", "a,b"])
+    assert bad.exit_code == 2
