@@ -115,7 +115,7 @@ class ShadowMetrics:
 
     OUTCOMES = ("stored", "spilled", "replayed")
     DROP_REASONS = ("queue_full", "closed", "invalid", "store_error", "spill_corrupt",
-                    "teacher_failed", "teacher_timeout")
+                    "teacher_failed", "teacher_timeout", "worker_busy")
     KINDS = ("pair", "response")
 
     def __init__(self) -> None:

@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ops.logging import configure_logging, get_logger
 from ops.metrics import GatewayMetrics, MetricsReporter, VariantMetrics
+from ops.priority import lower_priority
 from serving import protocol, responses
 from serving.config import ServerConfig, VariantConfig
 from serving.engines import build_engine
@@ -51,6 +52,8 @@ from shadow.records import Answer, ResponseRecord
 APP_NAME = "protege"
 # Ray Serve's own access lines would triple the per-request log work; ours is the canonical one.
 SERVE_LOGGING = {"enable_access_log": False}
+MIRROR_BATCH = 32  # mirrored jobs per call to the shadow worker, at most
+MIRROR_LINGER_S = 0.02  # how long a job waits for others to share its call
 RESPONSE_FLUSH_S = 0.5  # answered responses go to the shadow worker in batches this often
 RESPONSE_BATCH = 512  # or as soon as this many are waiting
 
@@ -222,6 +225,9 @@ class Ingress:
         self.variants = variants
         self.shadow = shadow
         self._mirrors: set[asyncio.Task] = set()  # fire-and-forget handoffs still running
+        self._outbox: list[MirrorJob] = []  # sampled jobs waiting to leave in a batch
+        self._linger: asyncio.TimerHandle | None = None
+        self._unfinished = 0  # jobs in the outbox or sent and not finished by the worker
         self.log = get_logger("serving.ingress")
         self.metrics = GatewayMetrics()
         self.reporter = MetricsReporter(
@@ -438,35 +444,54 @@ class Ingress:
     def hand_off(self, job: MirrorJob) -> None:
         """Give a mirrored request to the shadow worker; never waits, never fails the user.
 
-        While this replica already has `mirror_budget` mirrors the teacher has not finished,
-        the teacher is saturated: the sample is dropped (`budget`), so the effective sample
-        rate falls to what the teacher keeps up with and it never queues work behind the user.
+        Jobs leave in batches (`MIRROR_BATCH`, or after `MIRROR_LINGER_S`): one call to the
+        worker per batch keeps this process's share of the mirror's cost small. While this
+        replica has `mirror_budget` jobs the teacher has not finished, the teacher is
+        saturated: the sample is dropped (`budget`), so the effective sample rate falls to what
+        the teacher keeps up with and no work queues up behind the users.
         """
         self.ledger.sampled(job.pair_id)
-        if len(self._mirrors) >= self.p.mirror_budget:
+        if self._unfinished >= self.p.mirror_budget:
             self._count_mirror(job, "budget")
+            return
+        self._unfinished += 1
+        self._outbox.append(job)
+        if len(self._outbox) >= MIRROR_BATCH:
+            self._send_mirrors()
+        elif self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(
+                MIRROR_LINGER_S, self._send_mirrors)
+
+    def _send_mirrors(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        jobs, self._outbox = self._outbox, []
+        if not jobs:
             return
         # A fresh context: the handoff is no child of the user's request, so Ray Serve does not
         # cancel it when that request ends (a streaming client closes right after [DONE]).
         task = asyncio.get_running_loop().create_task(
-            self._hand_off(job), context=contextvars.Context())
+            self._hand_off(jobs), context=contextvars.Context())
         self._mirrors.add(task)
         task.add_done_callback(self._mirrors.discard)
 
-    async def _hand_off(self, job: MirrorJob) -> None:
+    async def _hand_off(self, jobs: list[MirrorJob]) -> None:
         outcome = "sent"
         try:
-            await self.shadow.mirror.remote(job)
+            await self.shadow.mirror_batch.remote(jobs)  # returns once the teacher is done
         except BackPressureError:
             outcome = "queue_full"
         except asyncio.CancelledError:  # the ingress is stopping
             outcome = "cancelled"
             raise
-        except Exception as e:  # noqa: BLE001 - counted; the user has their answer already
+        except Exception as e:  # noqa: BLE001 - counted; the users have their answers already
             outcome = "failed"
-            self.log.info("shadow.handoff.failed", pair_id=job.pair_id, error=str(e)[:300])
+            self.log.info("shadow.handoff.failed", pairs=len(jobs), error=str(e)[:300])
         finally:
-            self._count_mirror(job, outcome)
+            self._unfinished -= len(jobs)
+            for job in jobs:
+                self._count_mirror(job, outcome)
 
     def _count_mirror(self, job: MirrorJob, outcome: str) -> None:
         self.metrics.mirrored.labels(route=job.route, target=job.target, outcome=outcome).inc()
@@ -532,6 +557,7 @@ class Ingress:
                 self.log.info("serving.request.field_ignored", field=name)
 
     async def __del__(self) -> None:
+        self._send_mirrors()  # what waited for a batch goes now (counted if it cannot finish)
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(BaseException):
@@ -677,15 +703,6 @@ def _error_response(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def lower_priority(nice: int) -> None:
-    """Raise the niceness of every thread of this process to `nice` (threads started later
-    inherit it from their parent thread): the kernel then runs them after normal work."""
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # a thread that has just exited
-            os.setpriority(os.PRIO_PROCESS, int(tid), max(nice, os.getpriority(
-                os.PRIO_PROCESS, int(tid))))
-
-
 def _resolve(repo_root: str, path: str):
     from pathlib import Path
 
@@ -728,7 +745,8 @@ def build_app(settings) -> serve.Application:
         shadow = serve.deployment(ShadowWorker).options(
             name="shadow", num_replicas=1,  # one writer for the embedded SQLite store
             ray_actor_options={"num_cpus": sh.num_cpus},
-            max_ongoing_requests=sh.max_concurrency, max_queued_requests=sh.max_pending,
+            # Calls carry batches of jobs; the worker bounds teacher calls and waiting jobs.
+            max_ongoing_requests=1000, max_queued_requests=-1,
             graceful_shutdown_timeout_s=drain_s, health_check_timeout_s=60,
             logging_config=SERVE_LOGGING,
         ).bind(

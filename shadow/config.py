@@ -76,7 +76,8 @@ class ShadowSettings(BaseModel):
     store_path: str = Field("data/pairs.sqlite", description="SQLite file of the pairs")
     spill_dir: str = Field("data/spill", description="append-only files while the store is down")
     max_pending: int = Field(32, ge=1, le=100_000,
-                             description="mirrors waiting for the shadow worker; more are dropped")
+                             description="mirrors waiting for a teacher slot in the shadow worker;"
+                             " more are dropped (worker_busy)")
     max_concurrency: int = Field(2, ge=1, le=10_000, description="teacher calls at once")
     max_in_flight: int | None = Field(
         None, ge=1, le=100_000, description="mirrors an ingress replica lets the teacher have "
@@ -84,6 +85,8 @@ class ShadowSettings(BaseModel):
         "`budget`); null: max_concurrency")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="a teacher call gives up after this")
     num_cpus: float = Field(0.0, ge=0, le=64, description="Ray CPUs reserved for the worker")
+    nice: int = Field(10, ge=0, le=19, description="CPU niceness of the worker (scoring, store"
+                      " writes): it yields to the ingress and the student")
     teacher_top_logprobs: int | None = Field(
         5, ge=0, le=20, description="top-k logprobs asked of every teacher and stored with the "
         "pair (for distillation); null: none (an endpoint that refuses logprobs)")

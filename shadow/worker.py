@@ -1,9 +1,9 @@
 """The shadow worker: a Ray Serve deployment that calls teachers, scores pairs and stores them,
 and keeps the record of answered responses that feedback is given on.
 
-The ingress sends it a `MirrorJob` after the user has their answer and does not wait for the
-result. Ray Serve bounds the worker (`max_ongoing_requests` = teacher calls at once,
-`max_queued_requests` = jobs waiting; beyond that the ingress drops and counts). Each job: call
+The ingresses send it batches of `MirrorJob`s after the users have their answers and do not
+wait for the result. The worker runs at most `max_concurrency` teacher calls at once and lets
+at most `max_pending` jobs wait for one (more are dropped, `worker_busy`). Each job: call
 the teacher (a local variant through its handle, or a remote endpoint with the marker header)
 in the same streaming mode, with a timeout and no retries; score the two answers in a worker
 thread (the embedder is loaded once, here, off the request path); offer the record to the pair
@@ -32,6 +32,7 @@ import httpx
 
 from ops.logging import configure_logging, get_logger
 from ops.metrics import MetricsReporter, ShadowMetrics
+from ops.priority import lower_priority
 from serving.config import RemoteEngine as RemoteConfig
 from serving.engines.base import Delta, GenerationRequest
 from serving.engines.remote import RemoteEngine
@@ -55,7 +56,11 @@ class ShadowWorker:
         """`remotes`: remote teachers by route; `teachers`: local variants' handles by name,
         with their `versions`; `run`: this gateway run's id (its ledger files)."""
         configure_logging(log_level, json_logs)
+        if settings.nice:
+            lower_priority(settings.nice)
         self.log = get_logger("shadow.worker")
+        self._slots = asyncio.Semaphore(settings.max_concurrency)  # teacher calls at once
+        self._waiting = 0  # jobs waiting for a slot
         self.settings, self.teachers, self.versions = settings, teachers, versions
         root = Path(repo_root)
         self.metrics = ShadowMetrics()
@@ -88,7 +93,28 @@ class ShadowWorker:
         self.log.info("shadow.worker.started", store=settings.store,
                       semantic=self.embed is not None, remotes=sorted(self.remotes))
 
+    async def mirror_batch(self, jobs: list[MirrorJob]) -> None:
+        """Run a batch of mirrored jobs from an ingress; returns when all are finished."""
+        await asyncio.gather(*(self.mirror(job) for job in jobs))
+
     async def mirror(self, job: MirrorJob) -> None:
+        """Teacher, scores, store for one job. At most `max_concurrency` teacher calls run at
+        once; beyond `max_pending` waiting jobs, a job is dropped (`worker_busy`)."""
+        if self._waiting >= self.settings.max_pending:
+            self.metrics.dropped.labels(kind="pair", reason="worker_busy").inc()
+            self.ledger.dropped(job.pair_id, "worker_busy")
+            return
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            await self._mirror(job)
+        finally:
+            self._slots.release()
+
+    async def _mirror(self, job: MirrorJob) -> None:
         labels = {"route": job.route, "target": job.target}
         request = teacher_request(job.request, self.settings.teacher_top_logprobs)
         in_flight = self.metrics.in_flight.labels(**labels)
