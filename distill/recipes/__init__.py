@@ -1,0 +1,1 @@
+"""Training recipes: one readable class per method (setup, train, cleanup) and a `main()`."""
