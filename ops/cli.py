@@ -264,6 +264,29 @@ def distill_init_student(
     typer.echo(f"student written to {folder}")
 
 
+@distill_app.command("run")
+def distill_run(
+    config: ConfigOption,
+    resume: Annotated[bool, typer.Option(help="continue from the latest checkpoint")] = False,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="data-parallel Ray Train workers (overrides the recipe's `workers`)")] = None,
+) -> None:
+    """Train a student by knowledge distillation (distill/recipes/kd.py; see
+    examples/distill/demo.yaml). Writes a model folder, manifest.json and loss_curve.png."""
+    from distill.config import RecipeError
+    from distill.recipes.kd import main as run_recipe
+
+    try:
+        out = run_recipe(config, resume=resume, workers=workers)
+    except (RecipeError, FileNotFoundError) as e:
+        first, *rest = str(e).splitlines() or [""]
+        typer.echo(f"distill run: {first}", err=True)
+        for line in rest:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"student written to {out}/model (manifest: {out}/manifest.json)")
+
+
 @app.command()
 def version() -> None:
     """Print the installed version."""

@@ -52,8 +52,8 @@ from shadow.records import Answer, ResponseRecord
 APP_NAME = "protege"
 # Ray Serve's own access lines would triple the per-request log work; ours is the canonical one.
 SERVE_LOGGING = {"enable_access_log": False}
-MIRROR_BATCH = 32  # mirrored jobs per call to the shadow worker, at most
-MIRROR_LINGER_S = 0.02  # how long a job waits for others to share its call
+MIRROR_BATCH = 64  # mirrored jobs per call to the shadow worker, at most
+MIRROR_LINGER_S = 0.1  # how long a job waits for others to share its call
 RESPONSE_FLUSH_S = 0.5  # answered responses go to the shadow worker in batches this often
 RESPONSE_BATCH = 512  # or as soon as this many are waiting
 

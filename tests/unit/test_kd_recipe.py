@@ -451,3 +451,25 @@ def test_progressive_two_stages_record_lineage(tmp_path, zoo, export, validation
         str(zoo["teacher"]), str(first / "model"), str(last / "model")]
     assert m2["config"]["optim"]["lr"] == 1e-2 and m1["config"]["optim"]["lr"] == 3e-3
     assert AutoModelForCausalLM.from_pretrained(last / "model").config.hidden_size == 32
+
+
+def test_cli_runs_resumes_and_reports_errors(tmp_path, zoo, export, validation):
+    from typer.testing import CliRunner
+
+    from ops.cli import app
+
+    cfg = recipe(tmp_path, zoo, export, validation, optim={"max_steps": 4})
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    result = runner.invoke(app, ["distill", "run", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    assert "manifest.json" in result.output
+    again = runner.invoke(app, ["distill", "run", "--config", str(path)])
+    assert again.exit_code == 2 and "--resume" in again.output  # a run is never overwritten
+    assert runner.invoke(app, ["distill", "run", "--config", str(path), "--resume"]).exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**cfg, "optim": {**cfg["optim"], "lr": -1}}))
+    result = runner.invoke(app, ["distill", "run", "--config", str(bad)])
+    assert result.exit_code == 2 and "optim.lr: -1" in result.output
