@@ -56,8 +56,14 @@ async def timed_answer(
         if first is None and (delta.text or delta.token_ids):
             first = clock()
         seen.append(delta)
-    done = clock()
-    whole = merge_deltas(seen)
+    return answer_from(seen, started, first, clock(), model, version)
+
+
+def answer_from(deltas: list[Delta], started: float, first: float | None, done: float,
+                model: str, version: str | None) -> tuple[Answer, list[dict] | None]:
+    """A teacher's answer from its deltas and the times of the call's start, its first token
+    and its end (seconds); and its logprobs as stored."""
+    whole = merge_deltas(deltas)
     answer = Answer(
         model=model, version=version, text=whole.text, finish_reason=whole.finish_reason,
         prompt_tokens=whole.prompt_tokens, completion_tokens=whole.completion_tokens,

@@ -23,7 +23,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +38,7 @@ from serving.engines.remote import RemoteEngine
 from shadow.config import ShadowSettings
 from shadow.feedback import FeedbackPost
 from shadow.ledger import Ledger, current_run, finished, read_ledgers, reconcile
-from shadow.mirror import MARKER_HEADER, MirrorJob, make_record, timed_answer
+from shadow.mirror import MARKER_HEADER, MirrorJob, answer_from, make_record, timed_answer
 from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
 from shadow.scoring import score_pair
 from shadow.store import PairWriter, open_store
@@ -59,7 +58,8 @@ class ShadowWorker:
         if settings.nice:
             lower_priority(settings.nice)
         self.log = get_logger("shadow.worker")
-        self._slots = asyncio.Semaphore(settings.max_concurrency)  # teacher calls at once
+        self._slots = asyncio.Semaphore(settings.max_concurrency)  # teacher requests at once
+        self._admission = asyncio.Lock()
         self._waiting = 0  # jobs waiting for a slot
         self.settings, self.teachers, self.versions = settings, teachers, versions
         root = Path(repo_root)
@@ -94,67 +94,96 @@ class ShadowWorker:
                       semantic=self.embed is not None, remotes=sorted(self.remotes))
 
     async def mirror_batch(self, jobs: list[MirrorJob]) -> None:
-        """Run a batch of mirrored jobs from an ingress; returns when all are finished."""
-        await asyncio.gather(*(self.mirror(job) for job in jobs))
+        """Run a batch of mirrored jobs from an ingress; returns when all are finished.
 
-    async def mirror(self, job: MirrorJob) -> None:
-        """Teacher, scores, store for one job. At most `max_concurrency` teacher calls run at
-        once; beyond `max_pending` waiting jobs, a job is dropped (`worker_busy`)."""
-        if self._waiting >= self.settings.max_pending:
+        Jobs for the same local teacher in the same streaming mode share one call to it (in
+        groups of at most `max_concurrency`): a call through Ray costs CPU on shared cores.
+        """
+        groups: dict[tuple[str, bool], list[MirrorJob]] = collections.defaultdict(list)
+        alone = []
+        for job in jobs:
+            if job.route in self.remotes:
+                alone.append([job])
+            else:
+                groups[(job.target, job.stream)].append(job)
+        size = self.settings.max_concurrency
+        chunks = [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+        await asyncio.gather(*(self._admit(chunk) for chunk in [*chunks, *alone]))
+
+    async def _admit(self, jobs: list[MirrorJob]) -> None:
+        """At most `max_concurrency` teacher requests at once (a group takes one slot per job);
+        beyond `max_pending` waiting jobs, a job is dropped (`worker_busy`)."""
+        room = self.settings.max_pending - self._waiting
+        for job in jobs[max(0, room):]:
             self.metrics.dropped.labels(kind="pair", reason="worker_busy").inc()
             self.ledger.dropped(job.pair_id, "worker_busy")
+        jobs = jobs[:max(0, room)]
+        if not jobs:
             return
-        self._waiting += 1
+        self._waiting += len(jobs)
+        taken = 0
         try:
-            await self._slots.acquire()
+            async with self._admission:  # one group at a time takes its slots: no deadlock
+                for _ in jobs:
+                    await self._slots.acquire()
+                    taken += 1
+        except BaseException:
+            for _ in range(taken):
+                self._slots.release()
+            raise
         finally:
-            self._waiting -= 1
+            self._waiting -= len(jobs)
         try:
-            await self._mirror(job)
+            await self._mirror(jobs)
         finally:
-            self._slots.release()
+            for _ in jobs:
+                self._slots.release()
 
-    async def _mirror(self, job: MirrorJob) -> None:
-        labels = {"route": job.route, "target": job.target}
-        request = teacher_request(job.request, self.settings.teacher_top_logprobs)
-        in_flight = self.metrics.in_flight.labels(**labels)
-        in_flight.inc()
+    async def _mirror(self, jobs: list[MirrorJob]) -> None:
+        """One teacher call for `jobs` (one remote job, or a group for one local teacher)."""
+        labels = {"route": jobs[0].route, "target": jobs[0].target}
+        requests = [teacher_request(j.request, self.settings.teacher_top_logprobs) for j in jobs]
+        for job in jobs:
+            self.metrics.in_flight.labels(route=job.route, target=job.target).inc()
         try:
             async with asyncio.timeout(self.settings.timeout_s):
-                answer, logprobs = await timed_answer(
-                    self._teacher(job, request), job.target.removeprefix("remote:"),
-                    self.versions.get(job.target))
-        except TimeoutError:
-            self.metrics.requests.labels(**labels, outcome="timeout").inc()
-            self.metrics.dropped.labels(kind="pair", reason="teacher_timeout").inc()
-            self.ledger.dropped(job.pair_id, "teacher_timeout")
-            self.log.info("shadow.teacher.timed_out", pair_id=job.pair_id, **labels)
-            return
+                answers = await self._teacher(jobs, requests)
         except Exception as e:  # noqa: BLE001 - a failing teacher is counted, never raised
-            self.metrics.requests.labels(**labels, outcome="failed").inc()
-            self.metrics.dropped.labels(kind="pair", reason="teacher_failed").inc()
-            self.ledger.dropped(job.pair_id, "teacher_failed")
-            self.log.info("shadow.teacher.failed", pair_id=job.pair_id, error=str(e)[:300],
+            reason = "timeout" if isinstance(e, TimeoutError) else "failed"
+            for job in jobs:
+                self.metrics.requests.labels(route=job.route, target=job.target,
+                                             outcome=reason).inc()
+                self.metrics.dropped.labels(kind="pair", reason=f"teacher_{reason}").inc()
+                self.ledger.dropped(job.pair_id, f"teacher_{reason}")
+            self.log.info(f"shadow.teacher.{reason}", pairs=len(jobs), error=str(e)[:300],
                           **labels)
             return
         finally:
-            in_flight.dec()
-        self.metrics.requests.labels(**labels, outcome="completed").inc()
-        self.metrics.teacher_latency.labels(**labels).observe(answer.latency_ms / 1000)
-        if answer.ttft_ms is not None:
-            self.metrics.teacher_ttft.labels(**labels).observe(answer.ttft_ms / 1000)
+            for job in jobs:
+                self.metrics.in_flight.labels(route=job.route, target=job.target).dec()
+        for job, (answer, _) in zip(jobs, answers, strict=True):
+            job_labels = {"route": job.route, "target": job.target}
+            self.metrics.requests.labels(**job_labels, outcome="completed").inc()
+            self.metrics.teacher_latency.labels(**job_labels).observe(answer.latency_ms / 1000)
+            if answer.ttft_ms is not None:
+                self.metrics.teacher_ttft.labels(**job_labels).observe(answer.ttft_ms / 1000)
         started = time.monotonic()
-        scores = await asyncio.to_thread(
-            score_pair, job.student.text, answer.text, labels=job.labels,
-            weights=self.settings.weights, embed=self.embed)
-        self.metrics.scorer_latency.observe(time.monotonic() - started)
-        self.metrics.disagreement.labels(
-            route=job.route, variant=job.variant, version=job.student.version or "-",
-        ).observe(scores["disagreement"])
-        record, redacted = make_record(job, answer, logprobs, scores, self.redactor)
-        for kind, n in redacted.items():
-            self.metrics.redactions.labels(kind=kind).inc(n)
-        self.writer.offer(record)
+        all_scores = await asyncio.to_thread(self._score, jobs, [a for a, _ in answers])
+        self.metrics.scorer_latency.observe((time.monotonic() - started) / len(jobs))
+        for job, (answer, logprobs), scores in zip(jobs, answers, all_scores, strict=True):
+            self.metrics.disagreement.labels(
+                route=job.route, variant=job.variant, version=job.student.version or "-",
+            ).observe(scores["disagreement"])
+            record, redacted = make_record(job, answer, logprobs, scores, self.redactor)
+            for kind, n in redacted.items():
+                self.metrics.redactions.labels(kind=kind).inc(n)
+            self.writer.offer(record)
+
+    def _score(self, jobs: list[MirrorJob], answers: list) -> list[dict]:
+        """Scores of each pair (a worker thread: the embedder and the scorers are CPU work)."""
+        return [score_pair(job.student.text, answer.text, labels=job.labels,
+                           weights=self.settings.weights, embed=self.embed)
+                for job, answer in zip(jobs, answers, strict=True)]
 
     def _ledger_drop(self, record, reason: str) -> None:
         if isinstance(record, PairRecord):
@@ -246,19 +275,32 @@ class ShadowWorker:
             await asyncio.sleep(0.25)
             stored = loop.time() + 0.25 >= deadline  # look in the store again at the end
 
-    async def _teacher(self, job: MirrorJob, request) -> AsyncIterator[Delta]:
-        if job.route in self.remotes:
-            async for delta in self.remotes[job.route].generate(request):
-                yield delta
-            return
-        handle = self.teachers[job.target]
-        if job.stream:
-            async for batch in handle.options(stream=True).stream.remote([request]):
-                for _, delta in batch:
-                    yield delta
-        else:
-            (delta,) = await handle.complete.remote([request])
-            yield delta
+    async def _teacher(self, jobs: list[MirrorJob], requests: list[GenerationRequest]) -> list:
+        """Each job's `(Answer, logprobs)`: a remote endpoint for one job, or one call to a
+        local variant for a group (each answer timed from the call's start)."""
+        first = jobs[0]
+        model, version = first.target.removeprefix("remote:"), self.versions.get(first.target)
+        if first.route in self.remotes:
+            return [await timed_answer(self.remotes[first.route].generate(requests[0]), model,
+                                       version)]
+        handle = self.teachers[first.target]
+        started = time.monotonic()
+        if not first.stream:
+            deltas = await handle.complete.remote(requests)
+            done = time.monotonic()
+            return [answer_from([d], started, done, done, model, version) for d in deltas]
+        seen: list[list[Delta]] = [[] for _ in requests]
+        firsts: list[float | None] = [None] * len(requests)
+        ends = [started] * len(requests)
+        async for batch in handle.options(stream=True).stream.remote(requests):
+            now = time.monotonic()
+            for index, delta in batch:
+                if firsts[index] is None and (delta.text or delta.token_ids):
+                    firsts[index] = now
+                seen[index].append(delta)
+                ends[index] = now
+        return [answer_from(seen[i], started, firsts[i], ends[i], model, version)
+                for i in range(len(requests))]
 
     async def __del__(self) -> None:
         self._reconciler.cancel()
