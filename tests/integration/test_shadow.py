@@ -32,7 +32,7 @@ class BadTeacher:
 
         async def hang(request):
             self.seen_marker += request.headers.get("x-protege-shadow") == "1"
-            await asyncio.sleep(20)
+            await asyncio.sleep(30)  # a teacher that hangs for 30 s
             return JSONResponse({})
 
         async def fail(request):
