@@ -105,17 +105,22 @@ def render(summary: dict[str, Any]):
     from rich.table import Table
 
     out = []
-    t = Table(title=f"Shadow pairs: {summary['pairs']} ({summary['scored']} scored)")
-    for col in ("route", "student version", "pairs", "disagreement mean", "p50", "p90", "p99",
-                "student p50 ms", "teacher p50 ms", "student TTFT p50", "teacher TTFT p50"):
+    t = Table(title=f"Shadow pairs: {summary['pairs']} ({summary['scored']} scored); "
+                    "disagreement 0 (agree) to 1")
+    for col in ("route", "student version", "pairs", "mean", "p50", "p90", "p99"):
         t.add_column(col, justify="left" if col in ("route", "student version") else "right")
+    lat = Table(title="Latency p50 (ms): request to last token, and to the first")
+    for col in ("route", "student version", "student", "teacher", "student TTFT",
+                "teacher TTFT"):
+        lat.add_column(col, justify="left" if col in ("route", "student version") else "right")
     for r in summary["routes"]:
         d = r["disagreement"]
         t.add_row(r["route"], r["student_version"], str(r["pairs"]), _fmt(d["mean"]),
-                  _fmt(d["p50"]), _fmt(d["p90"]), _fmt(d["p99"]),
-                  _fmt(r["student_latency_ms"]["p50"], 1), _fmt(r["teacher_latency_ms"]["p50"], 1),
-                  _fmt(r["student_ttft_ms"]["p50"], 1), _fmt(r["teacher_ttft_ms"]["p50"], 1))
-    out.append(t)
+                  _fmt(d["p50"]), _fmt(d["p90"]), _fmt(d["p99"]))
+        lat.add_row(r["route"], r["student_version"], _fmt(r["student_latency_ms"]["p50"], 1),
+                    _fmt(r["teacher_latency_ms"]["p50"], 1), _fmt(r["student_ttft_ms"]["p50"], 1),
+                    _fmt(r["teacher_ttft_ms"]["p50"], 1))
+    out += [t, lat]
     if summary["worst"]:
         w = Table(title="Worst pairs (highest disagreement)", show_lines=True)
         for col in ("disagreement", "route / pair", "prompt", "student", "teacher"):

@@ -132,6 +132,7 @@ def test_report_command_prints_tables_and_json(store_config):
     result = runner.invoke(app, ["shadow", "report", "--config", str(path), "--worst", "2"])
     assert result.exit_code == 0, result.output
     assert "Shadow pairs: 21 (21 scored)" in result.output and "Worst pairs" in result.output
+    assert "Latency p50" in result.output
     assert "Feedback by arm" in result.output
     result = runner.invoke(app, ["shadow", "report", "--config", str(path), "--json",
                                  "--route", "default"])
