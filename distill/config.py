@@ -23,8 +23,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ops.settings import read_yaml_mapping, shown
 
 STRATEGIES = ("sequence", "logit", "topk", "on_policy", "layerwise")
 NEEDS_TEACHER_LOGITS = ("logit", "on_policy", "layerwise")
@@ -234,15 +235,11 @@ class RecipeConfig(_Section):
 def load_recipe(path: str | Path, **overrides: Any) -> RecipeConfig:
     """Read and validate a recipe YAML file; `overrides` replace top-level keys."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({e})") from None
-    if data is not None and not isinstance(data, dict):
-        raise RecipeError(f"{path}: {_shown(data)} (the top level must be a mapping)")
+        data = read_yaml_mapping(path)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
     try:
-        return RecipeConfig.model_validate({**(data or {}), **overrides})
+        return RecipeConfig.model_validate({**data, **overrides})
     except ValidationError as e:
         raise RecipeError(format_errors(e)) from None
 
@@ -258,13 +255,8 @@ def format_errors(err: ValidationError, prefix: str = "") -> str:
         elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
             lines.extend(f"{prefix}{line}" for line in msg.splitlines())  # a section's own check
         else:
-            lines.append(f"{path}: {_shown(e.get('input'))} ({msg})")
+            lines.append(f"{path}: {shown(e.get('input'))} ({msg})")
     return "\n".join(lines)
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any], top: bool = True) -> dict[str, Any]:

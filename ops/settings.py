@@ -97,9 +97,23 @@ class ConfigError(ValueError):
     """The configuration is invalid; `str()` is one line per bad field."""
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A config value as quoted in an error line (at most 80 characters)."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The YAML file at `path` as a mapping (empty: {}); ValueError with a one-line reason."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(f"{path}: {shown(loaded)} (the top level must be a mapping)")
+    return loaded or {}
 
 
 def format_validation_error(err: ValidationError) -> str:
@@ -113,7 +127,7 @@ def format_validation_error(err: ValidationError) -> str:
         elif not e["loc"] and e["type"] == "value_error":
             lines.extend(msg.split("; "))
         else:
-            lines.append(f"{path}: {_shown(e.get('input'))} ({msg})")
+            lines.append(f"{path}: {shown(e.get('input'))} ({msg})")
     return "\n".join(lines)
 
 
@@ -122,14 +136,9 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: {_shown(loaded)} (the top level must be a mapping)")
-        data = loaded or {}
+            data = read_yaml_mapping(path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     try:
         token = _file_data.set(data)
         try:
