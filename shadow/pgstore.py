@@ -26,6 +26,7 @@ from shadow.store import (
     Record,
     feedback_from_row,
     feedback_row,
+    pairs_query,
     split_batch,
 )
 
@@ -156,20 +157,8 @@ class PostgresStore:
         self, *, route: str | None = None, since: str | None = None, until: str | None = None,
         min_disagreement: float | None = None, limit: int | None = None,
     ) -> Iterator[PairRecord]:
-        where, params = [], []
-        for clause, value in (("route = %s", route), ("created_at >= %s", since),
-                              ("created_at < %s", until),
-                              ("disagreement >= %s", min_disagreement)):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        sql = "SELECT record FROM pairs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, pair_id"
-        if limit is not None:
-            sql += " LIMIT %s"
-            params.append(limit)
+        sql, params = pairs_query("%s", route=route, since=since, until=until,
+                                  min_disagreement=min_disagreement, limit=limit)
         for (text,) in self._stream(sql, params):
             yield PairRecord.from_json(text)
 

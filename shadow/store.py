@@ -150,6 +150,25 @@ def split_batch(records: Sequence[Record]) -> tuple[list[dict], list[dict]]:
     return pairs, responses
 
 
+def pairs_query(mark: str, *, route: str | None, since: str | None, until: str | None,
+                min_disagreement: float | None, limit: int | None) -> tuple[str, list]:
+    """`PairStore.iter_pairs` as SQL and its parameters; `mark` is the driver's placeholder."""
+    where, params = [], []
+    for clause, value in (("route = ", route), ("created_at >= ", since),
+                          ("created_at < ", until), ("disagreement >= ", min_disagreement)):
+        if value is not None:
+            where.append(clause + mark)
+            params.append(value)
+    sql = "SELECT record FROM pairs"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY created_at, pair_id"
+    if limit is not None:
+        sql += " LIMIT " + mark
+        params.append(limit)
+    return sql, params
+
+
 def feedback_row(f: FeedbackRecord) -> dict:
     return {"feedback_id": f.feedback_id, "response_id": f.response.response_id,
             "route": f.response.route, "variant": f.response.variant,
@@ -242,19 +261,8 @@ class SqliteStore:
         self, *, route: str | None = None, since: str | None = None, until: str | None = None,
         min_disagreement: float | None = None, limit: int | None = None,
     ) -> Iterator[PairRecord]:
-        where, params = [], []
-        for clause, value in (("route = ?", route), ("created_at >= ?", since),
-                              ("created_at < ?", until), ("disagreement >= ?", min_disagreement)):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        sql = "SELECT record FROM pairs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at, pair_id"
-        if limit is not None:
-            sql += " LIMIT ?"
-            params.append(limit)
+        sql, params = pairs_query("?", route=route, since=since, until=until,
+                                  min_disagreement=min_disagreement, limit=limit)
         with contextlib.closing(self._connect()) as conn:
             cursor = conn.execute(sql, params)
             while rows := cursor.fetchmany(500):
