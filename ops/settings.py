@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from distill.settings import RegistrySettings
 from serving.config import RouteConfig, Section, ServerConfig, VariantConfig, unknown_route_variants
 from shadow.config import FEEDBACK_NAME, FeedbackMetric, ShadowSettings
 
@@ -45,6 +46,7 @@ class Settings(BaseSettings):
     shadow: ShadowSettings = ShadowSettings()
     feedback: dict[str, FeedbackMetric] = Field(
         {}, description="metrics clients may post to /v1/feedback, by name")
+    registry: RegistrySettings = RegistrySettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

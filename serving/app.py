@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from ray import serve
@@ -105,35 +105,107 @@ class IngressParams:
 
 
 class VariantServer:
-    """One replica of one model variant: a loaded engine and the fan-out of `n` choices."""
+    """One replica of one model variant: a loaded engine and the fan-out of `n` choices.
+
+    A `promotable` variant serves the registry version `protege promote` picked for it
+    (`distill.registry`), checking every `registry.poll_s`: a new version's engine is loaded
+    next to the old one, new generations go to it, and the old engine is closed once its last
+    generation ends, so a promotion fails no request.
+    """
 
     async def __init__(
-        self, name: str, config: VariantConfig, log_level: str, json_logs: bool, repo_root: str
+        self, name: str, config: VariantConfig, log_level: str, json_logs: bool, repo_root: str,
+        registry: dict | None = None,
     ):
         configure_logging(log_level, json_logs)
-        self.name, self.version = name, config.version
-        self.log = get_logger("serving.variant").bind(variant=name, version=config.version)
+        self.name, self.config, self.repo_root = name, config, repo_root
+        self.log = get_logger("serving.variant").bind(variant=name)
         self.metrics = VariantMetrics()
-        labels = {"variant": name, "version": config.version}
         self._n_active = 0
-        self._active = self.metrics.active.labels(**labels)
-        self._queued = self.metrics.queued.labels(**labels)
-        self._outcomes = {o: self.metrics.generations.labels(**labels, outcome=o)
-                          for o in ("completed", "aborted", "rejected", "failed")}
+        self._users: dict[int, int] = {}  # id(engine) -> generations running on it
         started = time.monotonic()
         if config.nice:
             lower_priority(config.nice)
-        self.engine = build_engine(config.engine, lambda p: _resolve(repo_root, p))
-        await self.engine.start()
-        self.metrics.replica_up.labels(**labels).set(1)
+        self.registry = self._follow = None
+        promoted = None
+        if config.promotable and registry is not None:
+            from distill.registry import Registry
+
+            self.registry = Registry(registry["root"])
+            self.registry_options = registry
+            promoted = await asyncio.to_thread(self.registry.promoted, name)
+        self.engine, self.version = await self._load(config.engine, config.version, promoted)
+        self._label(self.version)
         self.reporter = MetricsReporter(
             self.metrics.registry, f"variant:{name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         )
         self.reporter.start()
         self.log.info(
-            "serving.variant.loaded", engine=config.engine.engine,
+            "serving.variant.loaded", engine=config.engine.engine, version=self.version,
             model=self.engine.info.model, seconds=round(time.monotonic() - started, 2),
         )
+        if self.registry is not None:
+            self._follow = asyncio.create_task(self._follow_promotions())
+
+    async def _load(self, engine_config, version: str, promoted: dict | None):
+        """A started engine: the promoted registry version when there is one and it loads,
+        else the configured model."""
+        if promoted is not None:
+            try:
+                return await self._load_promoted(promoted), promoted["version"]
+            except Exception as e:  # noqa: BLE001 - a bad artifact must not stop the replica
+                self.log.error("serving.promotion.failed", version=promoted["version"],
+                               error=str(e), serving=version)
+        engine = build_engine(engine_config, lambda p: _resolve(self.repo_root, p))
+        await engine.start()
+        return engine, version
+
+    async def _load_promoted(self, promoted: dict):
+        from serving.config import with_model
+
+        path = await asyncio.to_thread(self.registry.fetch, promoted["version"],
+                                       self.registry_options["cache_dir"])
+        engine = build_engine(with_model(self.config.engine, str(path)),
+                              lambda p: _resolve(self.repo_root, p))
+        await engine.start()
+        return engine
+
+    async def _follow_promotions(self) -> None:
+        while True:
+            await asyncio.sleep(self.registry_options["poll_s"])
+            try:
+                promoted = await asyncio.to_thread(self.registry.promoted, self.name)
+                if promoted is not None and promoted["version"] != self.version:
+                    await self._swap(promoted)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - keep serving the current version
+                self.log.error("serving.promotion.failed", error=str(e), serving=self.version)
+                await asyncio.sleep(self.registry_options["poll_s"] * 4)
+
+    async def _swap(self, promoted: dict) -> None:
+        started = time.monotonic()
+        engine = await self._load_promoted(promoted)
+        old, old_version = self.engine, self.version
+        self.engine, self.version = engine, promoted["version"]
+        self._active.set(0)
+        self._queued.set(0)
+        self.metrics.replica_up.labels(variant=self.name, version=old_version).set(0)
+        self._label(self.version)
+        self.log.info("serving.variant.promoted", version=self.version, previous=old_version,
+                      model=engine.info.model, seconds=round(time.monotonic() - started, 2))
+        while self._users.get(id(old)):  # the old engine's last generations finish on it
+            await asyncio.sleep(0.05)
+        await old.close()
+
+    def _label(self, version: str) -> None:
+        labels = {"variant": self.name, "version": version}
+        self._active = self.metrics.active.labels(**labels)
+        self._queued = self.metrics.queued.labels(**labels)
+        self._outcomes = {o: self.metrics.generations.labels(**labels, outcome=o)
+                          for o in ("completed", "aborted", "rejected", "failed")}
+        self.metrics.replica_up.labels(**labels).set(1)
+        self._set_active(0)
 
     async def complete(self, requests: list[GenerationRequest]) -> list[Delta]:
         """Generate every choice to the end; one merged delta per choice, in order."""
@@ -183,12 +255,17 @@ class VariantServer:
         return merge_deltas([d async for d in self._generate(request)])
 
     async def _generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
+        engine, version, outcomes = self.engine, self.version, self._outcomes
+        self._users[id(engine)] = self._users.get(id(engine), 0) + 1
         self._set_active(+1)
         outcome = "aborted"
         gen = None
         try:
-            gen = self.engine.generate(request)
+            gen = engine.generate(request)
+            first = True
             async for delta in gen:
+                if first:
+                    delta.model_version, first = version, False
                 yield delta
             outcome = "completed"
         except PromptTooLong:
@@ -200,8 +277,11 @@ class VariantServer:
         finally:
             if gen is not None:
                 await gen.aclose()
+            self._users[id(engine)] -= 1
+            if not self._users[id(engine)]:
+                del self._users[id(engine)]
             self._set_active(-1)
-            self._outcomes[outcome].inc()
+            outcomes[outcome].inc()
             if outcome == "aborted":
                 self.log.info("serving.generation.aborted", request_id=request.request_id)
 
@@ -211,6 +291,8 @@ class VariantServer:
         self._queued.set(max(0, self._n_active - self.engine.info.max_concurrency))
 
     async def __del__(self) -> None:
+        if self._follow is not None:
+            self._follow.cancel()
         await self.reporter.stop()
         await self.engine.close()
 
@@ -367,6 +449,9 @@ class Ingress:
                 except asyncio.CancelledError:
                     pending.cancel()  # the client went away: stop its generation
                     raise
+                version = call.served_by(c.model_version for c in choices)
+                meta = replace(meta, system_fingerprint=f"{arm.variant}:{version}")
+                headers["x-protege-version"] = version
                 body_out = (responses.chat_completion if kind == "chat" else responses.completion)(
                     meta, choices
                 )
@@ -380,6 +465,9 @@ class Ingress:
                 raise OpenAIError.timeout(timeout) from None
             except StopAsyncIteration:
                 first = []
+            version = call.served_by(d.model_version for _, d in first)
+            meta = replace(meta, system_fingerprint=f"{arm.variant}:{version}")
+            headers["x-protege-version"] = version
             events = self._sse(kind, meta, req, call, first, stream, started + timeout)
             return StreamingResponse(
                 events, media_type="text/event-stream",
@@ -586,7 +674,14 @@ class _Call:
         self.answers: dict[int, str] | None = None  # each choice's text: mirrored or logged only
         self.finish_reason: str | None = None
         self.created_at = ""  # when the request arrived (ISO 8601 UTC), set only when mirrored
+        self.version = arm.version  # the configured version until the replica says which served
         self.done = False
+
+    def served_by(self, versions) -> str:
+        """The model version the replica reported on the first deltas (after a promotion it
+        differs from the configured one)."""
+        self.version = next((v for v in versions if v), self.version)
+        return self.version
 
     def begin(self) -> None:
         self.i.metrics.in_flight.labels(**self.labels).inc()
@@ -635,7 +730,7 @@ class _Call:
             m.tokens.labels(**labels, kind="completion").inc(completion)
         self.i.log.info(
             "serving.request.completed", request_id=self.request_id, route=self.t.route,
-            variant=self.arm.variant, version=self.arm.version, arm_key=self.arm_key,
+            variant=self.arm.variant, version=self.version, arm_key=self.arm_key,
             status=status, stream=self.stream,
             latency_ms=round((now - self.started) * 1000, 2),
             ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
@@ -645,12 +740,12 @@ class _Call:
         )
         if status == 200 and self.i.p.feedback:
             self.i.log_response(ResponseRecord(
-                self.request_id, self.t.route, self.arm.variant, self.arm.version,
+                self.request_id, self.t.route, self.arm.variant, self.version,
                 self.created_at or datetime.now(UTC).isoformat()))
         if self.mirror is not None and status == 200:
             plan, request = self.mirror
             student = Answer(
-                model=self.arm.variant, version=self.arm.version, text=self.answers.get(0, ""),
+                model=self.arm.variant, version=self.version, text=self.answers.get(0, ""),
                 finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens.get(0),
                 ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
@@ -713,6 +808,12 @@ def _resolve(repo_root: str, path: str):
 # -- wiring -----------------------------------------------------------------------------------
 
 
+def _registry_root(settings) -> str:
+    """The registry root as every replica must see it: an fsspec URL, or an absolute path."""
+    root = settings.registry.root
+    return root if "://" in root else str(settings.resolve_path(root))
+
+
 def build_app(settings) -> serve.Application:
     """The Ray Serve application for `settings` (an `ops.settings.Settings`)."""
     from ops.settings import REPO_ROOT
@@ -720,6 +821,8 @@ def build_app(settings) -> serve.Application:
     log = settings.logging
     drain_s = settings.server.drain_timeout_s
     run = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"  # names this run's ledger files
+    registry = {"root": _registry_root(settings), "poll_s": settings.registry.poll_s,
+                "cache_dir": str(settings.resolve_path(settings.registry.cache_dir))}
     variants = {}
     for name, v in settings.variants.items():
         deployment = serve.deployment(VariantServer).options(
@@ -732,7 +835,8 @@ def build_app(settings) -> serve.Application:
             health_check_timeout_s=60,
             logging_config=SERVE_LOGGING,
         )
-        variants[name] = deployment.bind(name, v, log.level, log.json_logs, str(REPO_ROOT))
+        variants[name] = deployment.bind(name, v, log.level, log.json_logs, str(REPO_ROOT),
+                                         registry if v.promotable else None)
     targets = {r: route.shadow for r, route in settings.routes.items() if route.shadow is not None}
     shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key, t.store_prompt,
                              tuple(settings.routes[r].labels or ()))

@@ -93,6 +93,15 @@ class VariantConfig(Section):
     max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="-1: unbounded")
     nice: int = Field(0, ge=0, le=19, description="CPU niceness of the replica's threads: a "
                       "teacher sharing cores with the student yields to it (e.g. 10)")
+    promotable: bool = Field(False, description="serve the registry version `protege promote` "
+                             "picks for this variant (swapped in without downtime)")
+
+    @model_validator(mode="after")
+    def _promotable_engine(self) -> VariantConfig:
+        if self.promotable and self.engine.engine not in ("llamacpp", "transformers", "vllm"):
+            raise ValueError(f"promotable: a {self.engine.engine} engine has no model to swap "
+                             "(allowed with llamacpp, transformers, vllm)")
+        return self
 
 
 class ArmConfig(Section):
@@ -210,3 +219,17 @@ def unknown_route_variants(
             problems.append(f"routes.{name}.shadow.variant: {teacher!r} is not a variant"
                             f" (allowed: {known})")
     return problems
+
+
+def with_model(engine: EngineConfig, path: str) -> EngineConfig:
+    """`engine` serving the model at `path` instead (a promoted registry artifact): a .gguf
+    file for llamacpp, a model folder (or GGUF file) for vllm, a model folder for transformers.
+    ValueError when this engine cannot serve that artifact."""
+    is_gguf = path.endswith(".gguf")
+    if engine.engine == "llamacpp" and is_gguf:
+        return engine.model_copy(update={"path": path})
+    if engine.engine == "transformers" and not is_gguf:
+        return engine.model_copy(update={"model": path, "gguf_file": None})
+    if engine.engine == "vllm":
+        return engine.model_copy(update={"model": path})
+    raise ValueError(f"a {engine.engine} engine cannot serve {path}")

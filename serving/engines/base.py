@@ -64,6 +64,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    model_version: str | None = None  # set by the serving replica on a choice's first delta
 
 
 class PromptTooLong(ValueError):
@@ -133,7 +134,9 @@ def merge_deltas(deltas: Iterable[Delta]) -> Delta:
     ids: list[int] = []
     logprobs: list[TokenLogprob] | None = None
     last = Delta("")
+    version = None
     for d in deltas:
+        version = version or d.model_version
         text.append(d.text)
         ids.extend(d.token_ids)
         if d.logprobs is not None:
@@ -146,6 +149,7 @@ def merge_deltas(deltas: Iterable[Delta]) -> Delta:
         last.finish_reason,
         last.prompt_tokens,
         last.completion_tokens,
+        version,
     )
 
 

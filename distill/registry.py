@@ -1,0 +1,328 @@
+"""The model registry: versioned student artifacts with their lineage, and which version each
+promotable variant serves.
+
+Owns the layout under a root that is a local folder or any fsspec URL (``s3://bucket/registry``):
+
+    versions/vN/manifest.json      written last: a version exists once its manifest does
+    versions/vN/files/...          the artifact (a .gguf file, or a model folder)
+    promotions/<variant>.json      {"current": {...}, "history": [...]}: what the gateway serves
+
+A manifest records version, parent, teacher (name, version, file hash), dataset (id, hash),
+recipe config, quantization, gate report, teacher-student fidelity, created_at, code version and
+the sha256 of every file. `register` refuses files that do not match the hashes the artifact
+claims; `verify` and `fetch` refuse stored files that no longer match the manifest. Does not own
+how artifacts are made (distill, quantize, gate) or how a gateway swaps models (serving).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+VERSION = re.compile(r"^v([1-9][0-9]*)$")
+MANIFEST = "manifest.json"
+
+
+class RegistryError(ValueError):
+    """A registry operation was refused; the message says why."""
+
+
+def sha256_bytes_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(path: Path) -> dict[str, str]:
+    """sha256 of a file (keyed by its name) or of every file under a folder (relative paths)."""
+    local = LocalFileSystem()
+    if path.is_file():
+        return {path.name: sha256_bytes_of(local, str(path))}
+    if not path.is_dir():
+        raise RegistryError(f"{path}: no such file or folder")
+    return {p.relative_to(path).as_posix(): sha256_bytes_of(local, str(p))
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def version_number(version: str) -> int:
+    m = VERSION.match(version)
+    if m is None:
+        raise RegistryError(f"{version!r} is not a version (v1, v2, ...)")
+    return int(m.group(1))
+
+
+def diff_manifests(a: dict[str, Any], b: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Flattened `key.path -> (a value, b value)` for every leaf that differs (pure)."""
+    fa, fb = _flatten(a), _flatten(b)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys())
+            if fa.get(k) != fb.get(k)}
+
+
+def fidelity_gap(manifest: dict[str, Any]) -> float | None:
+    """1 - the student's fidelity score to its teacher (None when the manifest has none)."""
+    score = (manifest.get("fidelity") or {}).get("score")
+    return None if score is None else round(1.0 - float(score), 6)
+
+
+class Registry:
+    """Versions and promotions under `root` (a local path or an fsspec URL)."""
+
+    def __init__(self, root: str | Path, **storage_options: Any):
+        self.root = str(root)
+        self.fs, self.path = fsspec.core.url_to_fs(self.root, **storage_options)
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def versions(self) -> list[str]:
+        """Registered versions, oldest first."""
+        base = self._p("versions")
+        if not self.fs.exists(base):
+            return []
+        names = [PurePosixPath(p).name for p in self.fs.ls(base, detail=False)]
+        found = [n for n in names if VERSION.match(n) and self.fs.exists(self._p("versions", n, MANIFEST))]
+        return sorted(found, key=version_number)
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        version_number(version)
+        path = self._p("versions", version, MANIFEST)
+        if not self.fs.exists(path):
+            known = ", ".join(self.versions()) or "none"
+            raise RegistryError(f"{version}: not in the registry at {self.root} (versions: {known})")
+        return json.loads(self.fs.cat_file(path))
+
+    def latest(self) -> str | None:
+        found = self.versions()
+        return found[-1] if found else None
+
+    def register(self, source: str | Path, *, entry: str | None = None,
+                 expected_files: dict[str, str] | None = None, parent: str | None = None,
+                 progress: Callable[[str], None] | None = None, **fields: Any) -> dict[str, Any]:
+        """Copy the artifact at `source` (a file or folder) in as the next version.
+
+        `expected_files` are the hashes the artifact claims (its own manifest's); any file that
+        does not match, or is missing, refuses the registration. `entry` is what a gateway
+        serves, relative to the artifact (default: the file itself, or the folder). Other
+        keyword fields (teacher, dataset, recipe, quantization, gate, fidelity, lineage, ...)
+        go into the manifest as given.
+        """
+        src = Path(source)
+        hashes = file_hashes(src)
+        if expected_files is not None:
+            bad = _mismatches(expected_files, hashes)
+            if bad:
+                raise RegistryError(f"{src}: files do not match the artifact's manifest: "
+                                    + "; ".join(bad))
+        if parent is not None:
+            self.manifest(parent)
+        entry = entry if entry is not None else (src.name if src.is_file() else ".")
+        if entry != "." and entry not in hashes and not any(
+                k.startswith(entry.rstrip("/") + "/") for k in hashes):
+            raise RegistryError(f"{src}: entry {entry!r} is not one of the artifact's files")
+        version = self._claim_version()
+        files_dir = self._p("versions", version, "files")
+        for rel in hashes:
+            if progress:
+                progress(f"copying {rel} into {version}")
+            target = f"{files_dir}/{rel}"
+            self.fs.makedirs(str(PurePosixPath(target).parent), exist_ok=True)
+            self.fs.put_file(str(src / rel) if src.is_dir() else str(src), target)
+        stored = {rel: sha256_bytes_of(self.fs, f"{files_dir}/{rel}") for rel in hashes}
+        bad = _mismatches(hashes, stored)
+        if bad:
+            raise RegistryError(f"{version}: the copy does not match the source: " + "; ".join(bad))
+        manifest = {
+            "version": version, "parent": parent, "created_at": datetime.now(UTC).isoformat(),
+            "entry": entry, "files": hashes,
+            "sizes": {rel: (src / rel if src.is_dir() else src).stat().st_size for rel in hashes},
+            **fields,
+        }
+        self.fs.pipe_file(self._p("versions", version, MANIFEST),
+                          json.dumps(manifest, indent=2, default=str).encode())
+        return manifest
+
+    def verify(self, version: str) -> dict[str, Any]:
+        """The manifest, after checking every stored file against it (RegistryError if not)."""
+        manifest = self.manifest(version)
+        files_dir = self._p("versions", version, "files")
+        stored = {}
+        for rel in manifest["files"]:
+            path = f"{files_dir}/{rel}"
+            if self.fs.exists(path):
+                stored[rel] = sha256_bytes_of(self.fs, path)
+        bad = _mismatches(manifest["files"], stored)
+        if bad:
+            raise RegistryError(f"{version}: stored files do not match the manifest: "
+                                + "; ".join(bad))
+        return manifest
+
+    def fetch(self, version: str, cache_dir: str | Path) -> Path:
+        """A local path to the version's entry, checked against its manifest: in place for a
+        local registry, else copied under `cache_dir/<version>/` (reused when already there)."""
+        manifest = self.manifest(version)
+        if self.local:
+            self.verify(version)
+            return Path(self._p("versions", version, "files")) / manifest["entry"]
+        local = Path(cache_dir) / version
+        have = file_hashes(local) if local.is_dir() else {}
+        if _mismatches(manifest["files"], have):
+            self.verify(version)
+            for rel in manifest["files"]:
+                (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(self._p("versions", version, "files", rel), str(local / rel))
+            bad = _mismatches(manifest["files"], file_hashes(local))
+            if bad:
+                raise RegistryError(f"{version}: the fetched copy does not match: " + "; ".join(bad))
+        return local / manifest["entry"]
+
+    def update(self, version: str, **fields: Any) -> dict[str, Any]:
+        """Add fields to a version's manifest (e.g. the gate report after validation); the
+        files and their hashes cannot be changed this way."""
+        if {"files", "version", "entry"} & fields.keys():
+            raise RegistryError("files, version and entry are fixed once registered")
+        manifest = {**self.manifest(version), **fields}
+        self.fs.pipe_file(self._p("versions", version, MANIFEST),
+                          json.dumps(manifest, indent=2, default=str).encode())
+        return manifest
+
+    def lineage(self, version: str) -> list[dict[str, Any]]:
+        """teacher -> intermediate models -> registered ancestors -> this version, in order."""
+        chain: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        v: str | None = version
+        while v is not None and v not in seen:
+            seen.add(v)
+            chain.append(self.manifest(v))
+            v = chain[-1].get("parent")
+        chain.reverse()
+        steps: list[dict[str, Any]] = []
+        root = chain[0]
+        if root.get("teacher"):
+            steps.append({"kind": "teacher", **root["teacher"]})
+        for m in chain:
+            for step in m.get("intermediates") or []:
+                steps.append({"kind": "intermediate", **step})
+            steps.append({"kind": "student", "version": m["version"],
+                          "teacher": (m.get("teacher") or {}).get("name"),
+                          "quantization": (m.get("quantization") or {}).get("format"),
+                          "gate": (m.get("gate") or {}).get("passed"),
+                          "fidelity_gap": fidelity_gap(m)})
+        return steps
+
+    # -- promotions -------------------------------------------------------------------------
+
+    def promoted(self, variant: str) -> dict[str, Any] | None:
+        """What `variant` should serve: {"version", "entry", "promoted_at", ...}, or None."""
+        state = self._promotions(variant)
+        return state["current"] if state else None
+
+    def promote(self, variant: str, version: str, *, force: bool = False,
+                action: str = "promote") -> dict[str, Any]:
+        """Make `variant` serve `version`. Only versions whose gate passed, unless `force`.
+        Promoting the version already current changes nothing."""
+        manifest = self.verify(version)
+        gate = manifest.get("gate") or {}
+        if not gate.get("passed") and not force:
+            why = "; ".join(gate.get("failures") or []) or "it has no gate report"
+            raise RegistryError(f"{version} did not pass the validation gate ({why}); "
+                                "use --force to promote it anyway")
+        state = self._promotions(variant) or {"variant": variant, "current": None, "history": []}
+        current = state["current"]
+        if current is not None and current["version"] == version:
+            return current
+        record = {"version": version, "entry": manifest["entry"], "action": action,
+                  "forced": bool(force and not gate.get("passed")),
+                  "previous": current["version"] if current else None,
+                  "promoted_at": datetime.now(UTC).isoformat()}
+        state["current"] = record
+        state["history"].append(record)
+        self.fs.makedirs(self._p("promotions"), exist_ok=True)
+        self.fs.pipe_file(self._p("promotions", f"{variant}.json"),
+                          json.dumps(state, indent=2).encode())
+        return record
+
+    def rollback(self, variant: str) -> dict[str, Any]:
+        """Serve the version that was current before the current one (gate not re-checked)."""
+        state = self._promotions(variant)
+        if not state or not state["current"] or not state["current"].get("previous"):
+            raise RegistryError(f"{variant}: nothing to roll back to")
+        return self.promote(variant, state["current"]["previous"], force=True, action="rollback")
+
+    def history(self, variant: str) -> list[dict[str, Any]]:
+        state = self._promotions(variant)
+        return state["history"] if state else []
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/"), *parts])
+
+    def _promotions(self, variant: str) -> dict[str, Any] | None:
+        path = self._p("promotions", f"{variant}.json")
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def _claim_version(self) -> str:
+        """The next free version; its folder is created exclusively so two writers on a local
+        registry never get the same number."""
+        base = self._p("versions")
+        self.fs.makedirs(base, exist_ok=True)
+        taken = [PurePosixPath(p).name for p in self.fs.ls(base, detail=False)]
+        n = max([version_number(t) for t in taken if VERSION.match(t)] or [0]) + 1
+        while True:
+            path = self._p("versions", f"v{n}")
+            try:
+                if self.local:
+                    Path(path).mkdir()
+                elif self.fs.exists(path + "/" + MANIFEST):
+                    raise FileExistsError(path)
+                return f"v{n}"
+            except FileExistsError:
+                n += 1
+
+
+def _mismatches(expected: dict[str, str], actual: dict[str, str]) -> list[str]:
+    return [f"{rel}: {'missing' if rel not in actual else 'sha256 differs'}"
+            for rel, digest in sorted(expected.items()) if actual.get(rel) != digest]
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary row per manifest for `protege registry list`."""
+    out = []
+    previous_gap: float | None = None
+    for m in rows:
+        gap = fidelity_gap(m)
+        out.append({
+            "version": m["version"], "parent": m.get("parent") or "-",
+            "created_at": m.get("created_at", "")[:19],
+            "teacher": (m.get("teacher") or {}).get("name") or "-",
+            "quantization": (m.get("quantization") or {}).get("format") or "-",
+            "size_mb": round(sum_sizes(m) / 1e6, 1),
+            "gate": {True: "passed", False: "failed"}.get((m.get("gate") or {}).get("passed"), "-"),
+            "fidelity_gap": gap,
+            "gap_change": None if gap is None or previous_gap is None else round(gap - previous_gap, 6),
+        })
+        previous_gap = gap if gap is not None else previous_gap
+    return out
+
+
+def sum_sizes(manifest: dict[str, Any]) -> int:
+    return sum(int(v) for v in (manifest.get("sizes") or {}).values())

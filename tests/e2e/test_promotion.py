@@ -1,0 +1,131 @@
+"""Promotion with zero failed requests: a running gateway (real Ray Serve, two llama.cpp replicas
+of the packaged student) swaps registry versions while clients keep sending chats."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from distill.registry import Registry
+from tests.integration.conftest import REPO, Gateway, sample
+
+pytestmark = pytest.mark.e2e
+
+STUDENT = REPO / "models" / "student" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not STUDENT.exists():
+        pytest.fail(f"{STUDENT} is missing: run `make models` (make test does it)")
+    tmp = tmp_path_factory.mktemp("promote")
+    registry = Registry(tmp / "registry")
+    for i in (1, 2):
+        folder = tmp / f"artifact{i}"
+        folder.mkdir()
+        shutil.copy(STUDENT, folder / f"student-{i}.gguf")
+        registry.register(folder, entry=f"student-{i}.gguf", teacher={"name": "smollm2"},
+                          gate={"passed": True, "failures": []}, fidelity={"score": 0.5 + i / 10})
+    config = {
+        "variants": {"student": {
+            "engine": {"engine": "llamacpp", "path": str(STUDENT), "n_ctx": 512, "n_threads": 1},
+            "version": "base", "replicas": 2, "num_cpus": 0, "promotable": True,
+            "max_queued_requests": -1}},
+        "routes": {"student": {"variant": "student"}},
+        "registry": {"root": str(tmp / "registry"), "poll_s": 0.3},
+        "server": {"request_timeout_s": 120},
+        "shadow": {"store_path": str(tmp / "pairs.sqlite"), "spill_dir": str(tmp / "spill")},
+    }
+    gw = Gateway(config, tmp, startup_s=300)
+    yield gw, registry
+    gw.stop()
+
+
+def cli(gw, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args, "--config",
+                           str(gw.config_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+
+
+class Load:
+    """Clients sending chats back to back (stream and not) until stopped; every outcome kept."""
+
+    def __init__(self, gw, clients: int = 3):
+        self.gw, self.stop_at = gw, threading.Event()
+        self.results: list[tuple[float, int, str, str]] = []  # time, status, version, body
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def _run(self, i: int) -> None:
+        with httpx.Client(base_url=self.gw.base, timeout=120) as http:
+            n = 0
+            while not self.stop_at.is_set() and n < 2000:  # bounded
+                n += 1
+                body = {"model": "student", "max_tokens": 4, "temperature": 0,
+                        "stream": bool((i + n) % 2),
+                        "messages": [{"role": "user", "content": f"Count to {n}."}]}
+                r = http.post("/v1/chat/completions", json=body)
+                ok = r.status_code == 200 and (not body["stream"] or "data: [DONE]" in r.text)
+                self.results.append((time.monotonic(), r.status_code if ok else -1,
+                                     r.headers.get("x-protege-version", ""), r.text[:300]))
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_at.set()
+        for t in self.threads:
+            t.join(300)
+
+
+
+def test_promote_and_roll_back_under_load_fail_no_request(setup):
+    gw, registry = setup
+    with Load(gw) as load:
+        time.sleep(2)
+        steps = []
+        for args, version in ((["promote", "v1"], "v1"), (["promote", "v2"], "v2"),
+                              (["rollback"], "v1")):
+            out = cli(gw, *args, "--wait", "120")
+            assert out.returncode == 0, out.stderr + gw.logs()
+            steps.append((time.monotonic(), version))
+            time.sleep(2)
+        time.sleep(1)
+    statuses = [s for _, s, _, _ in load.results]
+    failed = [r for r in load.results if r[1] != 200]
+    assert len(statuses) > 30 and not failed, failed[:3]
+    seen = [v for _, _, v, _ in load.results]
+    assert {"base", "v1", "v2"} <= set(seen)
+    for at, version in steps:  # once the CLI says every replica serves it, responses say so
+        window = {v for t, _, v, _ in load.results if at + 1.0 < t < at + 2.0}
+        assert window == {version}, (version, window)
+
+    metrics = httpx.get(gw.base + "/metrics").text
+    assert sample(metrics, "protege_engine_replica_up", variant="student", version="v1") == 2
+    assert sample(metrics, "protege_engine_replica_up", variant="student", version="v2") == 0
+    assert sample(metrics, "protege_engine_generations_total", variant="student", version="v2",
+                  outcome="completed") > 0
+    assert "serving.variant.promoted" in gw.log_path.read_text()
+    assert registry.promoted("student")["version"] == "v1"
+
+
+def test_a_restarted_gateway_serves_the_promoted_version(setup, tmp_path):
+    gw, registry = setup
+    config = yaml.safe_load(gw.config_path.read_text())
+    config["variants"]["student"]["replicas"] = 1
+    fresh = Gateway(config, tmp_path, startup_s=300)
+    try:
+        r = httpx.post(fresh.base + "/v1/chat/completions", timeout=60, json={
+            "model": "student", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
+        assert r.status_code == 200 and r.headers["x-protege-version"] == "v1"
+        assert r.json()["system_fingerprint"] == "student:v1"
+    finally:
+        fresh.stop()

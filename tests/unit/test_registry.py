@@ -1,0 +1,192 @@
+"""distill.registry: versions, hashes, lineage, promotions; on a local folder and on fsspec's
+in-memory filesystem (a real fsspec backend, as s3:// would be)."""
+
+import json
+import uuid
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from distill.registry import Registry, RegistryError, diff_manifests, fidelity_gap, table
+from ops.cli import app
+
+TEACHER = {"name": "qwen", "version": "1", "sha256": "ab" * 32}
+
+
+def artifact(tmp_path, name="a", content=b"weights-1"):
+    folder = tmp_path / name
+    (folder / "tok").mkdir(parents=True)
+    (folder / "model.gguf").write_bytes(content)
+    (folder / "tok" / "tokenizer.json").write_text("{}")
+    return folder
+
+
+def passed(score=0.8):
+    return {"gate": {"passed": True, "failures": []}, "fidelity": {"score": score}}
+
+
+@pytest.fixture(params=["local", "memory"])
+def reg(request, tmp_path):
+    root = tmp_path / "registry" if request.param == "local" else f"memory://r-{uuid.uuid4().hex}"
+    return Registry(root)
+
+
+def test_register_numbers_versions_and_records_hashes(reg, tmp_path):
+    src = artifact(tmp_path)
+    m1 = reg.register(src, entry="model.gguf", teacher=TEACHER, **passed())
+    m2 = reg.register(src / "model.gguf", parent="v1", **passed())
+    assert (m1["version"], m2["version"]) == ("v1", "v2")
+    assert set(m1["files"]) == {"model.gguf", "tok/tokenizer.json"}
+    assert m2["entry"] == "model.gguf" and m2["parent"] == "v1"
+    assert m1["sizes"]["model.gguf"] == len(b"weights-1")
+    assert reg.versions() == ["v1", "v2"] and reg.latest() == "v2"
+    assert reg.verify("v1")["teacher"] == TEACHER
+
+
+def test_register_refuses_files_that_do_not_match_the_claimed_hashes(reg, tmp_path):
+    src = artifact(tmp_path)
+    claimed = {"model.gguf": "0" * 64, "tok/tokenizer.json": "1" * 64}
+    with pytest.raises(RegistryError, match="model.gguf: sha256 differs"):
+        reg.register(src, expected_files=claimed)
+    with pytest.raises(RegistryError, match="extra.bin: missing"):
+        reg.register(src, expected_files={"extra.bin": "2" * 64})
+    assert reg.versions() == []
+
+
+def test_bad_entry_parent_and_version_names(reg, tmp_path):
+    src = artifact(tmp_path)
+    with pytest.raises(RegistryError, match="entry 'nope.gguf'"):
+        reg.register(src, entry="nope.gguf")
+    with pytest.raises(RegistryError, match="v7: not in the registry"):
+        reg.register(src, parent="v7")
+    with pytest.raises(RegistryError, match="not a version"):
+        reg.manifest("latest")
+
+
+def test_tampered_files_are_refused_on_verify_fetch_and_promote(tmp_path):
+    reg = Registry(tmp_path / "registry")
+    reg.register(artifact(tmp_path), entry="model.gguf", **passed())
+    (tmp_path / "registry/versions/v1/files/model.gguf").write_bytes(b"evil")
+    for call in (lambda: reg.verify("v1"), lambda: reg.fetch("v1", tmp_path / "cache"),
+                 lambda: reg.promote("student", "v1")):
+        with pytest.raises(RegistryError, match="model.gguf: sha256 differs"):
+            call()
+
+
+def test_fetch_from_a_remote_registry_copies_and_checks(tmp_path):
+    reg = Registry(f"memory://r-{uuid.uuid4().hex}")
+    reg.register(artifact(tmp_path, content=b"remote"), entry="model.gguf")
+    path = reg.fetch("v1", tmp_path / "cache")
+    assert path == tmp_path / "cache/v1/model.gguf" and path.read_bytes() == b"remote"
+    path.write_bytes(b"corrupted locally")
+    assert reg.fetch("v1", tmp_path / "cache").read_bytes() == b"remote"  # fetched again
+
+
+def test_local_fetch_is_in_place(tmp_path):
+    reg = Registry(tmp_path / "registry")
+    reg.register(artifact(tmp_path), entry="model.gguf")
+    assert reg.fetch("v1", tmp_path / "cache") == tmp_path / "registry/versions/v1/files/model.gguf"
+
+
+def test_lineage_goes_teacher_intermediates_ancestors_student(reg, tmp_path):
+    src = artifact(tmp_path)
+    reg.register(src, entry="model.gguf", teacher=TEACHER, quantization={"format": "gguf-q8_0"},
+                 intermediates=[{"model": "data/distill/run1/model", "strategy": "logit"}],
+                 **passed(0.7))
+    reg.register(src, entry="model.gguf", parent="v1", teacher=TEACHER, **passed(0.75))
+    steps = reg.lineage("v2")
+    assert [s["kind"] for s in steps] == ["teacher", "intermediate", "student", "student"]
+    assert steps[0]["name"] == "qwen" and steps[1]["strategy"] == "logit"
+    assert [s.get("version") for s in steps[2:]] == ["v1", "v2"]
+    assert steps[2]["quantization"] == "gguf-q8_0" and steps[3]["fidelity_gap"] == 0.25
+
+
+def test_diff_and_table_track_the_fidelity_gap():
+    a = {"version": "v1", "recipe": {"lr": 1e-3, "steps": 10}, "fidelity": {"score": 0.8}}
+    b = {"version": "v2", "parent": "v1", "recipe": {"lr": 1e-3, "steps": 20},
+         "fidelity": {"score": 0.7}}
+    assert diff_manifests(a, b) == {"version": ("v1", "v2"), "parent": (None, "v1"),
+                                    "recipe.steps": (10, 20), "fidelity.score": (0.8, 0.7)}
+    assert fidelity_gap(a) == pytest.approx(0.2) and fidelity_gap({}) is None
+    rows = table([a, b])
+    assert rows[1]["fidelity_gap"] == pytest.approx(0.3)
+    assert rows[1]["gap_change"] == pytest.approx(0.1) and rows[0]["gap_change"] is None
+
+
+def test_promotion_needs_the_gate_unless_forced_and_rolls_back(reg, tmp_path):
+    src = artifact(tmp_path)
+    reg.register(src, entry="model.gguf", **passed())
+    reg.register(src, entry="model.gguf", gate={"passed": False, "failures": ["ece 0.3 > 0.1"]})
+    reg.register(src, entry="model.gguf")
+    assert reg.promoted("student") is None
+    assert reg.promote("student", "v1")["previous"] is None
+    with pytest.raises(RegistryError, match=r"v2 did not pass the validation gate \(ece 0.3"):
+        reg.promote("student", "v2")
+    with pytest.raises(RegistryError, match="no gate report"):
+        reg.promote("student", "v3")
+    forced = reg.promote("student", "v2", force=True)
+    assert forced["forced"] and forced["previous"] == "v1"
+    assert reg.promote("student", "v2", force=True) == forced  # already current: no new record
+    back = reg.rollback("student")
+    assert (back["version"], back["action"], back["previous"]) == ("v1", "rollback", "v2")
+    assert [h["version"] for h in reg.history("student")] == ["v1", "v2", "v1"]
+    assert reg.promoted("other") is None
+    with pytest.raises(RegistryError, match="nothing to roll back"):
+        reg.rollback("other")
+
+
+def test_update_adds_fields_but_never_files(reg, tmp_path):
+    reg.register(artifact(tmp_path), entry="model.gguf")
+    assert reg.update("v1", gate={"passed": True})["gate"] == {"passed": True}
+    with pytest.raises(RegistryError, match="fixed once registered"):
+        reg.update("v1", files={})
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def config(tmp_path):
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({
+        "variants": {"student": {"engine": {"engine": "llamacpp", "path": "x.gguf"},
+                                 "promotable": True},
+                     "other": {"engine": {"engine": "fake"}}},
+        "routes": {"student": {"variant": "student"}},
+        "registry": {"root": str(tmp_path / "registry")},
+    }))
+    return path
+
+
+def test_cli_registry_and_promotion(config, tmp_path):
+    reg = Registry(tmp_path / "registry")
+    src = artifact(tmp_path)
+    reg.register(src, entry="model.gguf", teacher=TEACHER, **passed(0.8))
+    reg.register(src, entry="model.gguf", parent="v1", teacher=TEACHER,
+                 gate={"passed": False, "failures": ["fidelity.rouge_l 0.2 < 0.3"]},
+                 fidelity={"score": 0.6})
+    run = CliRunner().invoke
+    out = run(app, ["registry", "list", "--config", str(config)])
+    assert out.exit_code == 0 and "v2" in out.output and "failed" in out.output
+    rows = json.loads(run(app, ["registry", "list", "--config", str(config), "--json"]).output)
+    assert rows[1]["gap_change"] == pytest.approx(0.2)
+    out = run(app, ["registry", "lineage", "v2", "--config", str(config)])
+    assert out.exit_code == 0 and "teacher qwen" in out.output and "student v2" in out.output
+    out = run(app, ["registry", "diff", "v1", "v2", "--config", str(config)])
+    assert "gate.passed: True -> False" in out.output and "parent: None -> 'v1'" in out.output
+    assert json.loads(run(app, ["registry", "show", "v1", "--config", str(config)]).output)[
+        "version"] == "v1"
+    out = run(app, ["registry", "show", "v9", "--config", str(config)])
+    assert out.exit_code == 2 and "v9: not in the registry" in out.output
+
+    out = run(app, ["promote", "v2", "--config", str(config)])
+    assert out.exit_code == 2 and "did not pass the validation gate" in out.output
+    assert run(app, ["promote", "v1", "--config", str(config)]).exit_code == 0
+    out = run(app, ["promote", "v2", "--config", str(config), "--force"])
+    assert out.exit_code == 0 and "forced past the gate" in out.output
+    out = run(app, ["rollback", "--config", str(config)])
+    assert out.exit_code == 0 and "back to v1 (from v2)" in out.output
+    assert reg.promoted("student")["version"] == "v1"
+    out = run(app, ["promote", "v1", "--config", str(config), "--variant", "other"])
+    assert out.exit_code == 2 and "not a promotable variant" in out.output
