@@ -4,7 +4,8 @@ Every Ray Serve replica is its own process with its own `prometheus_client` regi
 replica pushes its exposition text to one `MetricsHub` actor about once a second; `/metrics`
 asks the hub to merge them: counters and histograms are summed over every process that ever
 reported (a replica that stops keeps its last counts, so totals never go down); gauges are summed
-over the processes that reported recently.
+over the processes that reported recently, except the per-model facts in `MAX_GAUGES` that every
+replica reports alike (the highest value is kept).
 
 `merge_expositions` is pure; the hub and the reporter are thin I/O around it.
 """
@@ -26,6 +27,7 @@ prometheus_client.disable_created_metrics()
 HUB_NAME = "protege-metrics-hub"
 HUB_NAMESPACE = "protege"
 GAUGE_STALE_S = 15.0
+MAX_GAUGES = frozenset({"protege_student_fidelity_gap"})  # the same fact from every replica
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -102,6 +104,12 @@ class VariantMetrics:
         )
         self.replica_up = Gauge(
             "protege_engine_replica_up", "1 for each loaded replica.", ("variant", "version"),
+            registry=r,
+        )
+        self.fidelity_gap = Gauge(
+            "protege_student_fidelity_gap",
+            "1 - the served registry version's fidelity to its teacher (from its gate report); "
+            "rises when a new student drifts further from the teacher.", ("variant",),
             registry=r,
         )
 
@@ -197,9 +205,13 @@ def merge_expositions(snapshots: Iterable[Snapshot], now: float) -> str:
             kinds.setdefault(family.name, family.type)
             helps.setdefault(family.name, family.documentation)
             samples = values.setdefault(family.name, {})
+            keep_max = family.name in MAX_GAUGES
             for s in family.samples:
                 key = (s.name, tuple(sorted(s.labels.items())))
-                samples[key] = samples.get(key, 0.0) + s.value
+                if key not in samples:
+                    samples[key] = s.value
+                else:
+                    samples[key] = max(samples[key], s.value) if keep_max else samples[key] + s.value
     lines: list[str] = []
     for name in sorted(values):
         lines.append(f"# HELP {name} {_escape_help(helps[name])}")

@@ -163,11 +163,16 @@ class VariantServer:
     async def _load_promoted(self, promoted: dict):
         from serving.config import with_model
 
+        from distill.registry import fidelity_gap
+
         path = await asyncio.to_thread(self.registry.fetch, promoted["version"],
                                        self.registry_options["cache_dir"])
         engine = build_engine(with_model(self.config.engine, str(path)),
                               lambda p: _resolve(self.repo_root, p))
         await engine.start()
+        gap = fidelity_gap(await asyncio.to_thread(self.registry.manifest, promoted["version"]))
+        if gap is not None:
+            self.metrics.fidelity_gap.labels(variant=self.name).set(gap)
         return engine
 
     async def _follow_promotions(self) -> None:

@@ -113,6 +113,8 @@ def test_promote_and_roll_back_under_load_fail_no_request(setup):
     assert sample(metrics, "protege_engine_replica_up", variant="student", version="v2") == 0
     assert sample(metrics, "protege_engine_generations_total", variant="student", version="v2",
                   outcome="completed") > 0
+    # v1's manifest says fidelity 0.6: the gauge is per variant, not summed over the 2 replicas
+    assert sample(metrics, "protege_student_fidelity_gap", variant="student") == pytest.approx(0.4)
     assert "serving.variant.promoted" in gw.log_path.read_text()
     assert registry.promoted("student")["version"] == "v1"
 

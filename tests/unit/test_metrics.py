@@ -73,3 +73,19 @@ def test_label_values_are_escaped():
     merged = values(text)
     assert merged[("protege_requests_total",
                    (("route", 'a"b\\c'), ("status", "200"), ("variant", "v")))] == 1
+
+
+def test_the_fidelity_gap_every_replica_reports_alike_is_not_summed():
+    from ops.metrics import VariantMetrics
+
+    def variant(gap: float, up: int) -> str:
+        m = VariantMetrics()
+        m.fidelity_gap.labels(variant="student").set(gap)
+        m.replica_up.labels(variant="student", version="v2").set(up)
+        return generate_latest(m.registry).decode()
+
+    now = 10.0
+    merged = values(merge_expositions([Snapshot(variant(0.25, 1), now),
+                                       Snapshot(variant(0.25, 1), now)], now))
+    assert merged[("protege_student_fidelity_gap", (("variant", "student"),))] == 0.25
+    assert merged[("protege_engine_replica_up", (("variant", "student"), ("version", "v2")))] == 2
