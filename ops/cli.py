@@ -450,6 +450,86 @@ def rollback(
         _wait_served(settings, name, record["version"], wait)
 
 
+@app.command("validate")
+def validate_command(
+    student: Annotated[str, typer.Argument(
+        help="the candidate: a .gguf file, a model folder, http(s)://host/v1#MODEL or fake")],
+    config: Annotated[Path, typer.Option(
+        "--config", "-c", help="the gate's YAML (see examples/gate/gate.yaml)")],
+    teacher: Annotated[str | None, typer.Option(
+        help="the reference model, in the same forms as STUDENT")] = None,
+    out: Annotated[Path, typer.Option(help="folder for gate.json and gate.html")] = Path(
+        "data/gate"),
+    quiet: Annotated[bool, typer.Option(help="no progress lines on stderr")] = False,
+) -> None:
+    """Gate a student: edge cases, fidelity and calibration against the teacher, latency on
+    this machine, live A/B feedback. Exit 0 when every threshold holds, 1 when one fails."""
+    from distill.gate import GateError, load_gate_config, summary_rows
+    from distill.gate import validate as run_gate
+
+    def say(message: str) -> None:
+        typer.echo(f"validate: {message}", err=True)
+
+    try:
+        report = run_gate(student, teacher, load_gate_config(config), out_dir=out,
+                          progress=None if quiet else say)
+    except GateError as e:
+        typer.echo(f"validate: cannot run the gate ({config}):", err=True)
+        for line in str(e).splitlines():
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(2) from None
+    rows = [("check", "status", "summary"), *summary_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in (0, 1)]
+    for name, status, summary in rows:
+        typer.echo(f"{name:<{widths[0]}}  {status:<{widths[1]}}  {summary}")
+    typer.echo(f"report: {out / 'gate.json'}, {out / 'gate.html'}")
+    if report.failures:
+        typer.echo("gate FAILED:")
+        for reason in report.failures:
+            typer.echo(f"  - {reason}")
+        raise typer.Exit(1)
+    typer.echo("gate passed")
+
+
+@app.command()
+def loop(
+    config: ConfigOption,
+    once: Annotated[bool, typer.Option(
+        help="check the triggers, run (or resume) at most one run, exit (for a CronJob)")] = False,
+    force: Annotated[bool, typer.Option(help="run now, whatever the triggers say")] = False,
+) -> None:
+    """The distillation loop: export -> distill -> quantize -> validate -> register -> promote,
+    when `loop.triggers` say so (new pairs, a teacher change, a schedule). Resumes a run that
+    was interrupted. Without --once it checks every `loop.check_every_s` until stopped."""
+    import time
+
+    from distill.loop import Loop, LoopError
+
+    settings = _load(config)
+    runner = Loop(settings, progress=lambda msg: typer.echo(f"loop: {msg}", err=True))
+    while True:
+        try:
+            run = runner.run_once(force=force)
+        except LoopError as e:
+            typer.echo(f"loop: {e}", err=True)
+            raise typer.Exit(2) from None
+        except Exception as e:  # noqa: BLE001 - recorded in run.json; retried next time
+            typer.echo(f"loop: the run failed: {type(e).__name__}: {e} (it resumes at the "
+                       "failed stage on the next invocation)", err=True)
+            if once or force:
+                raise typer.Exit(1) from None
+            run = None
+        if run is not None:
+            register = run["stages"].get("register", {})
+            typer.echo(f"run {run['id']}: {run['outcome']}"
+                       + (f" ({register['version']})" if register.get("version") else ""))
+            for reason in run["stages"].get("validate", {}).get("failures") or []:
+                typer.echo(f"  gate: {reason}")
+        if once or force:
+            return
+        time.sleep(settings.loop.check_every_s)
+
+
 @app.command()
 def version() -> None:
     """Print the installed version."""

@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from distill.settings import RegistrySettings
+from distill.settings import LoopSettings, RegistrySettings
 from serving.config import RouteConfig, Section, ServerConfig, VariantConfig, unknown_route_variants
 from shadow.config import FEEDBACK_NAME, FeedbackMetric, ShadowSettings
 
@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     feedback: dict[str, FeedbackMetric] = Field(
         {}, description="metrics clients may post to /v1/feedback, by name")
     registry: RegistrySettings = RegistrySettings()
+    loop: LoopSettings = LoopSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod
