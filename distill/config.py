@@ -54,7 +54,8 @@ class StudentInit(_Section):
 
 
 class StudentConfig(_Section):
-    path: Path | None = Field(None, description="a Hugging Face model folder (with tokenizer)")
+    path: Path | None = Field(None, description="a Hugging Face model folder (with tokenizer), "
+                              "or a .gguf file (dequantized to fp32)")
     init_from: StudentInit | None = Field(None, description="build the student by layer dropping")
 
     @model_validator(mode="after")

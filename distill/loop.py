@@ -222,21 +222,19 @@ class Loop:
                 "sha256": {"train": sha256_file(train), "validation": sha256_file(validation)}}
 
     def _distill(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-        from distill.config import load_recipe
+        import yaml
+
         from distill.recipes.kd import main as run_recipe
+        from ops.settings import read_yaml_mapping
 
         if self.cfg.recipe is None:
             raise LoopError("loop.recipe: missing (a KD recipe YAML, e.g. examples/loop/recipe.yaml)")
         data = Path(run["stages"]["export"]["dir"])
-        recipe_path = self.s.resolve_path(self.cfg.recipe)
-        base = load_recipe(recipe_path)
-        recipe = base.model_dump(mode="json")
-        recipe["data"].update(train=str(data / "train.jsonl"),
-                              validation=str(data / "validation.jsonl"), prompts=None)
+        recipe = read_yaml_mapping(self.s.resolve_path(self.cfg.recipe))
+        recipe["data"] = {**(recipe.get("data") or {}), "train": str(data / "train.jsonl"),
+                          "validation": str(data / "validation.jsonl"), "prompts": None}
         recipe["output_dir"] = str(run_dir / "distill")
         resolved = run_dir / "recipe.yaml"
-        import yaml
-
         resolved.write_text(yaml.safe_dump(recipe, sort_keys=False))
         resume = (run_dir / "distill").exists()
         out = run_recipe(resolved, resume=resume)

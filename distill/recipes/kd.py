@@ -135,6 +135,12 @@ class KDRecipe:
                 except (ValueError, FileNotFoundError) as e:
                     raise RecipeError(f"student.init_from: {e}") from None
             self._barrier()
+        elif s.path.suffix == ".gguf":  # a served student: dequantized to fp32 to train
+            try:
+                model, tokenizer = load_teacher(s.path)
+            except FileNotFoundError as e:
+                raise RecipeError(f"student.path: {e}") from None
+            return model, tokenizer
         elif not (s.path / "config.json").exists():
             raise RecipeError(f"student.path: {s.path} is not a Hugging Face model folder (no "
                               "config.json); fix the path or use student.init_from")
