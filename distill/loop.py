@@ -28,6 +28,7 @@ from typing import Any
 from ops.logging import get_logger
 
 STAGES = ("export", "distill", "quantize", "validate", "register", "promote")
+QUANTIZE_PROMPTS = 32  # held-out prompts the quantize report compares answers on
 OUTCOMES = ("promoted", "registered", "rejected", "failed", "abandoned")
 log = get_logger("distill.loop")
 
@@ -243,14 +244,16 @@ class Loop:
                 "resumed": resume, "metrics": manifest.get("metrics", {}).get("final", {})}
 
     def _quantize(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-        from distill.quantize import quantize
+        from distill.quantize import held_out, quantize
 
         out = run_dir / "quantized"
         if out.exists():  # a half-written artifact from a killed attempt
             shutil.rmtree(out)
-        validation = Path(run["stages"]["export"]["dir"]) / "validation.jsonl"
+        prompts, answers = held_out(Path(run["stages"]["export"]["dir"]) / "validation.jsonl")
         report = quantize(run["stages"]["distill"]["model"], self.cfg.quantize, out,
-                          prompts=validation, progress=self.say)
+                          prompts=prompts[:QUANTIZE_PROMPTS],
+                          teacher_answers=answers[:QUANTIZE_PROMPTS] if answers else None,
+                          progress=self.say)
         return {"dir": str(out), "report": report}
 
     def _validate(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -347,7 +350,7 @@ class Loop:
     def _teacher(self) -> str | None:
         if self.cfg.teacher is not None:
             t = self.cfg.teacher
-            return t if t.startswith(("http://", "https://")) else str(self.s.resolve_path(t))
+            return t if t == "fake" or "://" in t else str(self.s.resolve_path(t))
         found = self._teacher_variant()
         if found is None:
             return None
