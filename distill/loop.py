@@ -260,6 +260,7 @@ class Loop:
         if self.cfg.gate is None:
             return {"status": "skipped", "passed": None, "reason": "loop.gate is not set"}
         from distill.gate import load_gate_config, validate
+        from distill.registry import fidelity_summary
 
         cfg = load_gate_config(self.s.resolve_path(self.cfg.gate))
         validation = Path(run["stages"]["export"]["dir"]) / "validation.jsonl"
@@ -269,36 +270,34 @@ class Loop:
                           out_dir=run_dir / "gate", progress=self.say)
         return {"passed": report.passed, "failures": report.failures,
                 "report": str(run_dir / "gate" / "gate.json"),
-                "fidelity": _fidelity_summary(report.checks.get("fidelity") or {})}
+                "fidelity": fidelity_summary(report.checks.get("fidelity"))}
 
     def _register(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+        from distill.registry import artifact_fields
         from distill.train_loop import code_version
 
         registry = self._registry()
         for version in reversed(registry.versions()):  # registered before a crash: reuse
             if registry.manifest(version).get("loop_run") == run["id"]:
                 return {"version": version, "reused": True}
-        q = run["stages"]["quantize"]["report"]
         gate = run["stages"]["validate"]
         distilled = json.loads((Path(run["stages"]["distill"]["dir"]) / "manifest.json")
                                .read_text())
+        fields = artifact_fields(
+            run["stages"]["quantize"]["report"], distill_manifest=distilled,
+            gate_report=None if gate.get("passed") is None else json.loads(
+                Path(gate["report"]).read_text()), gate_path=gate.get("report"))
         export = run["stages"]["export"]
         promoted = registry.promoted(self._variant()) if self._variant(required=False) else None
         manifest = registry.register(
-            run["stages"]["quantize"]["dir"], entry=_entry_of(q, run["stages"]["quantize"]["dir"]),
-            expected_files=q.get("files"), progress=self.say,
+            run["stages"]["quantize"]["dir"], progress=self.say,
             parent=(promoted or {}).get("version") or registry.latest(),
-            loop_run=run["id"], teacher=self._teacher_record(run),
-            dataset={"id": f"loop-{run['id']}", "sha256": export["sha256"],
-                     "examples": {"train": export["train"], "validation": export["validation"]},
-                     "until": run["cutoff"], "route": self.cfg.route},
-            recipe=distilled.get("config"), distill_metrics=distilled.get("metrics"),
-            intermediates=[{"model": run["stages"]["distill"]["model"],
-                            "strategy": distilled.get("strategy")}],
-            quantization={k: v for k, v in q.items() if k not in ("files",)},
-            gate=None if gate.get("passed") is None else {
-                "passed": gate["passed"], "failures": gate["failures"], "report": gate["report"]},
-            fidelity=gate.get("fidelity"), code=code_version())
+            **{**fields, "loop_run": run["id"], "teacher": self._teacher_record(run),
+               "dataset": {"id": f"loop-{run['id']}", "sha256": export["sha256"],
+                           "examples": {"train": export["train"],
+                                        "validation": export["validation"]},
+                           "until": run["cutoff"], "route": self.cfg.route},
+               "code": code_version()})
         return {"version": manifest["version"], "parent": manifest["parent"]}
 
     def _promote(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -400,21 +399,6 @@ class Loop:
                 push_to_gateway(self.cfg.pushgateway, job="protege-loop", registry=reg)
             except OSError as e:
                 log.warning("distill.loop.push_failed", error=str(e))
-
-
-def _entry_of(report: dict[str, Any], out_dir: str) -> str:
-    """The served file or folder of a quantize report, relative to its output folder."""
-    return Path(os.path.relpath(report["output"], out_dir)).as_posix()
-
-
-def _fidelity_summary(check: dict[str, Any]) -> dict[str, Any] | None:
-    """The gate's fidelity numbers; `score` is the semantic similarity when measured, else
-    ROUGE-L (the registry's fidelity gap is 1 - score)."""
-    if check.get("status") not in ("passed", "failed"):
-        return None
-    metric = "semantic" if check.get("semantic") is not None else "rouge_l"
-    return {"score": check[metric], "metric": metric,
-            **{k: check.get(k) for k in ("rouge_l", "exact_match", "semantic", "pairs")}}
 
 
 def _now() -> str:

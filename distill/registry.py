@@ -74,6 +74,48 @@ def fidelity_gap(manifest: dict[str, Any]) -> float | None:
     return None if score is None else round(1.0 - float(score), 6)
 
 
+def artifact_fields(quantize_report: dict[str, Any], *,
+                    distill_manifest: dict[str, Any] | None = None,
+                    gate_report: dict[str, Any] | None = None,
+                    gate_path: str | None = None) -> dict[str, Any]:
+    """`Registry.register` keyword arguments from what distill wrote (pure): the quantize
+    report (entry, the file hashes it claims, quantization), the distill run's manifest
+    (recipe, teacher, dataset, intermediate models) and the gate report (passed, failures, the
+    teacher-student fidelity)."""
+    q = quantize_report
+    out_dir = Path(q["report"]).parent
+    fields: dict[str, Any] = {
+        "entry": Path(q["output"]).relative_to(out_dir).as_posix() or ".",
+        "expected_files": q["files"],
+        "quantization": {k: v for k, v in q.items() if k not in ("files", "source_files")},
+    }
+    if distill_manifest is not None:
+        m = distill_manifest
+        fields.update(
+            recipe=m.get("config"), distill_metrics=m.get("metrics"),
+            intermediates=[{k: v for k, v in step.items() if k != "manifest"}
+                           for step in m.get("lineage") or [] if "strategy" in step])
+        if m.get("teacher"):
+            fields["teacher"] = {"name": m["teacher"]["id"], "sha256": m["teacher"]["sha256"]}
+        if m.get("dataset"):
+            fields["dataset"] = m["dataset"]
+    if gate_report is not None:
+        fields["gate"] = {"passed": gate_report["passed"], "failures": gate_report["failures"],
+                          "report": gate_path}
+        fields["fidelity"] = fidelity_summary((gate_report.get("checks") or {}).get("fidelity"))
+    return fields
+
+
+def fidelity_summary(check: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The gate's fidelity numbers; `score` is the semantic similarity when measured, else
+    ROUGE-L (the fidelity gap is 1 - score). None when the check did not run."""
+    if not check or check.get("status") not in ("passed", "failed"):
+        return None
+    metric = "semantic" if check.get("semantic") is not None else "rouge_l"
+    return {"score": check[metric], "metric": metric,
+            **{k: check.get(k) for k in ("rouge_l", "exact_match", "semantic", "pairs")}}
+
+
 class Registry:
     """Versions and promotions under `root` (a local path or an fsspec URL)."""
 

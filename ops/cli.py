@@ -333,6 +333,38 @@ def registry_list(config: ConfigOption,
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
+@registry_app.command("add")
+def registry_add(
+    artifact: Annotated[Path, typer.Argument(help="a `protege quantize` output folder")],
+    config: ConfigOption,
+    gate: Annotated[Path | None, typer.Option(help="its `protege validate` gate.json")] = None,
+    parent: Annotated[str | None, typer.Option(help="the version it descends from")] = None,
+) -> None:
+    """Register a quantized student by hand (the loop registers its own): its files are
+    checked against quantize.json; the distill run's manifest and the gate report, when found,
+    fill in teacher, dataset, recipe, lineage and fidelity."""
+    import json
+
+    from distill.registry import artifact_fields
+
+    def read(path: Path, what: str) -> dict:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            typer.echo(f"registry add: cannot read {what} {path}: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    report = read(artifact / "quantize.json", "the quantize report")
+    distilled = Path(report["source"]).parent / "manifest.json"
+    fields = artifact_fields(
+        report, distill_manifest=read(distilled, "the distill manifest") if distilled.exists()
+        else None, gate_report=read(gate, "the gate report") if gate else None,
+        gate_path=str(gate) if gate else None)
+    reg = _registry(_load(config))
+    manifest = _registry_call("registry add", reg.register, artifact, parent=parent, **fields)
+    typer.echo(f"registered {manifest['version']} ({len(manifest['files'])} files) in {reg.root}")
+
+
 @registry_app.command("show")
 def registry_show(version: str, config: ConfigOption) -> None:
     """A version's manifest (JSON)."""
@@ -528,6 +560,82 @@ def loop(
         if once or force:
             return
         time.sleep(settings.loop.check_every_s)
+
+
+def _quantize_rows(report: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(what, before, after, change) rows of a quantize report."""
+    size, bits = report["size_bytes"], report["bits_per_weight"]
+    rows = [("", "before", "after", ""),
+            ("size", f"{size['before'] / 2**20:.1f} MiB", f"{size['after'] / 2**20:.1f} MiB",
+             f"x{size['ratio']:.2f}"),
+            ("bits/weight", f"{bits['before']:.2f}", f"{bits['after']:.2f}", "")]
+    fidelity = report["fidelity"]
+    if fidelity is None:
+        return rows
+    speed = fidelity["speed"]
+    rows.append((f"tokens/s ({fidelity['engine']})",
+                 *(f"{speed[k]['tokens_per_s'] or 0:.1f}" for k in ("unquantized", "quantized")),
+                 ""))
+    same = fidelity["vs_unquantized"]
+    rows.append(("same answers (rouge_l / exact)", "1 / 1",
+                 f"{same['rouge_l']:.3f} / {same['exact_match']:.3f}", ""))
+    teacher = fidelity["vs_teacher"]
+    if teacher is not None:
+        for key in ("rouge_l", "exact_match"):
+            rows.append((f"vs teacher {key}", f"{teacher['unquantized'][key]:.3f}",
+                         f"{teacher['quantized'][key]:.3f}", f"{teacher['delta'][key]:+.3f}"))
+    return rows
+
+
+@app.command("quantize")
+def quantize_command(
+    model: Annotated[Path, typer.Argument(
+        help="the Hugging Face model folder to quantize (e.g. a distilled student)")],
+    to: Annotated[str, typer.Option("--to", help=(
+        "gguf-q8_0, gguf-q4_k_m, gguf-q4_0 (llama.cpp), int8 (transformers engine on CPU), "
+        "w8a16, w4a16 (vLLM, compressed-tensors)"))],
+    out: Annotated[Path | None, typer.Option(
+        help="a new (or empty) folder [default: MODEL-FORMAT next to MODEL]")] = None,
+    prompts: Annotated[Path | None, typer.Option(help=(
+        "held-out chats ending with the teacher's answer (validation.jsonl from `protege "
+        "dataset export`), or a prompt file (.txt, .jsonl): adds fidelity to the report"
+    ))] = None,
+    max_new_tokens: Annotated[int, typer.Option(
+        min=1, help="greedy answer length for the fidelity check")] = 48,
+) -> None:
+    """Quantize a model folder and write the artifact with quantize.json: sizes, bits per
+    weight and, with --prompts, greedy answers against the unquantized model and the teacher."""
+    from distill.quantize import QUANT_FORMATS, held_out, quantize
+
+    def fail(message: str, code: int = 2) -> NoReturn:
+        typer.echo(f"quantize: {(message.splitlines() or [''])[0]}", err=True)
+        raise typer.Exit(code)
+
+    if to not in QUANT_FORMATS:
+        fail(f"unknown format {to!r} (allowed: {', '.join(QUANT_FORMATS)})")
+    held: tuple[Any, Any] = (None, None)
+    if prompts is not None:
+        try:
+            held = held_out(prompts)
+        except (ValueError, OSError) as e:
+            fail(f"--prompts {prompts}: {e}")
+    model = model.resolve()
+    try:
+        report = quantize(model, to, out or model.parent / f"{model.name}-{to}",
+                          prompts=held[0], teacher_answers=held[1],
+                          max_new_tokens=max_new_tokens,
+                          progress=lambda message: typer.echo(f"quantize: {message}", err=True))
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - a failure while running is one line, exit 1
+        fail(f"{type(e).__name__}: {e}", 1)
+    rows = _quantize_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    typer.echo(f"{report['format']}: {report['output']} (served by {report['engine']})")
+    for what, before, after, change in rows:
+        typer.echo(f"{what:<{widths[0]}}  {before:>{widths[1]}}  {after:>{widths[2]}}  "
+                   f"{change}".rstrip())
+    typer.echo(f"report: {report['report']}")
 
 
 @app.command()

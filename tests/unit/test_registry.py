@@ -190,3 +190,46 @@ def test_cli_registry_and_promotion(config, tmp_path):
     assert reg.promoted("student")["version"] == "v1"
     out = run(app, ["promote", "v1", "--config", str(config), "--variant", "other"])
     assert out.exit_code == 2 and "not a promotable variant" in out.output
+
+
+def quantized(tmp_path):
+    """A folder as `protege quantize` leaves it, next to a distill run's manifest."""
+    import hashlib
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "manifest.json").write_text(json.dumps({
+        "config": {"strategy": "sequence"}, "metrics": {"steps": 3},
+        "teacher": {"id": "models/teacher.gguf", "sha256": {"teacher.gguf": "cd" * 32}},
+        "dataset": {"train": {"path": "train.jsonl", "sha256": "ef" * 32}},
+        "lineage": [{"model": str(run / "model"), "strategy": "sequence", "manifest": "x"}]}))
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "model.Q8_0.gguf").write_bytes(b"gguf bytes")
+    report = {"format": "gguf-q8_0", "source": str(run / "model"),
+              "output": str(out / "model.Q8_0.gguf"), "report": str(out / "quantize.json"),
+              "files": {"model.Q8_0.gguf": hashlib.sha256(b"gguf bytes").hexdigest()},
+              "bits_per_weight": {"after": 8.5}}
+    (out / "quantize.json").write_text(json.dumps(report))
+    gate = tmp_path / "gate.json"
+    gate.write_text(json.dumps({"passed": False, "failures": ["ece 0.2 > 0.1"], "checks": {
+        "fidelity": {"status": "passed", "rouge_l": 0.4, "semantic": 0.7, "pairs": 5}}}))
+    return out, gate
+
+
+def test_cli_registry_add_reads_the_reports_and_checks_the_files(config, tmp_path):
+    out, gate = quantized(tmp_path)
+    run = CliRunner().invoke
+    result = run(app, ["registry", "add", str(out), "--config", str(config), "--gate", str(gate)])
+    assert result.exit_code == 0, result.output
+    m = Registry(tmp_path / "registry").manifest("v1")
+    assert m["entry"] == "model.Q8_0.gguf" and m["quantization"]["format"] == "gguf-q8_0"
+    assert m["teacher"]["name"] == "models/teacher.gguf" and m["recipe"] == {"strategy": "sequence"}
+    assert m["intermediates"] == [{"model": str(tmp_path / "run/model"), "strategy": "sequence"}]
+    assert m["gate"]["passed"] is False and m["fidelity"]["metric"] == "semantic"
+    assert fidelity_gap(m) == pytest.approx(0.3)
+    (out / "model.Q8_0.gguf").write_bytes(b"changed after quantizing")
+    result = run(app, ["registry", "add", str(out), "--config", str(config)])
+    assert result.exit_code == 2 and "model.Q8_0.gguf: sha256 differs" in result.output
+    result = run(app, ["registry", "add", str(tmp_path / "nope"), "--config", str(config)])
+    assert result.exit_code == 2 and "cannot read the quantize report" in result.output

@@ -1,0 +1,109 @@
+"""The whole loop against a running gateway: chats to a tiny GGUF student are shadowed (real Ray
+Serve, real store), `protege loop` distills, quantizes, gates, registers and promotes a new
+version from those pairs, and the gateway swaps it in while clients keep chatting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import yaml
+
+from distill.gguf import convert_to_gguf
+from distill.registry import Registry
+from shadow.store import SqliteStore
+from tests.integration.conftest import REPO, Gateway
+from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
+
+WORDS = "the quick brown fox jumps over the lazy dog hello world how are you today".split()
+
+
+def test_pairs_from_live_traffic_become_a_promoted_version(tmp_path):
+    tokenizer = bpe_tokenizer()
+    student = save(tmp_path / "student0", tiny_model("llama", tokenizer), tokenizer)
+    served = convert_to_gguf(student, tmp_path / "student0.gguf", qtype="Q8_0")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "student": {"path": str(student)}, "data": {"max_length": 64}, "strategy": "sequence",
+        "optim": {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "warmup_steps": 0},
+        "eval_every": 2, "save_every": 2}))
+    (tmp_path / "gate.yaml").write_text(yaml.safe_dump({
+        "edge_cases": {"enabled": False}, "heldout": {"limit": 3, "max_tokens": 4},
+        "fidelity": {"min_rouge_l": 0.0, "semantic_model": None},
+        "calibration": {"max_ece": None, "max_overconfident_wrong": None},
+        "latency": {"batch_sizes": [1], "concurrency": [1], "rounds": 1, "max_tokens": 4,
+                    "max_p95_ttft_s": None},
+        "ab": {"enabled": False}}))
+    config = {
+        "variants": {
+            "tiny": {"engine": {"engine": "llamacpp", "path": str(served), "n_ctx": 256,
+                                "n_threads": 1},
+                     "version": "base", "num_cpus": 0, "promotable": True},
+            "teacher": {"engine": {"engine": "fake", "completion_tokens": 6}, "version": "t1",
+                        "num_cpus": 0}},
+        "routes": {"tiny": {"variant": "tiny", "shadow": {"variant": "teacher",
+                                                           "sample_rate": 1.0}}},
+        "shadow": {"store_path": str(tmp_path / "pairs.sqlite"),
+                   "spill_dir": str(tmp_path / "spill"), "max_in_flight": 64,
+                   "semantic_model": None},
+        "registry": {"root": str(tmp_path / "registry"), "poll_s": 0.3},
+        "loop": {"work_dir": str(tmp_path / "loop"), "recipe": str(tmp_path / "recipe.yaml"),
+                 "gate": str(tmp_path / "gate.yaml"), "teacher": "fake", "route": "tiny",
+                 "quantize": "gguf-q8_0", "min_pairs": 20, "validation_share": 0.2},
+    }
+    gw = Gateway(config, tmp_path, startup_s=300)
+    try:
+        with httpx.Client(base_url=gw.base, timeout=60) as http:
+            for i in range(30):
+                r = http.post("/v1/chat/completions", json={
+                    "model": "tiny", "max_tokens": 6, "messages": [
+                        {"role": "user", "content": " ".join(WORDS[i % 9: i % 9 + 5]) + f" {i}"}]})
+                assert r.status_code == 200 and r.headers["x-protege-version"] == "base"
+        store = SqliteStore(tmp_path / "pairs.sqlite")
+        deadline = time.monotonic() + 60
+        while store.count() < 30 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert store.count() == 30
+
+        statuses: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def chat() -> None:
+            with httpx.Client(base_url=gw.base, timeout=60) as http:
+                for n in range(5000):  # bounded; stopped long before
+                    if stop.is_set():
+                        return
+                    r = http.post("/v1/chat/completions", json={
+                        "model": "tiny", "max_tokens": 3, "stream": n % 2 == 0,
+                        "messages": [{"role": "user", "content": "hello world"}]})
+                    statuses.append((r.status_code, r.headers.get("x-protege-version", "")))
+
+        client = threading.Thread(target=chat)
+        client.start()
+        try:
+            out = subprocess.run(
+                [sys.executable, "-m", "ops.cli", "loop", "--config", str(gw.config_path),
+                 "--once"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+            assert out.returncode == 0, out.stderr[-4000:]
+            assert "promoted (v1)" in out.stdout, out.stdout + out.stderr[-3000:]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (not statuses or statuses[-1][1] != "v1"):
+                time.sleep(0.2)
+            time.sleep(1)
+        finally:
+            stop.set()
+            client.join(120)
+        assert statuses and all(s == 200 for s, _ in statuses), statuses[-5:]
+        assert statuses[0][1] == "base" and statuses[-1][1] == "v1"
+
+        registry = Registry(tmp_path / "registry")
+        manifest = registry.verify("v1")
+        examples = manifest["dataset"]["examples"]  # the 30 chats, and the load's one prompt
+        assert examples["train"] + examples["validation"] == 31
+        assert manifest["teacher"]["models"] == ["teacher:t1"]
+        assert [s["kind"] for s in registry.lineage("v1")] == ["teacher", "intermediate",
+                                                               "student"]
+    finally:
+        gw.stop()
