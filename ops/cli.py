@@ -7,10 +7,16 @@
     protege dataset export --config FILE --out DIR [--format jsonl|parquet] [filters]
     protege distill init-student --from MODEL --out DIR (--every N | --keep-layers 0,3,...)
     protege distill run --config FILE [--resume] [--workers N]
+    protege quantize MODEL --to FORMAT [--out DIR] [--prompts FILE]
+    protege validate STUDENT --config GATE [--teacher T] [--out DIR]
+    protege registry list|show|lineage|diff|add --config FILE
+    protege promote vN --config FILE [--variant V] [--force] [--wait S]
+    protege rollback --config FILE [--variant V] [--wait S]
+    protege loop --config FILE [--once] [--force]
     protege version
 
-Exit codes: 0 ok, 1 a failure while running (a model could not be fetched), 2 a bad
-configuration or bad arguments. Heavy imports (Ray, engines) happen inside the command that
+Exit codes: 0 ok, 1 a failure while running (a model could not be fetched, the gate failed),
+2 a bad configuration or bad arguments. Heavy imports (Ray, engines) happen inside the command that
 needs them, so `config check` and `--help` stay fast.
 """
 
@@ -595,7 +601,7 @@ def quantize_command(
         "gguf-q8_0, gguf-q4_k_m, gguf-q4_0 (llama.cpp), int8 (transformers engine on CPU), "
         "w8a16, w4a16 (vLLM, compressed-tensors)"))],
     out: Annotated[Path | None, typer.Option(
-        help="a new (or empty) folder [default: MODEL-FORMAT next to MODEL]")] = None,
+        help="a new (or empty) folder (default: MODEL-FORMAT next to MODEL)")] = None,
     prompts: Annotated[Path | None, typer.Option(help=(
         "held-out chats ending with the teacher's answer (validation.jsonl from `protege "
         "dataset export`), or a prompt file (.txt, .jsonl): adds fidelity to the report"

@@ -1,4 +1,4 @@
-"""The closed loop, end to end, on the packaged models (resumable; ~1 hour on 2 cores):
+"""The closed loop, end to end, on the packaged models (resumable; about 30 minutes on 2 cores):
 
     .venv/bin/python examples/loop/demo.py [--prompts 160] [--work data/demo] [--keep-serving]
 
@@ -6,8 +6,8 @@
    store, registry and loop folders under --work),
 2. replays examples/prompts/enterprise.jsonl through the gateway with the OpenAI client,
 3. waits until the teacher has answered every mirrored chat,
-4. runs `protege loop` once: export -> distill -> quantize (GGUF Q8_0) -> validate (the gate in
-   examples/gate/gate.yaml) -> register -> promote (when the gate passes),
+4. runs `protege loop` once: export -> distill -> quantize (GGUF Q4_0) -> validate (the gate in
+   examples/loop/gate.yaml) -> register -> promote (when the gate passes),
 5. gates the packaged student the same way, for the "before" column,
 6. prints before/after: size, tokens/s, fidelity to the teacher, ECE, edge cases, the gate,
    and the version the running gateway now answers with.
@@ -176,7 +176,9 @@ def main() -> None:
     say(f"serving {config} on http://127.0.0.1:{port} (log: {work / 'gateway.log'})")
     gateway = Gateway(config, port, work / "gateway.log")
     try:
-        prompts = load_prompts(REPO / "examples/prompts/enterprise.jsonl")[: args.prompts]
+        every = load_prompts(REPO / "examples/prompts/enterprise.jsonl")
+        step = max(1, len(every) // max(1, args.prompts))  # spread over the file's task kinds
+        prompts = every[::step][: args.prompts]
         replay(gateway.base, prompts, state, save)
         n = wait_for_pairs(work / "pairs.sqlite", len(prompts))
         say(f"{n} shadow pairs stored")
@@ -191,7 +193,7 @@ def main() -> None:
         before_dir = work / "baseline-gate"
         if not (before_dir / "gate.json").exists():
             say("gating the packaged student the same way, for comparison")
-            cfg = load_gate_config(REPO / "examples/gate/gate.yaml")
+            cfg = load_gate_config(settings.resolve_path(settings.loop.gate))
             cfg = cfg.model_copy(update={"heldout": cfg.heldout.model_copy(update={
                 "examples": run_dir / "dataset" / "validation.jsonl", "prompts": None})})
             validate(str(BASE_STUDENT), Loop(settings)._teacher(), cfg, out_dir=before_dir,

@@ -8,6 +8,9 @@ tokens and an abort checked between tokens.
 
 Logprobs are the log-softmax of the model's raw logits (before temperature and top_p), like
 vLLM's default and llama.cpp's, so the engines agree; `k` alternatives come from `topk`.
+
+A folder written by `protege quantize --to int8` loads through `distill.quantize.load_int8`:
+its layers keep int8 weights at run time (torch's fused int8 CPU matmul).
 """
 
 from __future__ import annotations
@@ -97,11 +100,16 @@ class TransformersEngine(WorkerThreadEngine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from distill.quantize import is_int8_folder, load_int8
+
         extra = {"gguf_file": self.config.gguf_file} if self.config.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(self.path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=getattr(torch, self.config.dtype), **extra
-        )
+        if not extra and is_int8_folder(self.path):
+            model = load_int8(self.path, dtype=getattr(torch, self.config.dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                self.path, dtype=getattr(torch, self.config.dtype), **extra
+            )
         model = model.to(self.config.device).eval()
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

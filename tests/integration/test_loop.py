@@ -25,7 +25,7 @@ from tests.integration.conftest import REPO
 from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
 from tests.unit.test_records import make_record
 
-WORDS = "the quick brown fox jumps over the lazy dog hello world how are you today".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "hello", "world", "how", "are", "you", "today"]
 
 
 def add_pairs(store_path, start: int, n: int) -> None:
