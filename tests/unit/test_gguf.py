@@ -32,11 +32,8 @@ from transformers import (
 
 from distill.answers import answer_all
 from distill.gguf import GGUF_TYPES, convert_to_gguf, permute_qk, pre_tokenizer_name
+from tests.unit.test_student_init import CHATML
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Hello world! How are you today?",
     "Numbers: 1, 22, 333 and 4444 apples.", "  Spaces   and\ttabs\nand new lines.",
