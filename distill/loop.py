@@ -369,7 +369,9 @@ class Loop:
         teacher = self._teacher()
         record = {"name": found[0] if found else teacher, "models": run["facts"]["teachers"],
                   "version": found[1].version if found else None, "path": teacher}
-        if teacher and Path(teacher).exists():
+        if teacher and Path(teacher).is_file():
+            record["sha256"] = file_hashes(Path(teacher))[Path(teacher).name]
+        elif teacher and Path(teacher).is_dir():
             record["sha256"] = file_hashes(Path(teacher))
         return record
 

@@ -388,6 +388,8 @@ def registry_lineage(version: str, config: ConfigOption) -> None:
         kind = step.pop("kind")
         key = "version" if kind == "student" else "name" if "name" in step else "model"
         name = step.pop(key, "?")
+        if isinstance(step.get("sha256"), dict):  # a model folder: one hash per file
+            step["sha256"] = f"{len(step['sha256'])} files"
         detail = ", ".join(f"{k}={str(v)[:12] if k == 'sha256' else v}"
                            for k, v in step.items() if v is not None)
         typer.echo(f"{'   ' * i}{'└─ ' if i else ''}{kind} {name}" + (f" ({detail})" if detail else ""))
