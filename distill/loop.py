@@ -376,31 +376,39 @@ class Loop:
         return record
 
     def _export_metrics(self, state: dict[str, Any]) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, write_to_textfile
+        from prometheus_client import write_to_textfile
 
-        reg = CollectorRegistry()
-        runs = Counter("protege_loop_runs", "Loop runs by outcome.", ("outcome",), registry=reg)
-        stages = Counter("protege_loop_stages", "Loop stages by outcome.", ("stage", "outcome"),
-                         registry=reg)
-        for outcome in OUTCOMES:
-            runs.labels(outcome=outcome)
-        for key, n in state["counters"].items():
-            name, labels = json.loads(key)
-            metric = runs if name == "protege_loop_runs_total" else stages
-            metric.labels(**dict(labels)).inc(n)
-        last = Gauge("protege_loop_last_run_timestamp_seconds", "When the last run ended.",
-                     registry=reg)
-        if state.get("last_attempt"):
-            last.set(datetime.fromisoformat(state["last_attempt"]["at"]).timestamp())
+        registry = loop_metrics(state)
         self.work.mkdir(parents=True, exist_ok=True)
-        write_to_textfile(str(self.work / "metrics.prom"), reg)
+        write_to_textfile(str(self.work / "metrics.prom"), registry)
         if self.cfg.pushgateway:
             from prometheus_client import push_to_gateway
 
             try:
-                push_to_gateway(self.cfg.pushgateway, job="protege-loop", registry=reg)
+                push_to_gateway(self.cfg.pushgateway, job="protege-loop", registry=registry)
             except OSError as e:
                 log.warning("distill.loop.push_failed", error=str(e))
+
+
+def loop_metrics(state: dict[str, Any]):
+    """The loop's Prometheus metrics from its state's counters (a `CollectorRegistry`)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    reg = CollectorRegistry()
+    runs = Counter("protege_loop_runs", "Loop runs by outcome.", ("outcome",), registry=reg)
+    stages = Counter("protege_loop_stages", "Loop stages by outcome.", ("stage", "outcome"),
+                     registry=reg)
+    for outcome in OUTCOMES:
+        runs.labels(outcome=outcome)
+    for key, n in state.get("counters", {}).items():
+        name, labels = json.loads(key)
+        metric = runs if name == "protege_loop_runs_total" else stages
+        metric.labels(**dict(labels)).inc(n)
+    last = Gauge("protege_loop_last_run_timestamp_seconds", "When the last run ended.",
+                 registry=reg)
+    if state.get("last_attempt"):
+        last.set(datetime.fromisoformat(state["last_attempt"]["at"]).timestamp())
+    return reg
 
 
 def _now() -> str:
