@@ -899,6 +899,16 @@ def build_app(settings) -> serve.Application:
     return ingress.bind(params, variants, shadow)
 
 
+def app_builder(args: dict) -> serve.Application:
+    """The application for a Serve config (`import_path: serving.app:app_builder`, as the helm
+    chart's RayService renders it): `args["config"]` names the settings file; env applies."""
+    from ops.settings import load_settings
+
+    if not args.get("config"):
+        raise ValueError("args.config: missing (the path of a protege settings file)")
+    return build_app(load_settings(args["config"]))
+
+
 def serve_forever(settings) -> None:
     """Start (or join, when RAY_ADDRESS is set) Ray, deploy, block; drain on SIGINT/SIGTERM."""
     import ray
