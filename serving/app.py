@@ -161,9 +161,8 @@ class VariantServer:
         return engine, version
 
     async def _load_promoted(self, promoted: dict):
-        from serving.config import with_model
-
         from distill.registry import fidelity_gap
+        from serving.config import with_model
 
         path = await asyncio.to_thread(self.registry.fetch, promoted["version"],
                                        self.registry_options["cache_dir"])
