@@ -35,7 +35,6 @@ against an F32 GGUF of the source on `llamacpp`.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -50,6 +49,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from distill.train_loop import sha256_file
 
 Prompt = str | Sequence[dict[str, str]]  # a user message, or chat messages ending before the answer
 Progress = Callable[[str], None]
@@ -217,8 +218,8 @@ def quantize(model_dir: str | Path, fmt: str, out_dir: str | Path, *,
             "source": str(source),
             "output": str(artifact),
             "report": str(out / REPORT_FILE),
-            "files": {p.relative_to(out).as_posix(): _sha256(p) for p in _files(out)},
-            "source_files": {p.name: _sha256(p) for p in _weight_files(source)},
+            "files": {p.relative_to(out).as_posix(): sha256_file(p) for p in _files(out)},
+            "source_files": {p.name: sha256_file(p) for p in _weight_files(source)},
             "parameters": params,
             "size_bytes": {"before": before["file_bytes"], "after": after["file_bytes"],
                            "ratio": after["file_bytes"] / before["file_bytes"]},
@@ -508,11 +509,3 @@ def _gguf_tensor_types(path: Path) -> dict[str, int]:
 
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != REPORT_FILE)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
