@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -189,8 +190,7 @@ class Registry:
             "sizes": {rel: (src / rel if src.is_dir() else src).stat().st_size for rel in hashes},
             **fields,
         }
-        self.fs.pipe_file(self._p("versions", version, MANIFEST),
-                          json.dumps(manifest, indent=2, default=str).encode())
+        self._write_json(self._p("versions", version, MANIFEST), manifest)
         return manifest
 
     def verify(self, version: str) -> dict[str, Any]:
@@ -233,8 +233,7 @@ class Registry:
         if {"files", "version", "entry"} & fields.keys():
             raise RegistryError("files, version and entry are fixed once registered")
         manifest = {**self.manifest(version), **fields}
-        self.fs.pipe_file(self._p("versions", version, MANIFEST),
-                          json.dumps(manifest, indent=2, default=str).encode())
+        self._write_json(self._p("versions", version, MANIFEST), manifest)
         return manifest
 
     def lineage(self, version: str) -> list[dict[str, Any]]:
@@ -289,8 +288,7 @@ class Registry:
         state["current"] = record
         state["history"].append(record)
         self.fs.makedirs(self._p("promotions"), exist_ok=True)
-        self.fs.pipe_file(self._p("promotions", f"{variant}.json"),
-                          json.dumps(state, indent=2).encode())
+        self._write_json(self._p("promotions", f"{variant}.json"), state)
         return record
 
     def rollback(self, variant: str) -> dict[str, Any]:
@@ -305,6 +303,17 @@ class Registry:
         return state["history"] if state else []
 
     # -- internals --------------------------------------------------------------------------
+
+    def _write_json(self, path: str, data: dict[str, Any]) -> None:
+        """Whole or not at all: a replica polling the file never reads half of it (a local
+        file is written aside and renamed; an object store's put is already atomic)."""
+        text = json.dumps(data, indent=2, default=str).encode()
+        if not self.local:
+            self.fs.pipe_file(path, text)
+            return
+        tmp = Path(f"{path}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(text)
+        tmp.replace(path)
 
     def _p(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])
