@@ -322,8 +322,7 @@ class Loop:
     def _registry(self):
         from distill.registry import Registry
 
-        root = self.s.registry.root
-        return Registry(root if "://" in root else self.s.resolve_path(root))
+        return Registry(self.s.registry_root())
 
     def _variant(self, required: bool = True) -> str | None:
         if self.cfg.variant is not None:

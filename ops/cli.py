@@ -301,8 +301,7 @@ app.add_typer(registry_app, name="registry")
 def _registry(settings: Settings):
     from distill.registry import Registry
 
-    root = settings.registry.root
-    return Registry(root if "://" in root else settings.resolve_path(root))
+    return Registry(settings.registry_root())
 
 
 def _registry_call(what: str, fn, *args, **kwargs):

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else REPO_ROOT / p
 
+    def registry_root(self) -> str:
+        """`registry.root` as every process must see it: an fsspec URL, or an absolute path."""
+        root = self.registry.root
+        return root if "://" in root else str(self.resolve_path(root))
+
 
 _file_data: ContextVar[dict[str, Any]] = ContextVar("protege_settings_file", default={})
 

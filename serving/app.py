@@ -812,12 +812,6 @@ def _resolve(repo_root: str, path: str):
 # -- wiring -----------------------------------------------------------------------------------
 
 
-def _registry_root(settings) -> str:
-    """The registry root as every replica must see it: an fsspec URL, or an absolute path."""
-    root = settings.registry.root
-    return root if "://" in root else str(settings.resolve_path(root))
-
-
 def build_app(settings) -> serve.Application:
     """The Ray Serve application for `settings` (an `ops.settings.Settings`)."""
     from ops.settings import REPO_ROOT
@@ -825,7 +819,7 @@ def build_app(settings) -> serve.Application:
     log = settings.logging
     drain_s = settings.server.drain_timeout_s
     run = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"  # names this run's ledger files
-    registry = {"root": _registry_root(settings), "poll_s": settings.registry.poll_s,
+    registry = {"root": settings.registry_root(), "poll_s": settings.registry.poll_s,
                 "cache_dir": str(settings.resolve_path(settings.registry.cache_dir))}
     variants = {}
     for name, v in settings.variants.items():

@@ -233,3 +233,10 @@ def test_default_example_serves_the_packaged_models():
     assert teacher.engine.path == "models/teacher/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
     cpus = s.server.ingress.num_cpus + sum(v.num_cpus * v.replicas for v in s.variants.values())
     assert cpus <= 2, "the default must fit a 2-core machine"
+
+
+def test_registry_root_is_absolute_or_a_url():
+    base = {"variants": {"v": {"engine": {"engine": "fake"}}}, "routes": {"r": {"variant": "v"}}}
+    assert load_settings(None, **base).registry_root() == str(REPO_ROOT / "data/registry")
+    url = load_settings(None, **base, registry={"root": "s3://bucket/protege"}).registry_root()
+    assert url == "s3://bucket/protege"
