@@ -129,12 +129,14 @@ B_WARMUP = "Tell me about the sea."
 
 
 def b_config() -> dict:
-    """examples/default.yaml with its student only, ingress replicas 1."""
+    """examples/default.yaml with its student only (the packaged file: not promotable), no
+    shadow and no feedback, ingress replicas 1."""
     base = yaml.safe_load((REPO / "examples" / "default.yaml").read_text())
-    route = base["routes"]["student"]
+    route = {k: v for k, v in base["routes"]["student"].items() if k != "shadow"}
     variant_name = route["variant"]
-    base["variants"] = {variant_name: base["variants"][variant_name]}
+    base["variants"] = {variant_name: {**base["variants"][variant_name], "promotable": False}}
     base["routes"] = {B_ROUTE: route}
+    base.pop("feedback", None)
     base["server"]["ingress"]["replicas"] = 1
     return base
 

@@ -1,0 +1,22 @@
+"""The benchmark's gateway configurations stay valid as the example configurations change."""
+
+import yaml
+
+from loadtests.bench_gateway import a_config, b_config
+from ops.settings import load_settings
+
+
+def test_bench_configs_are_valid_settings(tmp_path):
+    for name, config in (("a", a_config()), ("b", b_config())):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        settings = load_settings(path)
+        assert len(settings.routes) == 1
+
+
+def test_b_serves_the_packaged_student_alone():
+    settings_b = b_config()
+    (variant,) = settings_b["variants"].values()
+    assert variant["promotable"] is False  # the direct side runs the packaged file too
+    assert "shadow" not in settings_b["routes"]["student"]
+    assert "feedback" not in settings_b
