@@ -205,14 +205,16 @@ class Loop:
 
     def _export(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         from shadow.export import FeedbackFilter, select, write_examples
+        from shadow.labels import latest
 
         store = self._store()
         filters = [FeedbackFilter.parse(f) for f in self.cfg.feedback]
         pairs = store.iter_pairs(route=self.cfg.route, since=None, until=run["cutoff"],
                                  min_disagreement=self.cfg.min_disagreement)
         out = run_dir / "dataset"
-        counts = write_examples(select(pairs, store.iter_feedback() if filters else (), filters,
-                                       self.cfg.validation_share), out, "jsonl")
+        examples = select(pairs, store.iter_feedback() if filters else (), filters,
+                          self.cfg.validation_share, latest(store.iter_labels()))
+        counts = write_examples(examples, out, "jsonl")
         if counts["train"] < self.cfg.min_pairs or counts["validation"] < 1:
             raise LoopError(f"the export has {counts['train']} train and {counts['validation']} "
                             f"validation examples (needs >= {self.cfg.min_pairs} and >= 1)")

@@ -30,6 +30,7 @@ import typer
 import yaml
 
 from ops.settings import ConfigError, Settings, load_settings
+from shadow.labels import StudentBetter
 
 app = typer.Typer(
     name="protege",
@@ -153,15 +154,12 @@ def _iso(value: str | None, option: str) -> str | None:
     """An ISO 8601 time as the store keeps it (UTC, microseconds); naive times are UTC."""
     if value is None:
         return None
-    from datetime import UTC, datetime
+    from shadow.review import parse_time
 
     try:
-        t = datetime.fromisoformat(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not an ISO 8601 time, e.g. 2026-11-28 or "
-                                 "2026-11-28T21:00:00+00:00", param_hint=option) from None
-    t = t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-    return t.isoformat(timespec="microseconds")
+        return parse_time(value)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint=option) from None
 
 
 @shadow_app.command("report")
@@ -215,10 +213,17 @@ def dataset_export(
     validation_share: Annotated[
         float, typer.Option(min=0, max=1, help="share of prompts in the validation split")
     ] = 0.1,
+    student_better: Annotated[StudentBetter, typer.Option(
+        help="pairs a reviewer found the student better on: drop them, keep the teacher's "
+             "answer as the target, or train on the student's answer")] = StudentBetter.drop,
+    labelled_only: Annotated[bool, typer.Option(
+        help="only pairs a reviewer labelled (protege serve's /review page)")] = False,
 ) -> None:
-    """Pairs as chat examples (the teacher's answer as the target), deduped by prompt and split
-    into train/validation by a hash of the prompt."""
+    """Pairs as chat examples (the teacher's answer as the target, or a reviewer's corrected
+    answer), deduped by prompt and split into train/validation by a hash of the prompt.
+    Pairs reviewed as both wrong (and not corrected) are left out."""
     from shadow.export import FORMATS, FeedbackFilter, select, write_examples
+    from shadow.labels import latest
 
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} (allowed: {', '.join(FORMATS)})", param_hint="--format")
@@ -231,7 +236,8 @@ def dataset_export(
         pairs = store.iter_pairs(route=route, since=_iso(since, "--since"),
                                  until=_iso(until, "--until"), min_disagreement=min_disagreement)
         examples = select(pairs, store.iter_feedback() if filters else (), filters,
-                          validation_share)
+                          validation_share, latest(store.iter_labels()), student_better,
+                          labelled_only)
         counts = write_examples(examples, out, fmt)
     except OSError as e:
         typer.echo(f"dataset export: {e}", err=True)
@@ -643,6 +649,28 @@ def quantize_command(
         typer.echo(f"{what:<{widths[0]}}  {before:>{widths[1]}}  {after:>{widths[2]}}  "
                    f"{change}".rstrip())
     typer.echo(f"report: {report['report']}")
+
+
+@app.command()
+def review(
+    config: ConfigOption,
+    host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="listen port")] = 8001,
+) -> None:
+    """The pair review page on its own port, without Ray (`protege serve` serves it at /review
+    too): the store and the API keys come from the settings."""
+    import uvicorn
+
+    from serving.review import ReviewSite, asgi_app
+
+    settings = _load(config)
+    store = _store(settings)
+    if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: no API keys (PROTEGE_API_KEYS) and listening on {host}: anyone "
+                   "who reaches this port reads the stored prompts and answers", err=True)
+    site = ReviewSite(lambda: store, tuple(settings.api_keys))
+    typer.echo(f"review page on http://{host}:{port}/review")
+    uvicorn.run(asgi_app(site), host=host, port=port, log_level="warning")
 
 
 @app.command()

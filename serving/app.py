@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -42,12 +43,14 @@ from serving.engines.base import (
     merge_deltas,
 )
 from serving.errors import OpenAIError, clip
+from serving.review import ReviewSite
 from serving.router import choose_arm, sample
-from shadow.config import FeedbackMetric
+from shadow.config import FeedbackMetric, ShadowSettings
 from shadow.feedback import parse_feedback
 from shadow.ledger import Ledger
 from shadow.mirror import MirrorJob
 from shadow.records import Answer, ResponseRecord
+from shadow.store import open_store
 
 APP_NAME = "protege"
 # Ray Serve's own access lines would triple the per-request log work; ours is the canonical one.
@@ -102,6 +105,8 @@ class IngressParams:
     json_logs: bool
     log_prompts: bool
     created: int
+    store: ShadowSettings  # where the review page reads pairs and writes labels
+    repo_root: str  # what a relative store path is relative to
 
 
 class VariantServer:
@@ -325,6 +330,10 @@ class Ingress:
         self.ledger = (Ledger(params.ledger_dir, params.run, f"ingress-{os.getpid()}-"
                               f"{uuid.uuid4().hex[:6]}") if params.shadows else None)
         self._responses: list[ResponseRecord] = []  # answered, not yet sent to the worker
+        self.review = None
+        if params.server.review:
+            self.review = ReviewSite(
+                lambda: open_store(params.store, Path(params.repo_root)), params.api_keys)
         self._flusher = None
         if params.feedback and shadow is not None:
             self._flusher = asyncio.get_running_loop().create_task(
@@ -338,6 +347,8 @@ class Ingress:
             if path == "/metrics":
                 text = await self.reporter.render()
                 return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+            if self.review is not None and (path == "/review" or path.startswith("/review/")):
+                return await self.review.handle(request)  # its own auth: a key or its cookie
             self._authorize(request)
             if path in ("/v1/chat/completions", "/v1/completions"):
                 _require_method(method, "POST")
@@ -880,6 +891,8 @@ def build_app(settings) -> serve.Application:
         json_logs=log.json_logs,
         log_prompts=log.log_prompts,
         created=int(time.time()),
+        store=settings.shadow,
+        repo_root=str(REPO_ROOT),
     )
     ingress = serve.deployment(Ingress).options(
         name="ingress",
@@ -935,6 +948,8 @@ def serve_forever(settings) -> None:
         serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
         _print(f"protege: serving on http://{host}:{port}  "
                f"(routes: {', '.join(settings.routes)}; Ctrl-C stops)")
+        if settings.server.review:
+            _print(f"protege: pair review on http://{host}:{port}/review")
         log.info("serving.app.started", host=host, port=port, routes=list(settings.routes))
         while not stop.wait(0.5):
             pass

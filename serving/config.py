@@ -197,6 +197,8 @@ class ServerConfig(Section):
     request_timeout_s: float = Field(300.0, gt=0, le=86400, description="then 408")
     retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After on 503")
     drain_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight grace on stop")
+    review: bool = Field(True, description="serve the pair review page at /review (behind the "
+                         "API keys when they are set)")
     ingress: IngressConfig = IngressConfig()
 
 

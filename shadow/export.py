@@ -1,9 +1,10 @@
 """`protege dataset export`: stored pairs become chat-format training examples for distill.
 
 Each example is the user's (redacted) messages followed by the teacher's answer as the assistant
-turn, with the pair's ids, scores and the teacher's top-k logprobs beside it. Pure pieces:
-`to_example` (a pair, or None when it cannot teach: no prompt stored, empty or unfinished
-teacher answer), `content_key` (what dedupe and the split hash), `split_of` (train or
+turn, or what a reviewer's label makes of it (`shadow.labels`: a corrected answer, the student's,
+or no example), with the pair's ids, scores and the teacher's top-k logprobs beside it. Pure
+pieces: `to_example` (a pair, or None when it cannot teach: no prompt stored, empty or unfinished
+teacher answer, a label that leaves it out), `content_key` (what dedupe and the split hash), `split_of` (train or
 validation by hash, so an example never moves between splits as the data grows), and
 `FeedbackFilter`. `write_examples` writes JSONL or Parquet.
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shadow.labels import Label, StudentBetter, target_of
 from shadow.records import FeedbackRecord, PairRecord
 
 FORMATS = ("jsonl", "parquet")
@@ -32,14 +34,20 @@ def messages_of(pair: PairRecord) -> list[dict[str, str]] | None:
     return None
 
 
-def to_example(pair: PairRecord) -> dict[str, Any] | None:
+def to_example(pair: PairRecord, label: Label | None = None,
+               student_better: StudentBetter = StudentBetter.drop) -> dict[str, Any] | None:
+    """The pair as a chat example whose assistant turn is `shadow.labels.target_of` the pair's
+    label: the teacher's answer unless a reviewer corrected it or chose otherwise."""
     messages = messages_of(pair)
     teacher = pair.teacher
-    if messages is None or not teacher.text.strip() or teacher.finish_reason is None:
+    usable = teacher.text if teacher.text.strip() and teacher.finish_reason is not None else None
+    chosen = target_of(label, usable, pair.student.text or None, student_better)
+    if messages is None or chosen is None or chosen[0] is None:
         return None
+    target, source = chosen
     return {
         "id": pair.pair_id,
-        "messages": [*messages, {"role": "assistant", "content": teacher.text}],
+        "messages": [*messages, {"role": "assistant", "content": target}],
         "route": pair.route,
         "created_at": pair.created_at,
         "student_model": pair.student.model,
@@ -48,7 +56,9 @@ def to_example(pair: PairRecord) -> dict[str, Any] | None:
         "teacher_model": teacher.model,
         "teacher_finish_reason": teacher.finish_reason,
         "disagreement": pair.disagreement,
-        "teacher_logprobs": pair.teacher_logprobs,
+        "teacher_logprobs": pair.teacher_logprobs if source == "teacher" else None,
+        "label": None if label is None else label.verdict,
+        "target": source,
     }
 
 
@@ -91,26 +101,37 @@ class FeedbackFilter:
 
 
 def select(pairs: Iterable[PairRecord], feedback: Iterable[FeedbackRecord],
-           filters: list[FeedbackFilter], validation_share: float) -> Iterator[dict[str, Any]]:
-    """Examples in pair order, deduped by prompt (first kept), each with its `split`."""
+           filters: list[FeedbackFilter], validation_share: float,
+           labels: Mapping[str, Label] | None = None,
+           student_better: StudentBetter = StudentBetter.drop,
+           labelled_only: bool = False) -> Iterator[dict[str, Any]]:
+    """Examples deduped by prompt, each with its `split`, in the order prompts first appear.
+
+    `labels`: each pair's current label (`shadow.labels.latest`). A reviewed pair speaks for its
+    prompt: it replaces an unreviewed duplicate, and when its label leaves it out (both wrong,
+    student better and dropped) the prompt is left out. Otherwise the first pair is kept."""
+    labels = labels or {}
     by_response: dict[str, dict[str, list[float]]] = {}
     if filters:
         for f in feedback:
             if f.value is not None:
                 by_response.setdefault(f.response.response_id, {}).setdefault(
                     f.metric, []).append(f.value)
-    seen: set[str] = set()
+    chosen: dict[str, tuple[bool, dict[str, Any] | None]] = {}  # key -> (reviewed, example)
     for pair in pairs:
         if filters and not all(f.matches(by_response.get(pair.pair_id, {})) for f in filters):
             continue
-        example = to_example(pair)
-        if example is None:
+        label = labels.get(pair.pair_id)
+        messages = messages_of(pair)
+        if messages is None or (labelled_only and label is None):
             continue
-        key = content_key(example["messages"][:-1])
-        if key in seen:
-            continue
-        seen.add(key)
-        yield {**example, "split": split_of(key, validation_share)}
+        key = content_key(messages)
+        reviewed, example = chosen.get(key, (False, None))
+        if key not in chosen or (not reviewed and (label is not None or example is None)):
+            chosen[key] = (label is not None, to_example(pair, label, student_better))
+    for key, (_, example) in chosen.items():
+        if example is not None:
+            yield {**example, "split": split_of(key, validation_share)}
 
 
 def write_examples(examples: Iterable[dict[str, Any]], out_dir: Path, fmt: str) -> dict[str, int]:
@@ -143,7 +164,8 @@ def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
         ("created_at", pa.string()), ("student_model", pa.string()),
         ("student_version", pa.string()), ("student_answer", pa.string()),
         ("teacher_model", pa.string()), ("teacher_finish_reason", pa.string()),
-        ("disagreement", pa.float64()), ("teacher_logprobs", pa.string()), ("split", pa.string()),
+        ("disagreement", pa.float64()), ("teacher_logprobs", pa.string()), ("label", pa.string()),
+        ("target", pa.string()), ("split", pa.string()),
     ])
     columns = {name: [r[name] for r in rows] for name in schema.names}
     columns["teacher_logprobs"] = [  # nested and ragged: kept as JSON text

@@ -19,14 +19,22 @@ import psycopg
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict
 
+from shadow.labels import Label
 from shadow.records import ROW_COLUMNS, FeedbackRecord, PairRecord, ResponseRecord
+from shadow.review import POSTGRES, ReviewQuery
 from shadow.store import (
     FEEDBACK_COLUMNS,
+    LABEL_COLUMNS,
     RESPONSE_COLUMNS,
     Record,
     feedback_from_row,
     feedback_row,
+    insert_label_sql,
+    label_params,
     pairs_query,
+    review_facets,
+    review_page,
+    review_summary,
     split_batch,
 )
 
@@ -67,6 +75,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX feedback_response ON feedback (response_id)",
         "CREATE INDEX feedback_created ON feedback (created_at)",
+    ),
+    (
+        """CREATE TABLE labels (
+            label_id text COLLATE "C" PRIMARY KEY,
+            pair_id text COLLATE "C" NOT NULL,
+            verdict text NOT NULL,
+            corrected text,
+            reviewer text NOT NULL,
+            created_at text COLLATE "C" NOT NULL
+        )""",
+        "CREATE INDEX labels_pair_created ON labels (pair_id, created_at)",
     ),
 )
 # One row per applied migration; the schema's version is the highest.
@@ -194,3 +213,34 @@ class PostgresStore:
             params.append(since)
         yield from map(feedback_from_row,
                        self._stream(sql + " ORDER BY created_at, feedback_id", params))
+
+    def feedback_for(self, response_id: str) -> list[FeedbackRecord]:
+        return [feedback_from_row(r) for r in self._rows(
+            f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback WHERE response_id = %s "
+            "ORDER BY created_at, feedback_id", (response_id,))]
+
+    def add_label(self, label: Label) -> bool:
+        with self._connect() as conn:
+            return conn.execute(insert_label_sql("%s"), label_params(label)).rowcount == 1
+
+    def labels_for(self, pair_id: str) -> list[Label]:
+        return [Label(*r) for r in self._rows(
+            f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels WHERE pair_id = %s "
+            "ORDER BY created_at DESC, label_id DESC", (pair_id,))]
+
+    def iter_labels(self) -> Iterator[Label]:
+        sql = f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels ORDER BY created_at, label_id"
+        yield from (Label(*r) for r in self._stream(sql, ()))
+
+    def review_page(self, query: ReviewQuery) -> dict:
+        return review_page(self._rows, POSTGRES, query)
+
+    def review_summary(self, query: ReviewQuery) -> dict:
+        return review_summary(self._rows, POSTGRES, query)
+
+    def review_facets(self) -> dict:
+        return review_facets(self._rows)
+
+    def _rows(self, sql: str, params: Sequence) -> list[tuple]:
+        with self._connect() as conn:
+            return conn.execute(sql, list(params)).fetchall()

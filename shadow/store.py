@@ -36,6 +36,7 @@ from typing import Protocol
 from ops.logging import get_logger
 from ops.metrics import ShadowMetrics
 from shadow.config import ShadowSettings
+from shadow.labels import VERDICTS, Label
 from shadow.records import (
     ROW_COLUMNS,
     FeedbackRecord,
@@ -43,6 +44,17 @@ from shadow.records import (
     ResponseRecord,
     from_spill_line,
     spill_line,
+)
+from shadow.review import (
+    SQLITE,
+    Dialect,
+    ReviewQuery,
+    bucket_length,
+    list_item,
+    page_sql,
+    summary,
+    summary_sql,
+    where_sql,
 )
 
 log = get_logger("shadow.store")
@@ -78,6 +90,27 @@ class PairStore(Protocol):
 
     def iter_feedback(self, *, since: str | None = None) -> Iterator[FeedbackRecord]:
         """Feedback oldest first."""
+
+    def feedback_for(self, response_id: str) -> list[FeedbackRecord]:
+        """The feedback on one response (a pair's id is its response's), oldest first."""
+
+    def add_label(self, label: Label) -> bool:
+        """Store a reviewer's label; False (nothing stored) when the pair does not exist."""
+
+    def labels_for(self, pair_id: str) -> list[Label]:
+        """A pair's labels, newest first."""
+
+    def iter_labels(self) -> Iterator[Label]:
+        """Every label, oldest first (so the last one seen per pair is its current label)."""
+
+    def review_page(self, query: ReviewQuery) -> dict:
+        """The review page's list: `{"total", "page", "size", "sort", "items"}`."""
+
+    def review_summary(self, query: ReviewQuery) -> dict:
+        """The review page's summary panel over the filtered pairs (`shadow.review.summary`)."""
+
+    def review_facets(self) -> dict:
+        """The routes, student versions and feedback metrics the store holds."""
 
 
 # --- SQLite ----------------------------------------------------------------------------------------
@@ -119,6 +152,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX feedback_response ON feedback (response_id)",
         "CREATE INDEX feedback_created ON feedback (created_at)",
+    ),
+    (
+        """CREATE TABLE labels (
+            label_id TEXT PRIMARY KEY,
+            pair_id TEXT NOT NULL,
+            verdict TEXT NOT NULL,
+            corrected TEXT,
+            reviewer TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX labels_pair_created ON labels (pair_id, created_at)",
     ),
 )
 
@@ -167,6 +211,62 @@ def pairs_query(mark: str, *, route: str | None, since: str | None, until: str |
         sql += " LIMIT " + mark
         params.append(limit)
     return sql, params
+
+
+LABEL_COLUMNS = ("label_id", "pair_id", "verdict", "corrected", "reviewer", "created_at")
+
+
+def insert_label_sql(mark: str) -> str:
+    """Insert a label only when its pair exists (parameters: the label's columns, then pair_id)."""
+    return (f"INSERT INTO labels ({', '.join(LABEL_COLUMNS)}) "
+            f"SELECT {', '.join([mark] * len(LABEL_COLUMNS))} "
+            f"WHERE EXISTS (SELECT 1 FROM pairs WHERE pair_id = {mark})")
+
+
+def label_params(label: Label) -> list:
+    return [getattr(label, c) for c in LABEL_COLUMNS] + [label.pair_id]
+
+
+Rows = Callable[[str, Sequence], list[tuple]]  # a store's "run this SELECT, give me its rows"
+
+
+def review_page(rows: Rows, d: Dialect, q: ReviewQuery) -> dict:
+    """`PairStore.review_page` over any store that can run SQL (`rows`) in dialect `d`."""
+    count_sql, page, params = page_sql(q, d)
+    total = rows(count_sql, params)[0][0]
+    pairs = [PairRecord.from_json(r[0]) for r in rows(page, [*params, q.size, q.offset])]
+    ids = [p.pair_id for p in pairs]
+    labels, counts = {}, {}
+    if ids:
+        marks = ", ".join([d.mark] * len(ids))
+        for row in rows(f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels WHERE pair_id IN "
+                        f"({marks}) ORDER BY created_at, label_id", ids):
+            labels[row[1]] = Label(*row)  # the newest wins
+        counts = dict(rows(f"SELECT response_id, count(*) FROM feedback WHERE response_id IN "
+                           f"({marks}) GROUP BY response_id", ids))
+    return {"total": total, "page": q.page, "size": q.size, "sort": q.sort,
+            "items": [list_item(p, labels.get(p.pair_id), counts.get(p.pair_id, 0))
+                      for p in pairs]}
+
+
+def review_summary(rows: Rows, d: Dialect, q: ReviewQuery) -> dict:
+    """`PairStore.review_summary` over any store that can run SQL (`rows`) in dialect `d`."""
+    params = where_sql(q, d)[2]
+    totals = rows(summary_sql(q, d)["totals"], params)[0]
+    name, prefix = bucket_length(totals[2], totals[3])
+    sql = summary_sql(q, d, prefix)
+    return summary(totals, *(rows(sql[k], params) for k in
+                             ("labels", "histogram", "routes", "versions", "series")), name)
+
+
+def review_facets(rows: Rows) -> dict:
+    def values(sql: str) -> list:
+        return sorted((r[0] for r in rows(sql, ())), key=lambda v: (v is None, v or ""))
+
+    return {"routes": values("SELECT DISTINCT route FROM pairs"),
+            "versions": values("SELECT DISTINCT student_version FROM pairs"),
+            "metrics": values("SELECT DISTINCT metric FROM feedback"),
+            "verdicts": list(VERDICTS)}
 
 
 def feedback_row(f: FeedbackRecord) -> dict:
@@ -300,6 +400,40 @@ class SqliteStore:
             cursor = conn.execute(sql + " ORDER BY created_at, feedback_id", params)
             while rows := cursor.fetchmany(500):
                 yield from map(feedback_from_row, rows)
+
+    def feedback_for(self, response_id: str) -> list[FeedbackRecord]:
+        return [feedback_from_row(r) for r in self._rows(
+            f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback WHERE response_id = ? "
+            "ORDER BY created_at, feedback_id", (response_id,))]
+
+    def add_label(self, label: Label) -> bool:
+        with contextlib.closing(self._connect()) as conn:
+            return conn.execute(insert_label_sql("?"), label_params(label)).rowcount == 1
+
+    def labels_for(self, pair_id: str) -> list[Label]:
+        return [Label(*r) for r in self._rows(
+            f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels WHERE pair_id = ? "
+            "ORDER BY created_at DESC, label_id DESC", (pair_id,))]
+
+    def iter_labels(self) -> Iterator[Label]:
+        with contextlib.closing(self._connect()) as conn:
+            cursor = conn.execute(f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels "
+                                  "ORDER BY created_at, label_id")
+            while rows := cursor.fetchmany(500):
+                yield from (Label(*r) for r in rows)
+
+    def review_page(self, query: ReviewQuery) -> dict:
+        return review_page(self._rows, SQLITE, query)
+
+    def review_summary(self, query: ReviewQuery) -> dict:
+        return review_summary(self._rows, SQLITE, query)
+
+    def review_facets(self) -> dict:
+        return review_facets(self._rows)
+
+    def _rows(self, sql: str, params: Sequence) -> list[tuple]:
+        with contextlib.closing(self._connect()) as conn:
+            return conn.execute(sql, list(params)).fetchall()
 
 
 def open_store(settings: ShadowSettings, root: Path) -> PairStore:

@@ -66,7 +66,7 @@ def test_round_trip_schema_and_filters(dsn):
     assert store.get(batch[4].pair_id) == batch[4]
     assert store.get("nope") is None
 
-    assert sql(dsn, "SELECT version FROM protege_schema ORDER BY version") == [(1,), (2,)]
+    assert sql(dsn, "SELECT version FROM protege_schema ORDER BY version") == [(1,), (2,), (3,)]
     indexes = {r[0] for r in sql(dsn, "SELECT indexname FROM pg_indexes")}
     assert {"pairs_route_created", "pairs_disagreement", "feedback_created"} <= indexes
 
@@ -164,8 +164,8 @@ def test_nodes_starting_at_once_migrate_once(dsn):
         t.join(timeout=30)
     assert not errors, errors
     assert results == [3] * len(stores)
-    assert sql(dsn, "SELECT version FROM protege_schema ORDER BY version") == [(1,), (2,)]
-    assert tables(dsn) == {"protege_schema", "pairs", "responses", "feedback"}
+    assert sql(dsn, "SELECT version FROM protege_schema ORDER BY version") == [(1,), (2,), (3,)]
+    assert tables(dsn) == {"protege_schema", "pairs", "responses", "feedback", "labels"}
 
 
 def test_newer_schema_is_refused(dsn):

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from ops.cli import app
 from shadow.export import FeedbackFilter, content_key, select, split_of, to_example
+from shadow.labels import Label, StudentBetter, latest
 from shadow.records import Answer, FeedbackRecord, ResponseRecord
 from shadow.report import percentile, summarize
 from shadow.store import SqliteStore
@@ -170,4 +171,74 @@ def test_export_command_writes_both_formats(store_config, tmp_path):
     assert bad.exit_code == 2 and "METRIC=VALUE" in bad.output
     bad = runner.invoke(app, ["dataset", "export", "--config", str(path), "--out", str(out),
                               "--format", "csv"])
+    assert bad.exit_code == 2
+
+
+# --- labels in the export ---------------------------------------------------------------------------
+
+
+def label(pair_id, verdict, corrected=None, at="2026-11-29T10:00:00.000000+00:00"):
+    return Label(f"lbl-{pair_id}-{at}", pair_id, verdict, corrected, "ana", at)
+
+
+def test_a_label_decides_the_target():
+    p = pair(1, teacher_text="teacher says")
+    target = lambda e: e and e["messages"][-1]["content"]  # noqa: E731
+    assert target(to_example(p, label(p.pair_id, "teacher"))) == "teacher says"
+    assert target(to_example(p, label(p.pair_id, "both_fine"))) == "teacher says"
+    fixed = to_example(p, label(p.pair_id, "both_wrong", "the right answer"))
+    assert target(fixed) == "the right answer" and fixed["target"] == "corrected"
+    assert fixed["teacher_logprobs"] is None  # they belong to the teacher's answer
+    assert fixed["label"] == "both_wrong"
+    assert to_example(p, label(p.pair_id, "both_wrong")) is None
+    better = label(p.pair_id, "student")
+    assert to_example(p, better) is None  # dropped by default
+    assert target(to_example(p, better, StudentBetter.keep)) == "teacher says"
+    as_student = to_example(p, better, StudentBetter.student)
+    assert target(as_student) == "s1" and as_student["target"] == "student"
+    unfinished = pair(2, teacher_text="")
+    assert to_example(unfinished) is None
+    assert target(to_example(unfinished, label(unfinished.pair_id, "teacher", "fixed"))) == "fixed"
+
+
+def test_reviewed_pairs_speak_for_their_prompt():
+    pairs = [pair(0, prompt="same", teacher_text="first"),
+             pair(1, prompt="same", teacher_text="second"),
+             pair(2, prompt="dropped"), pair(3, prompt="dropped"), pair(4)]
+    labels = latest([label(pairs[1].pair_id, "teacher", "old fix", at="2026-11-29T09"),
+                     label(pairs[1].pair_id, "teacher", "new fix", at="2026-11-29T10"),
+                     label(pairs[3].pair_id, "both_wrong")])
+    out = list(select(pairs, [], [], 0.0, labels))
+    assert [(e["id"], e["messages"][-1]["content"]) for e in out] == [
+        (pairs[1].pair_id, "new fix"), (pairs[4].pair_id, "t")]
+    assert [e["id"] for e in select(pairs, [], [], 0.0, labels, labelled_only=True)] == [
+        pairs[1].pair_id]
+
+
+def test_export_command_uses_labels(store_config, tmp_path):
+    path, pairs = store_config
+    store = SqliteStore(tmp_path / "pairs.sqlite")
+    for p, verdict, fix in ((pairs[11], "teacher", "corrected eleven"), (pairs[12], "student", None),
+                            (pairs[13], "both_wrong", None), (pairs[14], "both_fine", None)):
+        assert store.add_label(label(p.pair_id, verdict, fix))
+    runner = CliRunner()
+    out = tmp_path / "ds"
+
+    def export(*args):
+        result = runner.invoke(app, ["dataset", "export", "--config", str(path), "--out",
+                                     str(out), "--route", "default", *args])
+        assert result.exit_code == 0, result.output
+        return {r["id"]: r for split in ("train", "validation")
+                for r in map(json.loads, (out / f"{split}.jsonl").read_text().splitlines())}
+
+    rows = export()
+    assert rows[pairs[11].pair_id]["messages"][-1]["content"] == "corrected eleven"
+    assert pairs[12].pair_id not in rows and pairs[13].pair_id not in rows
+    assert rows[pairs[14].pair_id]["label"] == "both_fine"
+    assert rows[pairs[15].pair_id]["label"] is None and len(rows) == 18
+    rows = export("--student-better", "student", "--labelled-only")
+    assert sorted(rows) == sorted(p.pair_id for p in (pairs[11], pairs[12], pairs[14]))
+    assert rows[pairs[12].pair_id]["messages"][-1]["content"] == "s12"
+    bad = runner.invoke(app, ["dataset", "export", "--config", str(path), "--out", str(out),
+                              "--student-better", "maybe"])
     assert bad.exit_code == 2

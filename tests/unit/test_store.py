@@ -12,7 +12,7 @@ import pytest
 
 from ops.metrics import ShadowMetrics
 from shadow.records import PairRecord
-from shadow.store import PairWriter, SqliteStore
+from shadow.store import MIGRATIONS, PairWriter, SqliteStore
 from tests.unit.test_records import make_record
 
 
@@ -76,7 +76,7 @@ def test_round_trip_schema_and_filters(tmp_path):
 
     with sqlite3.connect(tmp_path / "pairs.db") as conn:  # a second, independent connection
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 3
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert {"pairs_route_created", "pairs_disagreement"} <= indexes
 

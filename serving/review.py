@@ -1,0 +1,256 @@
+"""The review page at `/review`: the ML team's view of stored pairs, and their labels.
+
+`ReviewSite.handle` answers every `/review...` request, in the gateway's ingress or on its own
+(`protege review`, `asgi_app`). It owns the HTTP side only: auth, routing, static files and
+JSON; the queries are `shadow.review`'s and the store's (`PairStore.review_*`, labels).
+
+    GET  /review                       the page (serving/static/review.html), or the key form
+    POST /review/login, /review/logout the page's cookie from an API key, and its removal
+    GET  /review/static/review.{js,css}
+    GET  /review/api/facets            routes, student versions, feedback metrics, verdicts
+    GET  /review/api/pairs?filters     a page of pairs (shadow.review.ReviewQuery)
+    GET  /review/api/summary?filters   the summary panel
+    GET  /review/api/pairs/{id}        one pair: prompt, answers, word diff, scores, feedback,
+                                       labels
+    POST /review/api/pairs/{id}/label  {"verdict", "corrected", "reviewer"}
+
+With API keys configured, a request needs `Authorization: Bearer KEY` or the cookie the login
+form sets: a hash of a key (HttpOnly, SameSite=Strict), which opens the review and nothing else.
+A label must be posted as JSON, which a cross-site form cannot send. Every answer carries a
+strict Content-Security-Policy: the page runs only its own script, so text in a pair can never
+run as code even if it reached the DOM as HTML (the page puts it there as text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import html
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+
+from ops.logging import get_logger
+from serving.errors import OpenAIError, clip
+from shadow.labels import LabelError, parse_label
+from shadow.review import ReviewError, ReviewQuery, pair_view
+
+STATIC = Path(__file__).parent / "static"
+ASSETS = {"review.js": "text/javascript; charset=utf-8", "review.css": "text/css; charset=utf-8"}
+COOKIE = "protege_review"
+COOKIE_MAX_AGE_S = 12 * 3600
+MAX_LABEL_BODY = 512 * 1024
+MAX_LOGIN_BODY = 4096
+HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                               "script-src 'self'; object-src 'none'; base-uri 'none'; "
+                               "form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+log = get_logger("serving.review")
+
+
+def cookie_token(key: str) -> str:
+    """What the review cookie holds for an API key: opens the review, not the API."""
+    return hashlib.sha256(b"protege-review\x00" + key.encode()).hexdigest()
+
+
+def login_page(error: str | None = None) -> str:
+    message = f'<p class="login-error" id="login-error">{html.escape(error)}</p>' if error else ""
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>protege review: sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="stylesheet" href="/review/static/review.css"></head>
+<body class="login"><form method="post" action="/review/login" class="login-form">
+<h1>protege review</h1><p>Sign in with one of the gateway's API keys.</p>{message}
+<label for="key">API key</label>
+<input id="key" name="key" type="password" autocomplete="current-password" required autofocus>
+<button id="login" type="submit">Sign in</button></form></body></html>"""
+
+
+class ReviewSite:
+    """Answers `/review...` requests from a `PairStore` (opened on first use by `open_store`)."""
+
+    def __init__(self, open_store: Callable[[], object], api_keys: tuple[str, ...]):
+        self._open_store = open_store
+        self._store = None
+        self._keys = tuple(k.encode() for k in api_keys)
+        self._tokens = tuple(cookie_token(k).encode() for k in api_keys)
+        self._shell = (STATIC / "review.html").read_bytes()
+        self._assets = {name: (STATIC / name).read_bytes() for name in ASSETS}
+
+    @property
+    def store(self):
+        if self._store is None:
+            self._store = self._open_store()
+        return self._store
+
+    async def handle(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/") or "/"
+        try:
+            response = await self._route(request, path, request.method)
+        except OpenAIError as e:
+            response = JSONResponse(e.body(), e.status, headers=e.headers)
+        response.headers.update(HEADERS)
+        return response
+
+    async def _route(self, request: Request, path: str, method: str) -> Response:
+        if path.startswith("/review/static/"):
+            name = path.removeprefix("/review/static/")
+            if name not in ASSETS:
+                raise OpenAIError(404, f"No review asset {clip(name, 100)!r}.", "not_found_error")
+            _method(method, "GET")
+            return Response(self._assets[name], media_type=ASSETS[name])
+        if path == "/review/login":
+            _method(method, "POST")
+            return await self._login(request)
+        if path == "/review/logout":
+            _method(method, "POST")
+            response = RedirectResponse("/review", 303)
+            response.delete_cookie(COOKIE, path="/review")
+            return response
+        if path == "/review":
+            _method(method, "GET")
+            if not self._authorized(request):
+                return Response(login_page(), 401, media_type="text/html; charset=utf-8")
+            return Response(self._shell, media_type="text/html; charset=utf-8")
+        if not path.startswith("/review/api/"):
+            raise OpenAIError(404, f"Unknown path {clip(path, 100)!r}.", "not_found_error",
+                              code="unknown_url")
+        if not self._authorized(request):
+            raise OpenAIError.unauthorized()
+        return await self._api(request, path.removeprefix("/review/api/"), method)
+
+    async def _api(self, request: Request, path: str, method: str) -> Response:
+        if path == "facets":
+            _method(method, "GET")
+            return JSONResponse(await self._call(self.store.review_facets))
+        if path in ("pairs", "summary"):
+            _method(method, "GET")
+            try:
+                query = ReviewQuery.parse(dict(request.query_params))
+            except ReviewError as e:
+                raise OpenAIError.invalid_value(e.param, str(e)) from None
+            read = self.store.review_page if path == "pairs" else self.store.review_summary
+            return JSONResponse(await self._call(read, query))
+        if path.startswith("pairs/") and path.endswith("/label"):
+            _method(method, "POST")
+            return await self._label(request, path.removeprefix("pairs/").removesuffix("/label"))
+        if path.startswith("pairs/"):
+            _method(method, "GET")
+            return JSONResponse(await self._call(self._pair, path.removeprefix("pairs/")))
+        raise OpenAIError(404, f"Unknown review API {clip(path, 100)!r}.", "not_found_error",
+                          code="unknown_url")
+
+    # -- reads and writes (the store blocks: a thread each) ------------------------------------
+
+    async def _call(self, fn, *args):
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OpenAIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unreachable store: the page says so
+            log.warning("serving.review.store_failed", error=str(e)[:300])
+            raise OpenAIError(503, "The pair store is unavailable; try again.", "server_error",
+                              code="store_unavailable", headers={"Retry-After": "5"}) from None
+
+    def _pair(self, pair_id: str) -> dict:
+        pair = self.store.get(pair_id)
+        if pair is None:
+            raise _no_pair(pair_id)
+        return pair_view(pair, self.store.feedback_for(pair_id), self.store.labels_for(pair_id))
+
+    async def _label(self, request: Request, pair_id: str) -> Response:
+        body = await _read(request, MAX_LABEL_BODY, "application/json")
+        try:
+            data = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OpenAIError.invalid_json(str(e)) from None
+        try:
+            label = parse_label(data, pair_id, datetime.now(UTC).isoformat(timespec="microseconds"))
+        except LabelError as e:
+            raise OpenAIError.invalid_value(e.param, str(e)) from None
+        if not await self._call(self.store.add_label, label):
+            raise _no_pair(pair_id)
+        log.info("serving.review.labelled", pair_id=pair_id, verdict=label.verdict,
+                 reviewer=label.reviewer, corrected=label.corrected is not None)
+        return JSONResponse({"label": label.public()}, 201)
+
+    # -- auth --------------------------------------------------------------------------------------
+
+    def _authorized(self, request: Request) -> bool:
+        if not self._keys:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer":
+            given = token.strip().encode()
+            return any(hmac.compare_digest(given, k) for k in self._keys)
+        cookie = request.cookies.get(COOKIE, "").encode()
+        return bool(cookie) and any(hmac.compare_digest(cookie, t) for t in self._tokens)
+
+    async def _login(self, request: Request) -> Response:
+        body = await _read(request, MAX_LOGIN_BODY, "application/x-www-form-urlencoded")
+        key = (parse_qs(body.decode("utf-8", "replace")).get("key") or [""])[0].strip()
+        if self._keys and not any(hmac.compare_digest(key.encode(), k) for k in self._keys):
+            log.warning("serving.review.login_failed")
+            return Response(login_page("That key is not one of the gateway's API keys."), 401,
+                            media_type="text/html; charset=utf-8")
+        response = RedirectResponse("/review", 303)
+        if self._keys:
+            response.set_cookie(COOKIE, cookie_token(key), max_age=COOKIE_MAX_AGE_S,
+                                path="/review", httponly=True, samesite="strict",
+                                secure=request.url.scheme == "https")
+        return response
+
+
+def _method(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise OpenAIError(405, f"Method {method} is not allowed here; use {allowed}.",
+                          code="method_not_allowed", headers={"Allow": allowed})
+
+
+def _no_pair(pair_id: str) -> OpenAIError:
+    return OpenAIError(404, f"No pair with id {clip(pair_id, 100)!r}.", "not_found_error",
+                       "pair_id", "pair_not_found")
+
+
+async def _read(request: Request, limit: int, content_type: str) -> bytes:
+    given = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if given != content_type:
+        raise OpenAIError(415, f"Unsupported Content-Type {clip(given or 'none', 100)!r}: send "
+                          f"the body as {content_type}.", code="unsupported_media_type")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise OpenAIError.body_too_large(limit)
+    return bytes(body)
+
+
+def asgi_app(site: ReviewSite):
+    """`site` as an ASGI app (for `protege review`): every path goes to `ReviewSite.handle`."""
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        if not request.url.path.startswith("/review"):
+            response: Response = RedirectResponse("/review", 307)
+        else:
+            response = await ReviewSite.handle(site, request)
+        await response(scope, receive, send)
+
+    return app
