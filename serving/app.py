@@ -224,9 +224,12 @@ class VariantServer:
         """Yield batches of `(choice index, delta)` as the choices produce them.
 
         Whatever has queued up since the last batch goes out as one batch: every item that
-        crosses Ray costs CPU, so a fast engine is not charged one item per token.
+        crosses Ray costs CPU, so a fast engine is not charged one item per token. With
+        `stream_interval_s`, batches after the first one with text wait until that long after
+        the previous one, unless a choice has just finished.
         """
         queue: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+        interval, loop, last = self.config.stream_interval_s, asyncio.get_running_loop(), None
 
         async def pump(index: int, request: GenerationRequest) -> None:
             try:
@@ -243,6 +246,9 @@ class VariantServer:
             while remaining:
                 batch: list[tuple[int, Delta]] = []
                 item = await queue.get()
+                if interval and last is not None and isinstance(item, tuple) \
+                        and item[1].finish_reason is None:
+                    await asyncio.sleep(last + interval - loop.time())  # <= 0: no wait
                 while True:
                     if item is None:
                         remaining -= 1
@@ -255,6 +261,9 @@ class VariantServer:
                     item = queue.get_nowait()
                 if batch:
                     yield batch
+                    if last is None and not any(d.text for _, d in batch):
+                        continue  # nothing visible yet: the first text still goes at once
+                    last = loop.time()
         finally:
             for t in tasks:
                 t.cancel()

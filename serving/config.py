@@ -95,6 +95,10 @@ class VariantConfig(Section):
                       "teacher sharing cores with the student yields to it (e.g. 10)")
     promotable: bool = Field(False, description="serve the registry version `protege promote` "
                              "picks for this variant (swapped in without downtime)")
+    stream_interval_s: float = Field(
+        0.0, ge=0, le=1, description="a stream sends what the engine made at most this often "
+        "(the first token and the last go at once); 0: every token as it comes. Fewer, larger "
+        "chunks cost less CPU per token between processes")
 
     @model_validator(mode="after")
     def _promotable_engine(self) -> VariantConfig:

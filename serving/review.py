@@ -67,7 +67,7 @@ def login_page(error: str | None = None) -> str:
     message = f'<p class="login-error" id="login-error">{html.escape(error)}</p>' if error else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>protege review: sign in</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
 <link rel="stylesheet" href="/review/static/review.css"></head>
 <body class="login"><form method="post" action="/review/login" class="login-form">
 <h1>protege review</h1><p>Sign in with one of the gateway's API keys.</p>{message}

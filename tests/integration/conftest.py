@@ -117,6 +117,8 @@ FAKE_CONFIG = {
                               "max_concurrency": 1},
                    "num_cpus": 0, "max_ongoing_requests": 1, "max_queued_requests": 1},
         "hang": {"engine": {"engine": "fake", "ttft_s": 60}, "num_cpus": 0},
+        "paced": {"engine": {"engine": "fake", "completion_tokens": 40, "token_delay_s": 0.01},
+                  "num_cpus": 0, "stream_interval_s": 0.1},
     },
     "routes": {
         "fake": {"variant": "fake"},
@@ -124,6 +126,7 @@ FAKE_CONFIG = {
         "slow": {"variant": "slow"},
         "narrow": {"variant": "narrow"},
         "hang": {"variant": "hang"},
+        "paced": {"variant": "paced"},
     },
 }
 

@@ -16,7 +16,7 @@ MSG = [{"role": "user", "content": "Say something."}]
 def test_models_list_and_retrieve(gateway):
     client = gateway.client()
     ids = {m.id for m in client.models.list()}
-    assert ids == {"fake", "counted", "slow", "narrow", "hang"}
+    assert ids == {"fake", "counted", "slow", "narrow", "hang", "paced"}
     assert client.models.retrieve("fake").id == "fake"
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("nope")
@@ -54,6 +54,19 @@ def test_stream_equals_non_stream_at_temperature_zero(gateway):
     assert finishes == ["stop"]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
+
+
+def test_stream_interval_sends_fewer_larger_chunks(gateway):
+    client = gateway.client()
+    whole = client.chat.completions.create(model="paced", messages=MSG, temperature=0)
+    assert whole.usage.completion_tokens == 40
+    chunks = list(client.chat.completions.create(model="paced", messages=MSG, temperature=0,
+                                                 stream=True))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and
+             c.choices[0].delta.content]
+    assert "".join(texts) == whole.choices[0].message.content
+    # 40 tokens 10 ms apart, sent at most every 100 ms (the first at once): about 5 chunks.
+    assert 2 <= len(texts) <= 15, len(texts)
 
 
 def test_stream_wire_format(gateway):

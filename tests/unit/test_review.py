@@ -216,7 +216,7 @@ def client(site_, **kw) -> httpx.AsyncClient:
 
 
 async def test_pages_need_a_key_or_its_cookie(site):
-    site_, pairs = site
+    site_, _ = site
     async with client(site_) as http:
         page = await http.get("/review")
         assert page.status_code == 401 and 'name="key"' in page.text
