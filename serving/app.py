@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hmac
 import os
 import signal
 import threading
@@ -33,6 +32,7 @@ from ops.logging import configure_logging, get_logger
 from ops.metrics import GatewayMetrics, MetricsReporter, VariantMetrics
 from ops.priority import lower_priority
 from serving import protocol, responses
+from serving.auth import bearer_key_ok
 from serving.config import ServerConfig, VariantConfig
 from serving.engines import build_engine
 from serving.engines.base import (
@@ -390,11 +390,7 @@ class Ingress:
     def _authorize(self, request: Request) -> None:
         if not self._keys:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        given = token.strip().encode()
-        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(given, k) for k in self._keys)
-        if not ok:
+        if not bearer_key_ok(request.headers.get("authorization", ""), self._keys):
             raise OpenAIError.unauthorized()
 
     async def _read_body(self, request: Request) -> bytes:

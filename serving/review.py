@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from ops.logging import get_logger
+from serving.auth import bearer_key_ok
 from serving.errors import OpenAIError, clip
 from shadow.labels import LabelError, parse_label
 from shadow.review import ReviewError, ReviewQuery, pair_view
@@ -189,10 +190,9 @@ class ReviewSite:
     def _authorized(self, request: Request) -> bool:
         if not self._keys:
             return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":
-            given = token.strip().encode()
-            return any(hmac.compare_digest(given, k) for k in self._keys)
+        header = request.headers.get("authorization", "")
+        if header.partition(" ")[0].lower() == "bearer":
+            return bearer_key_ok(header, self._keys)
         cookie = request.cookies.get(COOKIE, "").encode()
         return bool(cookie) and any(hmac.compare_digest(cookie, t) for t in self._tokens)
 
@@ -250,7 +250,7 @@ def asgi_app(site: ReviewSite):
         if not request.url.path.startswith("/review"):
             response: Response = RedirectResponse("/review", 307)
         else:
-            response = await ReviewSite.handle(site, request)
+            response = await site.handle(request)
         await response(scope, receive, send)
 
     return app

@@ -21,20 +21,18 @@ from psycopg.conninfo import conninfo_to_dict
 
 from shadow.labels import Label
 from shadow.records import ROW_COLUMNS, FeedbackRecord, PairRecord, ResponseRecord
-from shadow.review import POSTGRES, ReviewQuery
+from shadow.review import POSTGRES
 from shadow.store import (
     FEEDBACK_COLUMNS,
     LABEL_COLUMNS,
     RESPONSE_COLUMNS,
     Record,
+    ReviewReads,
     feedback_from_row,
     feedback_row,
     insert_label_sql,
     label_params,
     pairs_query,
-    review_facets,
-    review_page,
-    review_summary,
     split_batch,
 )
 
@@ -106,7 +104,7 @@ _INSERT_RESPONSE = _insert("responses", RESPONSE_COLUMNS)
 _INSERT_FEEDBACK = _insert("feedback", FEEDBACK_COLUMNS)
 
 
-class PostgresStore:
+class PostgresStore(ReviewReads):
     """Pairs in PostgreSQL. Each call opens its own connection (`timeout_s` bounds connecting
     and a write's wait for a lock), so a server that goes down fails the calls (the writer
     spills) and the store works again once it is back, without a restart. Thread-safe.
@@ -117,6 +115,7 @@ class PostgresStore:
             raise ValueError(f"PostgresStore needs timeout_s > 0, got {timeout_s}")
         conninfo_to_dict(dsn)  # a malformed DSN fails here, at startup, not on every write
         self.dsn, self.timeout_s = dsn, timeout_s
+        self.dialect = POSTGRES
         self._lock_timeout = f"{int(timeout_s * 1000)}ms"
 
     def _connect(self) -> psycopg.Connection:
@@ -214,32 +213,13 @@ class PostgresStore:
         yield from map(feedback_from_row,
                        self._stream(sql + " ORDER BY created_at, feedback_id", params))
 
-    def feedback_for(self, response_id: str) -> list[FeedbackRecord]:
-        return [feedback_from_row(r) for r in self._rows(
-            f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback WHERE response_id = %s "
-            "ORDER BY created_at, feedback_id", (response_id,))]
-
     def add_label(self, label: Label) -> bool:
         with self._connect() as conn:
             return conn.execute(insert_label_sql("%s"), label_params(label)).rowcount == 1
 
-    def labels_for(self, pair_id: str) -> list[Label]:
-        return [Label(*r) for r in self._rows(
-            f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels WHERE pair_id = %s "
-            "ORDER BY created_at DESC, label_id DESC", (pair_id,))]
-
     def iter_labels(self) -> Iterator[Label]:
         sql = f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels ORDER BY created_at, label_id"
         yield from (Label(*r) for r in self._stream(sql, ()))
-
-    def review_page(self, query: ReviewQuery) -> dict:
-        return review_page(self._rows, POSTGRES, query)
-
-    def review_summary(self, query: ReviewQuery) -> dict:
-        return review_summary(self._rows, POSTGRES, query)
-
-    def review_facets(self) -> dict:
-        return review_facets(self._rows)
 
     def _rows(self, sql: str, params: Sequence) -> list[tuple]:
         with self._connect() as conn:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from serving.errors import clip
 from shadow.export import FeedbackFilter, messages_of
 from shadow.labels import VERDICTS, Label
 from shadow.records import FeedbackRecord, PairRecord
@@ -310,10 +311,6 @@ def word_diff(student: str, teacher: str) -> list[list[str]]:
     return out
 
 
-def clip(text: str | None, limit: int) -> str | None:
-    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
-
-
 def prompt_of(pair: PairRecord) -> str | None:
     """The last user message (or the completion prompt): the list's one-line prompt."""
     messages = messages_of(pair) or []
@@ -322,11 +319,13 @@ def prompt_of(pair: PairRecord) -> str | None:
 
 
 def list_item(pair: PairRecord, label: Label | None, feedback: int) -> dict[str, Any]:
+    prompt = prompt_of(pair)
     return {
         "pair_id": pair.pair_id, "route": pair.route, "variant": pair.variant,
         "student_version": pair.student.version, "teacher": pair.teacher.model,
         "created_at": pair.created_at, "disagreement": pair.disagreement,
-        "prompt": clip(prompt_of(pair), 300), "student_text": clip(pair.student.text, 200),
+        "prompt": clip(prompt, 300) if prompt is not None else None,
+        "student_text": clip(pair.student.text, 200),
         "teacher_text": clip(pair.teacher.text, 200), "feedback": feedback,
         "label": None if label is None else {
             "verdict": label.verdict, "reviewer": label.reviewer,

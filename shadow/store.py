@@ -227,46 +227,59 @@ def label_params(label: Label) -> list:
     return [getattr(label, c) for c in LABEL_COLUMNS] + [label.pair_id]
 
 
-Rows = Callable[[str, Sequence], list[tuple]]  # a store's "run this SELECT, give me its rows"
+class ReviewReads:
+    """The review page's reads, for a store that runs SQL in `dialect` through `_rows`."""
 
+    dialect: Dialect
 
-def review_page(rows: Rows, d: Dialect, q: ReviewQuery) -> dict:
-    """`PairStore.review_page` over any store that can run SQL (`rows`) in dialect `d`."""
-    count_sql, page, params = page_sql(q, d)
-    total = rows(count_sql, params)[0][0]
-    pairs = [PairRecord.from_json(r[0]) for r in rows(page, [*params, q.size, q.offset])]
-    ids = [p.pair_id for p in pairs]
-    labels, counts = {}, {}
-    if ids:
-        marks = ", ".join([d.mark] * len(ids))
-        for row in rows(f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels WHERE pair_id IN "
-                        f"({marks}) ORDER BY created_at, label_id", ids):
-            labels[row[1]] = Label(*row)  # the newest wins
-        counts = dict(rows(f"SELECT response_id, count(*) FROM feedback WHERE response_id IN "
-                           f"({marks}) GROUP BY response_id", ids))
-    return {"total": total, "page": q.page, "size": q.size, "sort": q.sort,
-            "items": [list_item(p, labels.get(p.pair_id), counts.get(p.pair_id, 0))
-                      for p in pairs]}
+    def _rows(self, sql: str, params: Sequence) -> list[tuple]:
+        raise NotImplementedError
 
+    def feedback_for(self, response_id: str) -> list[FeedbackRecord]:
+        return [feedback_from_row(r) for r in self._rows(
+            f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback WHERE response_id = "
+            f"{self.dialect.mark} ORDER BY created_at, feedback_id", (response_id,))]
 
-def review_summary(rows: Rows, d: Dialect, q: ReviewQuery) -> dict:
-    """`PairStore.review_summary` over any store that can run SQL (`rows`) in dialect `d`."""
-    params = where_sql(q, d)[2]
-    totals = rows(summary_sql(q, d)["totals"], params)[0]
-    name, prefix = bucket_length(totals[2], totals[3])
-    sql = summary_sql(q, d, prefix)
-    return summary(totals, *(rows(sql[k], params) for k in
-                             ("labels", "histogram", "routes", "versions", "series")), name)
+    def labels_for(self, pair_id: str) -> list[Label]:
+        return [Label(*r) for r in self._rows(
+            f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels WHERE pair_id = {self.dialect.mark} "
+            "ORDER BY created_at DESC, label_id DESC", (pair_id,))]
 
+    def review_page(self, q: ReviewQuery) -> dict:
+        d, rows = self.dialect, self._rows
+        count_sql, page, params = page_sql(q, d)
+        total = rows(count_sql, params)[0][0]
+        pairs = [PairRecord.from_json(r[0]) for r in rows(page, [*params, q.size, q.offset])]
+        ids = [p.pair_id for p in pairs]
+        labels, counts = {}, {}
+        if ids:
+            marks = ", ".join([d.mark] * len(ids))
+            for row in rows(f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels WHERE pair_id IN "
+                            f"({marks}) ORDER BY created_at, label_id", ids):
+                labels[row[1]] = Label(*row)  # the newest wins
+            counts = dict(rows(f"SELECT response_id, count(*) FROM feedback WHERE response_id "
+                               f"IN ({marks}) GROUP BY response_id", ids))
+        return {"total": total, "page": q.page, "size": q.size, "sort": q.sort,
+                "items": [list_item(p, labels.get(p.pair_id), counts.get(p.pair_id, 0))
+                          for p in pairs]}
 
-def review_facets(rows: Rows) -> dict:
-    def values(sql: str) -> list:
-        return sorted((r[0] for r in rows(sql, ())), key=lambda v: (v is None, v or ""))
+    def review_summary(self, q: ReviewQuery) -> dict:
+        params = where_sql(q, self.dialect)[2]
+        totals = self._rows(summary_sql(q, self.dialect)["totals"], params)[0]
+        name, prefix = bucket_length(totals[2], totals[3])
+        sql = summary_sql(q, self.dialect, prefix)
+        return summary(totals, *(self._rows(sql[k], params) for k in
+                                 ("labels", "histogram", "routes", "versions", "series")), name)
 
-    return {"routes": values("SELECT DISTINCT route FROM pairs"),
-            "versions": values("SELECT DISTINCT student_version FROM pairs"),
-            "metrics": values("SELECT DISTINCT metric FROM feedback"),
-            "verdicts": list(VERDICTS)}
+    def review_facets(self) -> dict:
+        def values(sql: str) -> list:
+            return sorted((r[0] for r in self._rows(sql, ())),
+                          key=lambda v: (v is None, v or ""))
+
+        return {"routes": values("SELECT DISTINCT route FROM pairs"),
+                "versions": values("SELECT DISTINCT student_version FROM pairs"),
+                "metrics": values("SELECT DISTINCT metric FROM feedback"),
+                "verdicts": list(VERDICTS)}
 
 
 def feedback_row(f: FeedbackRecord) -> dict:
@@ -283,7 +296,7 @@ def feedback_from_row(row: Sequence) -> FeedbackRecord:
                           value, comment, created)
 
 
-class SqliteStore:
+class SqliteStore(ReviewReads):
     """Pairs in one SQLite file (WAL, synchronous=NORMAL). Each call opens its own connection,
     so a file that was removed, replaced or unreachable fails that call (and the writer
     spills) instead of writing into a deleted file, and the store recovers with the file."""
@@ -294,6 +307,7 @@ class SqliteStore:
                              "database would lose every pair; pass e.g. 'data/pairs.db'")
         self.path = Path(path)
         self.timeout_s = timeout_s  # how long a write waits for another writer's lock
+        self.dialect = SQLITE
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
@@ -401,19 +415,9 @@ class SqliteStore:
             while rows := cursor.fetchmany(500):
                 yield from map(feedback_from_row, rows)
 
-    def feedback_for(self, response_id: str) -> list[FeedbackRecord]:
-        return [feedback_from_row(r) for r in self._rows(
-            f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback WHERE response_id = ? "
-            "ORDER BY created_at, feedback_id", (response_id,))]
-
     def add_label(self, label: Label) -> bool:
         with contextlib.closing(self._connect()) as conn:
             return conn.execute(insert_label_sql("?"), label_params(label)).rowcount == 1
-
-    def labels_for(self, pair_id: str) -> list[Label]:
-        return [Label(*r) for r in self._rows(
-            f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels WHERE pair_id = ? "
-            "ORDER BY created_at DESC, label_id DESC", (pair_id,))]
 
     def iter_labels(self) -> Iterator[Label]:
         with contextlib.closing(self._connect()) as conn:
@@ -421,15 +425,6 @@ class SqliteStore:
                                   "ORDER BY created_at, label_id")
             while rows := cursor.fetchmany(500):
                 yield from (Label(*r) for r in rows)
-
-    def review_page(self, query: ReviewQuery) -> dict:
-        return review_page(self._rows, SQLITE, query)
-
-    def review_summary(self, query: ReviewQuery) -> dict:
-        return review_summary(self._rows, SQLITE, query)
-
-    def review_facets(self) -> dict:
-        return review_facets(self._rows)
 
     def _rows(self, sql: str, params: Sequence) -> list[tuple]:
         with contextlib.closing(self._connect()) as conn:
