@@ -40,31 +40,26 @@ $(VENV)/.stamp: pyproject.toml
 models: venv
 	$(BIN)/protege models fetch
 
-# The store tests start a real PostgreSQL on 127.0.0.1 (tests/pg.py): install the Debian package.
+# $(call debian,CHECK,PACKAGES,WHAT): unless the shell test CHECK passes, install the Debian
+# PACKAGES (as root), or say what to install and fail.
+debian = @$(1) || if [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(strip $(2)); \
+	else echo "make test needs $(strip $(3)): sudo apt-get install $(strip $(2))"; exit 1; fi
+
+# The store tests start a real PostgreSQL on 127.0.0.1 (tests/pg.py).
 postgres:
-	@command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
-	  || if [ "$$(id -u)" = 0 ]; then \
-	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
-	     else echo "make test needs the PostgreSQL server: sudo apt-get install postgresql"; \
-	       exit 1; fi
+	$(call debian,{ command -v initdb || compgen -G '/usr/lib/postgresql/*/bin/initdb'; } \
+	  >/dev/null,postgresql,the PostgreSQL server)
 
 # The alert-rule tests run `promtool test rules` and the metrics test a real `prometheus`.
 prometheus:
-	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
-	  || if [ "$$(id -u)" = 0 ]; then \
-	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; \
-	     else echo "make test needs Prometheus and promtool: sudo apt-get install prometheus"; \
-	       exit 1; fi
+	$(call debian,command -v promtool >/dev/null && command -v prometheus >/dev/null,prometheus,\
+	  Prometheus and promtool)
 
 # The review page test drives a headless Chromium through chromedriver (Selenium).
 chromium:
-	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
-	  || if [ "$$(id -u)" = 0 ]; then \
-	       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	         chromium chromium-driver; \
-	     else echo "make test needs Chromium and chromedriver: sudo apt-get install chromium" \
-	       "chromium-driver"; \
-	       exit 1; fi
+	$(call debian,command -v chromium >/dev/null && command -v chromedriver >/dev/null,\
+	  chromium chromium-driver,Chromium and chromedriver)
 
 # `helm lint` and `helm template` of helm/protege run in the tests: helm into .venv/bin.
 helm: $(HELM)
