@@ -237,7 +237,6 @@ def test_compressed_tensors_folder_decompresses_close_to_the_original(source, tm
 
 
 def test_gguf_report_reads_bits_per_weight_from_the_file(source, tmp_path):
-    pytest.importorskip("llama_cpp")
     report = quantize(source[0], "gguf-q8_0", tmp_path / "q8", prompts=PROMPTS[:2],
                       teacher_answers=TEACHER[:2], max_new_tokens=4)
     assert report["output"] == str(tmp_path / "q8" / "student.Q8_0.gguf")
