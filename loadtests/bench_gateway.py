@@ -61,6 +61,7 @@ from loadtests.bench_stats import (  # noqa: E402
     table,
     tokens_per_s,
 )
+from ops.raylocal import arm_token, start_local_ray  # noqa: E402
 from serving import protocol, responses  # noqa: E402
 from serving.config import FakeEngine as FakeEngineConfig  # noqa: E402
 from serving.config import LlamaCppEngine as LlamaCppEngineConfig  # noqa: E402
@@ -402,6 +403,7 @@ def _wait_app(name: str, timeout_s: float = 120) -> None:
 
 
 def part_a(args, tmp: Path, log: Callable[[str], None]) -> dict:
+    arm_token()  # before Ray loads: the bench's Ray and the gateway joining it share the token
     import ray
     from ray import serve
 
@@ -412,11 +414,11 @@ def part_a(args, tmp: Path, log: Callable[[str], None]) -> dict:
     log("A: starting a Ray cluster of the bench's own (127.0.0.1)...")
     address, gw, gateway_log_lines = None, None, None
     try:
-        ctx = ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                       namespace="bench", object_store_memory=256 * 1024 * 1024,
-                       _node_ip_address="127.0.0.1")
+        start_local_ray(include_dashboard=False, log_to_driver=False, namespace="bench",
+                        object_store_memory=256 * 1024 * 1024)  # its token reaches the gateway
+        ctx = ray.get_runtime_context()
         signal.signal(signal.SIGTERM, _on_sigterm)  # ray.init installed one of its own
-        address = ctx.address_info["gcs_address"]
+        address = ctx.gcs_address
         log(f"A: starting the gateway (fake engine), joining {address}...")
         gw = BenchGateway(cfg, tmp, env={"RAY_ADDRESS": address}, startup_s=300)
         log(f"A: gateway up on {gw.base}; deploying the no-op app at {NOOP_PREFIX}...")

@@ -90,9 +90,17 @@ def serve(
     # of look-alike lines, which would drop canonical request lines; no colour codes).
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    from serving.app import serve_forever  # Ray and the engines load only now
+    if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own: its token, before Ray loads
+        from ops.raylocal import arm_token
 
-    serve_forever(settings)
+        arm_token()
+    from serving.launch import ServeError, serve_forever  # Ray and the engines load only now
+
+    try:
+        serve_forever(settings)
+    except ServeError as e:
+        typer.echo(f"protege serve: {e}", err=True)
+        raise typer.Exit(1) from None
 
 
 @models_app.command("fetch")

@@ -3,8 +3,7 @@
 `Ingress` speaks HTTP (OpenAI protocol, auth, limits, metrics, the canonical log line) and
 forwards each request to the variant of its route's A/B arm (`serving.router`: sticky per user or
 session). `VariantServer` owns one loaded engine and runs the `n` choices of a request.
-`build_app` wires them from `Settings`; `serve` starts or joins Ray, deploys, and drains on
-SIGINT/SIGTERM.
+`build_app` wires them from `Settings`; `serving.launch` runs the process around them.
 """
 
 from __future__ import annotations
@@ -13,8 +12,6 @@ import asyncio
 import contextlib
 import contextvars
 import os
-import signal
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -918,88 +915,3 @@ def app_builder(args: dict) -> serve.Application:
     if not args.get("config"):
         raise ValueError("args.config: missing (the path of a protege settings file)")
     return build_app(load_settings(args["config"]))
-
-
-def serve_forever(settings) -> None:
-    """Start (or join, when RAY_ADDRESS is set) Ray, deploy, block; drain on SIGINT/SIGTERM."""
-    import ray
-
-    configure_logging(settings.logging.level, settings.logging.json_logs)
-    log = get_logger("serving.app")
-    address = os.environ.get("RAY_ADDRESS")
-    own_ray = not address
-    if own_ray:
-        ray.init(  # a single-node Ray of our own, on loopback only
-            namespace="protege", include_dashboard=False, log_to_driver=True,
-            object_store_memory=512 * 1024 * 1024, _node_ip_address="127.0.0.1",
-        )
-    else:
-        ray.init(address=address, namespace="protege", log_to_driver=True)
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("serving.app.stopping", signal=signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    host, port = settings.server.host, settings.server.port
-    try:
-        serve.start(http_options={"host": host, "port": port}, logging_config=SERVE_LOGGING)
-        _print(f"protege: deploying {len(settings.variants)} variant(s) and the ingress "
-               f"(models load now; this can take a while)...")
-        progress = threading.Thread(target=_report_progress, args=(stop,), daemon=True)
-        progress.start()
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/", blocking=False)
-        _print(f"protege: serving on http://{host}:{port}  "
-               f"(routes: {', '.join(settings.routes)}; Ctrl-C stops)")
-        if settings.server.review:
-            _print(f"protege: pair review on http://{host}:{port}/review")
-        log.info("serving.app.started", host=host, port=port, routes=list(settings.routes))
-        while not stop.wait(0.5):
-            pass
-    finally:
-        stop.set()
-        _print("protege: draining in-flight requests...")
-        with contextlib.suppress(Exception):
-            serve.delete(APP_NAME)
-        with contextlib.suppress(Exception):
-            _kill_hub()
-        if own_ray:  # a cluster we joined keeps running; one we started goes
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-        ray.shutdown()
-        _print("protege: stopped")
-
-
-def _kill_hub() -> None:
-    import ray
-
-    from ops.metrics import HUB_NAME, HUB_NAMESPACE
-
-    ray.kill(ray.get_actor(HUB_NAME, namespace=HUB_NAMESPACE))
-
-
-def _report_progress(stop: threading.Event) -> None:
-    """Print each deployment's status while the app comes up (a progress indication)."""
-    started, seen = time.monotonic(), {}
-    while not stop.wait(2.0):
-        try:
-            app = serve.status().applications.get(APP_NAME)
-        except Exception:  # noqa: BLE001 - status is best effort
-            continue
-        if app is None:
-            continue
-        states = {n: d.status.value for n, d in app.deployments.items()}
-        if states != seen:
-            seen = states
-            line = ", ".join(f"{n}: {s.lower()}" for n, s in sorted(states.items()))
-            _print(f"protege: [{time.monotonic() - started:5.0f}s] {line}")
-        if app.status.value == "RUNNING":
-            return
-
-
-def _print(line: str) -> None:
-    print(line, flush=True)
-
-

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import FAKE_CONFIG, REPO, Gateway
+from tests.integration.conftest import FAKE_CONFIG, REPO, Gateway, _env, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,55 @@ def test_serve_joins_existing_cluster_and_leaves_it_running(tmp_path):
         assert probe.returncode == 0, probe.stderr[-3000:]
         assert "nodes 1" in probe.stdout  # the cluster is still up
         assert "'protege'" not in probe.stdout  # but our application is gone
+    finally:
+        head.stdin.close()
+        head.wait(60)
+
+
+DELETE_APP = """
+import sys, ray
+from ray import serve
+ray.init(address=sys.argv[1], namespace="probe")
+serve.delete("protege")
+print("deleted")
+"""
+
+
+def test_on_a_shared_cluster_a_second_gateway_refuses_and_a_lost_app_stops_the_first(tmp_path):
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    env = {**os.environ, **auth}
+    head = subprocess.Popen([sys.executable, "-c", HEAD], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the Ray head did not start"
+        config = {**FAKE_CONFIG, "server": {**FAKE_CONFIG["server"],
+                                            "ingress": {"replicas": 1, "num_cpus": 0}}}
+        config["variants"] = {"fake": FAKE_CONFIG["variants"]["fake"]}
+        config["routes"] = {"fake": {"variant": "fake"}}
+        first = Gateway(config, tmp_path, env={"RAY_ADDRESS": address, **auth})
+        try:
+            (tmp_path / "second").mkdir()
+            second = tmp_path / "second" / "gateway.yaml"
+            second.write_text(first.config_path.read_text().replace(str(first.port),
+                                                                    str(free_port())))
+            refused = subprocess.run(
+                [sys.executable, "-m", "ops.cli", "serve", "--config", str(second)], cwd=REPO,
+                capture_output=True, text=True, timeout=180, check=False,
+                env={**_env({"RAY_ADDRESS": address}), **auth})
+            assert refused.returncode == 1, refused.stderr[-3000:]
+            assert "already runs an application named 'protege'" in refused.stderr
+            msg = [{"role": "user", "content": "hi"}]
+            assert first.client().chat.completions.create(model="fake", messages=msg)
+
+            deleted = subprocess.run([sys.executable, "-c", DELETE_APP, address], cwd=REPO,
+                                     capture_output=True, text=True, timeout=120, env=env,
+                                     check=False)
+            assert "deleted" in deleted.stdout, deleted.stderr[-3000:]
+            assert first.proc.wait(60) == 1, first.logs()  # it exits instead of serving 404s
+            assert "is no longer deployed" in first.logs()
+        finally:
+            first.stop()
     finally:
         head.stdin.close()
         head.wait(60)

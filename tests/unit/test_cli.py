@@ -47,11 +47,12 @@ def bad_config(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def fake_serving(monkeypatch):
-    """A stand-in `serving.app` module that records what `serve` was given."""
+    """A stand-in `serving.launch` module that records what `serve` was given."""
     calls = []
-    module = types.ModuleType("serving.app")
+    module = types.ModuleType("serving.launch")
     module.serve_forever = calls.append
-    monkeypatch.setitem(sys.modules, "serving.app", module)
+    module.ServeError = RuntimeError
+    monkeypatch.setitem(sys.modules, "serving.launch", module)
     return calls
 
 
@@ -93,13 +94,14 @@ def test_config_check_missing_file(runner, tmp_path):
 
 
 def test_serve_with_invalid_config_exits_2_before_ray(runner, bad_config, monkeypatch):
-    module = types.ModuleType("serving.app")
+    module = types.ModuleType("serving.launch")
 
     def serve(settings):
         raise AssertionError("serve must not be reached with an invalid config")
 
     module.serve_forever = serve
-    monkeypatch.setitem(sys.modules, "serving.app", module)
+    module.ServeError = RuntimeError
+    monkeypatch.setitem(sys.modules, "serving.launch", module)
     result = runner.invoke(app, ["serve", "--config", str(bad_config)])
     assert result.exit_code == 2
     assert result.stderr.startswith(f"invalid config {bad_config}:\n  server.port: 70000")
