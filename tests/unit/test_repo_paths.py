@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,12 @@ def test_the_guard_catches_paths_that_climb_out(source):
 ])
 def test_the_guard_lets_paths_inside_the_repository_pass(source):
     assert escapes(source, FILE) == []
+
+
+def test_files_the_tests_read_are_not_ignored_by_git():
+    """A data file that .gitignore swallows exists here and is missing from every clone."""
+    data = [str(p.relative_to(ROOT)) for p in (ROOT / "tests" / "data").rglob("*") if p.is_file()]
+    assert data, "tests/data is empty"
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *data], cwd=ROOT,
+                             capture_output=True, text=True, check=False)
+    assert ignored.returncode == 1, f"ignored by .gitignore: {ignored.stdout or ignored.stderr}"
