@@ -196,13 +196,24 @@ async def test_task_cancellation_aborts_and_frees_the_slot():
 
 
 async def test_max_concurrency_queues_extra_requests():
-    engine = await make(completion_tokens=2, ttft_s=0.02, max_concurrency=1)
-    order = []
+    """Three requests sent together with max_concurrency=1: all are waiting before the first
+    ends, and their tokens never interleave (at most one between its first and last delta)."""
+    engine = await make(completion_tokens=3, ttft_s=0.02, token_delay_s=0.01, max_concurrency=1)
+    order, events, inside, most = [], [], [0], [0]
 
     async def one(name):
+        events.append("submit")
+        first = True
         async for d in engine.generate(req(rid=name)):
+            if first:
+                inside[0] += 1
+                most[0], first = max(most[0], inside[0]), False
             if d.finish_reason:
+                inside[0] -= 1
+                events.append("finish")
                 order.append(name)
 
-    await asyncio.gather(one("a"), one("b"))
-    assert sorted(order) == ["a", "b"]
+    await asyncio.gather(one("a"), one("b"), one("c"))
+    assert sorted(order) == ["a", "b", "c"]
+    assert events[:3] == ["submit"] * 3  # really concurrent: all sent before the first ended
+    assert most[0] == 1
