@@ -55,25 +55,34 @@ def cli(gw, *args) -> subprocess.CompletedProcess:
 
 
 class Load:
-    """Clients sending chats back to back (stream and not) until stopped; every outcome kept."""
+    """Clients sending chats back to back (stream and not) until stopped; every outcome kept
+    with the times its request started (before the POST) and ended."""
 
     def __init__(self, gw, clients: int = 3):
         self.gw, self.stop_at = gw, threading.Event()
-        self.results: list[tuple[float, int, str, str]] = []  # time, status, version, body
+        # started, ended, status, version, body
+        self.results: list[tuple[float, float, int, str, str]] = []
         self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
 
     def _run(self, i: int) -> None:
         with httpx.Client(base_url=self.gw.base, timeout=120) as http:
             n = 0
-            while not self.stop_at.is_set() and n < 2000:  # bounded
+            while not self.stop_at.is_set() and n < 10000:  # bounded
                 n += 1
                 body = {"model": "student", "max_tokens": 4, "temperature": 0,
                         "stream": bool((i + n) % 2),
                         "messages": [{"role": "user", "content": f"Count to {n}."}]}
+                started = time.monotonic()
                 r = http.post("/v1/chat/completions", json=body)
                 ok = r.status_code == 200 and (not body["stream"] or "data: [DONE]" in r.text)
-                self.results.append((time.monotonic(), r.status_code if ok else -1,
+                self.results.append((started, time.monotonic(), r.status_code if ok else -1,
                                      r.headers.get("x-protege-version", ""), r.text[:300]))
+
+    def wait_for(self, after: float, n: int = 5, timeout_s: float = 120) -> None:
+        """Until `n` requests that started after `after` have ended (bounded)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and sum(r[0] > after for r in list(self.results)) < n:
+            time.sleep(0.1)
 
     def __enter__(self):
         for t in self.threads:
@@ -86,27 +95,31 @@ class Load:
             t.join(300)
 
 
-
 def test_promote_and_roll_back_under_load_fail_no_request(setup):
     gw, registry = setup
+    began = time.monotonic()
     with Load(gw) as load:
-        time.sleep(2)
-        steps = []
+        load.wait_for(began)
+        first_issued = time.monotonic()
+        windows: list[list] = []  # [CLI returned, next step issued, version the step serves]
         for args, version in ((["promote", "v1"], "v1"), (["promote", "v2"], "v2"),
                               (["rollback"], "v1")):
+            if windows:
+                windows[-1][1] = time.monotonic()
             out = cli(gw, *args, "--wait", "120")
             assert out.returncode == 0, out.stderr + gw.logs()
-            steps.append((time.monotonic(), version))
-            time.sleep(2)
-        time.sleep(1)
-    statuses = [s for _, s, _, _ in load.results]
-    failed = [r for r in load.results if r[1] != 200]
-    assert len(statuses) > 30 and not failed, failed[:3]
-    seen = [v for _, _, v, _ in load.results]
-    assert {"base", "v1", "v2"} <= set(seen)
-    for at, version in steps:  # once the CLI says every replica serves it, responses say so
-        window = {v for t, _, v, _ in load.results if at + 1.0 < t < at + 2.0}
-        assert window == {version}, (version, window)
+            windows.append([time.monotonic(), float("inf"), version])
+            load.wait_for(windows[-1][0])
+    results = list(load.results)
+    failed = [r for r in results if r[2] != 200]
+    assert len(results) > 30 and not failed, failed[:3]
+    assert {"base", "v1", "v2"} <= {v for _, _, _, v, _ in results}
+    before = [v for _, ended, _, v, _ in results if ended < first_issued]
+    assert before and set(before) == {"base"}, before
+    # once the CLI says every replica serves it, every request sent until the next step says so
+    for returned, issued, version in windows:
+        window = [v for started, _, _, v, _ in results if returned < started < issued]
+        assert len(window) >= 5 and set(window) == {version}, (version, window)
 
     metrics = httpx.get(gw.base + "/metrics").text
     assert sample(metrics, "protege_engine_replica_up", variant="student", version="v1") == 2
