@@ -442,6 +442,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
                     i=i,
                 ),
                 messages=messages,
+                choice=i,
             )
             for i in range(self.n)
         ]
@@ -561,6 +562,7 @@ class CompletionRequest(OpenAIBaseModel):
                     i=i,
                 ),
                 prompt=self.prompt,
+                choice=i,
             )
             for i in range(self.n)
         ]

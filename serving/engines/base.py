@@ -39,12 +39,16 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
-    """One choice to generate: exactly one of `messages` (chat) or `prompt` (completion)."""
+    """One choice to generate: exactly one of `messages` (chat) or `prompt` (completion).
+
+    `choice` is its index among the request's `n`: choices share `request_id`, and unseeded
+    sampling must still tell them apart."""
 
     request_id: str
     params: SamplingParams
     messages: tuple[Message, ...] | None = None
     prompt: str | None = None
+    choice: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 Text is drawn from a fixed word list by a PRNG seeded from the request, one word per token
 (the token id is the word's index in `WORDS`), at a set pace (`ttft_s`, then `token_delay_s`
 between tokens). The same request always gives the same text: at temperature 0 the text depends
-on the prompt only; above 0 on the prompt and `seed` (or the request id when `seed` is None).
+on the prompt only; above 0 on the prompt and `seed` (or the request id and choice index when
+`seed` is None).
 
 Prompt tokens are the whitespace-separated words of the prompt; chat messages are first rendered
 as ChatML. Logprobs are fake but well formed: the chosen token first, alternatives below it.
@@ -94,7 +95,8 @@ class FakeEngine(Engine):
         if p.temperature == 0:
             rng = _rng("greedy", prompt)
         else:
-            rng = _rng(p.seed if p.seed is not None else f"id:{request.request_id}", prompt)
+            unseeded = f"id:{request.request_id}:{request.choice}"
+            rng = _rng(p.seed if p.seed is not None else unseeded, prompt)
         return self._stream(request, prompt_tokens, budget, rng)
 
     async def _stream(

@@ -107,6 +107,15 @@ def test_n_choices_stream_and_not(gateway):
     assert texts == {c.index: c.message.content for c in r.choices}
 
 
+def test_n_choices_differ_when_sampled(gateway):
+    """Without a seed, each of the n choices is sampled on its own."""
+    r = gateway.client().chat.completions.create(model="fake", messages=MSG, n=3, temperature=1)
+    texts = [c.message.content for c in r.choices]
+    # Each of the 12 fake tokens is one of 59 words: two independently seeded choices are
+    # equal with p = 59**-12 (~5e-22), so a repeat means the choices shared their seed.
+    assert len(set(texts)) == 3, texts
+
+
 def test_stop_sequence(gateway):
     client = gateway.client()
     whole = client.chat.completions.create(model="fake", messages=MSG, temperature=0)
