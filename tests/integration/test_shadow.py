@@ -1,4 +1,8 @@
-"""Mirroring on real Ray Serve: pairs land in the store; a bad teacher never touches the user."""
+"""Mirroring on real Ray Serve: pairs land in the store; a bad teacher never touches the user.
+
+The module shares one gateway, so every test measures what it changed (metric deltas, its own
+response ids) and passes alone and in any order.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import socket
 import struct
 import threading
 import time
+import uuid
 
 import pytest
 import uvicorn
@@ -15,28 +20,66 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.engines.fake import WORDS
+from serving.router import choose_arm
 from shadow.store import SqliteStore
-from tests.integration.conftest import Gateway, free_port, scrape, wait_for_metric
+from tests.integration.conftest import Gateway, free_port, scrape, settled, wait_for_metric
 
 pytestmark = pytest.mark.integration
 
 MSG = [{"role": "user", "content": "Explain tides."}]
+SHADOW_TIMEOUT_S = 2  # shadow.timeout_s: how long the gateway waits for a teacher
+AB_ARMS = [("student", 1), ("student-b", 1)]  # route "ab", sticky per user
+
+
+def unique_msg() -> list[dict]:
+    """A prompt no other call sends: the teacher can tell which user call it mirrors."""
+    return [{"role": "user", "content": f"Explain tides. ({uuid.uuid4().hex})"}]
+
+
+def wait_until(condition, what: str, timeout_s: float = 30):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"not in {timeout_s}s: {what}")
+
+
+def key(name: str, **labels) -> tuple:
+    """A metric as `settled` takes it."""
+    return name, tuple(sorted(labels.items()))
 
 
 class BadTeacher:
-    """An OpenAI-compatible URL on 127.0.0.1 that hangs (bounded) or fails with 500."""
+    """An OpenAI-compatible URL on 127.0.0.1 that hangs (bounded) or fails with 500.
+
+    Each call is noted under its last message: the marker header it carried, and for /hang when
+    it arrived and when the gateway hung up on it (`hung[prompt] = [arrived, closed]`).
+    """
 
     def __init__(self):
         self.port = free_port()
-        self.seen_marker = 0
+        self.marker: dict[str, str | None] = {}
+        self.hung: dict[str, list[float | None]] = {}
+
+        async def note(request) -> str:
+            prompt = (await request.json())["messages"][-1]["content"]
+            self.marker[prompt] = request.headers.get("x-protege-shadow")
+            return prompt
 
         async def hang(request):
-            self.seen_marker += request.headers.get("x-protege-shadow") == "1"
-            await asyncio.sleep(30)  # a teacher that hangs for 30 s
+            times = self.hung[await note(request)] = [time.monotonic(), None]
+            try:  # hang until the gateway hangs up, at most 30 s
+                async with asyncio.timeout(30):
+                    while (await request.receive())["type"] != "http.disconnect":
+                        pass
+                times[1] = time.monotonic()
+            except TimeoutError:
+                pass
             return JSONResponse({})
 
         async def fail(request):
-            self.seen_marker += request.headers.get("x-protege-shadow") == "1"
+            await note(request)
             return JSONResponse({"error": {"message": "boom"}}, status_code=500)
 
         app = Starlette(routes=[Route("/hang/chat/completions", hang, methods=["POST"]),
@@ -104,7 +147,7 @@ def shadowed(tmp_path_factory, bad_teacher, resetting):
     config = {
         "server": {"ingress": {"replicas": 1, "num_cpus": 0}, "request_timeout_s": 20},
         "shadow": {"store_path": str(tmp / "pairs.sqlite"), "spill_dir": str(tmp / "spill"),
-                   "timeout_s": 2, "semantic_model": None, "max_pending": 200,
+                   "timeout_s": SHADOW_TIMEOUT_S, "semantic_model": None, "max_pending": 200,
                    "max_in_flight": 1000},
         "variants": {
             "student": {"engine": {"engine": "fake", "completion_tokens": 8}, "num_cpus": 0,
@@ -120,14 +163,16 @@ def shadowed(tmp_path_factory, bad_teacher, resetting):
         "routes": {
             "all": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 1}},
             "half": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 0.5}},
+            "by-user": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 0.5,
+                                                         "sample_key": "user"}},
             "plain": {"variant": "student"},
             # Every fake word is a label: both answers name the first word they say.
             "classify": {"variant": "student", "labels": list(WORDS),
                          "shadow": {"variant": "teacher", "sample_rate": 1}},
             "private": {"variant": "student", "shadow": {"variant": "teacher", "sample_rate": 1,
                                                          "store_prompt": False}},
-            "ab": {"variant": "student", "sticky_key": "request", "arms": [
-                {"variant": "student", "weight": 1}, {"variant": "student-b", "weight": 1}]},
+            "ab": {"variant": "student", "sticky_key": "user", "arms": [
+                {"variant": v, "weight": w} for v, w in AB_ARMS]},
             "hang": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
                 **remote, "base_url": f"http://127.0.0.1:{bad_teacher.port}/hang"}}},
             "fail": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
@@ -144,16 +189,26 @@ def shadowed(tmp_path_factory, bad_teacher, resetting):
     gw.stop()
 
 
-def wait_for_pairs(store, count, timeout_s=30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if store.path.exists() and store.count() >= count:
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{store.count() if store.path.exists() else 0} pairs, wanted {count}")
+def stored(store, ids) -> set[str]:
+    """Which of `ids` have a pair in the store."""
+    return store.existing(list(ids)) if store.path.exists() else set()
+
+
+def wait_for_pairs(store, ids, timeout_s=30):
+    wait_until(lambda: stored(store, ids) == set(ids),
+               f"pairs {sorted(set(ids) - stored(store, ids))}", timeout_s)
+
+
+def wait_for(gw, metric: tuple, value: float, timeout_s: float = 20) -> None:
+    wait_for_metric(gw, metric[0], value, timeout_s, **dict(metric[1]))
+
+
+MIRRORED = key("protege_shadow_mirrored_total", route="all", outcome="sent")
+PAIRS_STORED = key("protege_shadow_records_total", kind="pair", outcome="stored")
 
 
 def test_every_sampled_request_becomes_a_scored_pair(shadowed):
+    before = settled(shadowed, [MIRRORED, PAIRS_STORED])  # what earlier tests mirrored is in
     client = shadowed.client()
     answers = {}
     for i in range(6):
@@ -165,12 +220,10 @@ def test_every_sampled_request_becomes_a_scored_pair(shadowed):
                                                          stream=True))
             answers[chunks[0].id] = "".join(c.choices[0].delta.content or "" for c in chunks
                                             if c.choices)
-    client.chat.completions.create(model="plain", messages=MSG)  # not mirrored
-    wait_for_pairs(shadowed.store, 6)
-    assert shadowed.store.count() == 6
+    plain = client.chat.completions.create(model="plain", messages=MSG).id  # not mirrored
+    wait_for_pairs(shadowed.store, answers)
     for pair_id, text in answers.items():
         pair = shadowed.store.get(pair_id)
-        assert pair is not None, pair_id
         assert pair.student.text == text and pair.student.version == "s1"
         assert pair.teacher.model == "teacher" and pair.teacher.version == "t1"
         assert pair.teacher.completion_tokens == 10 and pair.teacher.text
@@ -179,63 +232,105 @@ def test_every_sampled_request_becomes_a_scored_pair(shadowed):
         assert pair.request["messages"] == MSG
         assert 0.0 <= pair.disagreement <= 1.0
         assert pair.student.latency_ms > 0 and pair.teacher.latency_ms > 0
-    wait_for_metric(shadowed, "protege_shadow_mirrored_total", 6, route="all", outcome="sent")
-    wait_for_metric(shadowed, "protege_shadow_records_total", 6, kind="pair",
-                    outcome="stored")
+    wait_for(shadowed, MIRRORED, before[MIRRORED] + 6)
+    # Six pairs stored, not seven: the plain request left none.
+    wait_for(shadowed, PAIRS_STORED, before[PAIRS_STORED] + 6)
+    assert shadowed.store.get(plain) is None
 
 
 def test_rejected_requests_are_never_mirrored(shadowed):
-    before = scrape(shadowed, "protege_shadow_mirrored_total", route="all")
+    before = settled(shadowed, [MIRRORED, PAIRS_STORED])
+    count = shadowed.store.count() if shadowed.store.path.exists() else 0
     with shadowed.http() as http:
         too_long = {"model": "all", "messages": MSG, "max_tokens": 100_000}  # over the window
         assert http.post("/v1/chat/completions", json=too_long).status_code == 400
         bad = {"model": "all", "messages": MSG, "temperature": 9}
         assert http.post("/v1/chat/completions", json=bad).status_code == 400
     r = shadowed.client().chat.completions.create(model="all", messages=MSG)  # one that counts
-    wait_for_metric(shadowed, "protege_shadow_mirrored_total", before + 1, route="all")
-    wait_for_pairs(shadowed.store, 7)  # the 6 above and this one: the 400s left no pair
-    assert shadowed.store.count() == 7 and shadowed.store.get(r.id) is not None
+    wait_for_pairs(shadowed.store, [r.id])
+    # One mirrored, one stored: the 400s, sent first, were not mirrored and left no pair.
+    wait_for(shadowed, MIRRORED, before[MIRRORED] + 1)
+    wait_for(shadowed, PAIRS_STORED, before[PAIRS_STORED] + 1)
+    assert shadowed.store.count() == count + 1
 
 
 def test_sample_rate_is_respected(shadowed):
+    half = key("protege_shadow_mirrored_total", route="half", outcome="sent")
+    before = settled(shadowed, [half])[half]
     client = shadowed.client()
     for _ in range(100):
         client.chat.completions.create(model="half", messages=MSG)
-    deadline = time.monotonic() + 30
-    sent = 0.0
-    while time.monotonic() < deadline:
-        sent = scrape(shadowed, "protege_shadow_mirrored_total", route="half", outcome="sent")
-        time.sleep(1)
-        if sent == scrape(shadowed, "protege_shadow_mirrored_total", route="half",
-                          outcome="sent"):
-            break
-    assert 30 <= sent <= 70, sent
+    sent = settled(shadowed, [half])[half] - before
+    assert 30 <= sent <= 70, sent  # random request ids: outside only with p ~ 1e-4
+
+
+def test_sample_key_user_mirrors_all_or_none_of_a_users_calls(shadowed):
+    """`sample_key: user` at rate 0.5: a user's calls are all mirrored or none are."""
+    sent = key("protege_shadow_mirrored_total", route="by-user", outcome="sent")
+    before = settled(shadowed, [sent])[sent]
+    client = shadowed.client()
+    calls = {f"user-{i}": [] for i in range(8)}  # fixed users: the same split every run
+    for _ in range(3):
+        for user, ids in calls.items():
+            ids.append(client.chat.completions.create(model="by-user", messages=MSG,
+                                                      user=user).id)
+    mirrored = settled(shadowed, [sent])[sent] - before
+    every = [i for ids in calls.values() for i in ids]
+    wait_until(lambda: len(stored(shadowed.store, every)) == mirrored, f"{mirrored} pairs")
+    kept = stored(shadowed.store, every)
+    per_user = {user: len(kept.intersection(ids)) for user, ids in calls.items()}
+    # Sampled by request id, a user would get 1 or 2 of 3 with p = 3/4 each.
+    assert set(per_user.values()) == {0, 3}, per_user
 
 
 @pytest.mark.parametrize("route", ["hang", "fail", "down", "reset"])
-def test_bad_teacher_leaves_the_user_untouched(shadowed, route):
+def test_bad_teacher_leaves_the_user_untouched(shadowed, bad_teacher, route):
+    outcome = "timeout" if route == "hang" else "failed"
+    teacher_calls = key("protege_shadow_requests_total", route=route, outcome=outcome)
+    before = settled(shadowed, [teacher_calls])[teacher_calls]
     client = shadowed.client()
+    answered = {}  # prompt -> when its user had the whole answer
     for stream in (False, True, False):
-        r = client.chat.completions.create(model=route, messages=MSG, stream=stream)
-        if stream:
+        msg = unique_msg()
+        started = time.monotonic()
+        r = client.chat.completions.create(model=route, messages=msg, stream=stream)
+        if stream:  # read to the last chunk
             assert "".join(c.choices[0].delta.content or "" for c in r if c.choices)
         else:
             assert r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+        answered[msg[0]["content"]] = done = time.monotonic()
+        # The fake student answers in milliseconds; a user who waited for the teacher would
+        # wait up to shadow.timeout_s.
+        assert done - started < SHADOW_TIMEOUT_S / 2, (
+            f"route {route}, stream={stream}: the user waited {done - started:.2f}s with "
+            f"shadow.timeout_s={SHADOW_TIMEOUT_S}: the answer waited for the teacher")
+    wait_for(shadowed, teacher_calls, before + 3, timeout_s=30)
     if route == "hang":
-        # The users got their answers while the teacher calls were still hanging.
-        assert scrape(shadowed, "protege_shadow_requests_total", route=route,
-                      outcome="timeout") < 3
-    outcome = "timeout" if route == "hang" else "failed"
-    wait_for_metric(shadowed, "protege_shadow_requests_total", 3, route=route,
-                    outcome=outcome, timeout_s=30)
+        hung = bad_teacher.hung
+        wait_until(lambda: all(p in hung and hung[p][1] for p in answered),
+                   "the gateway hanging up on each hanging teacher call")
+        for prompt, done in answered.items():
+            closed = hung[prompt][1]
+            assert done < closed, (  # the user had the answer while the teacher call was open
+                f"answered {done - closed:.2f}s after the gateway gave up on the teacher")
 
 
-def test_remote_teacher_sees_the_marker_header(bad_teacher):
-    assert bad_teacher.seen_marker >= 6  # every call to /hang and /fail carried it
+def test_remote_teacher_sees_the_marker_header(shadowed, bad_teacher):
+    prompts = []
+    for route in ("hang", "fail"):
+        msg = unique_msg()
+        shadowed.client().chat.completions.create(model=route, messages=msg)
+        prompts.append(msg[0]["content"])
+    wait_until(lambda: all(p in bad_teacher.marker for p in prompts), "both teacher calls")
+    assert [bad_teacher.marker[p] for p in prompts] == ["1", "1"]
+    # Leave no call hanging to time out during the next test.
+    wait_until(lambda: bad_teacher.hung[prompts[0]][1], "the gateway giving up on /hang")
 
 
-def test_resetting_teacher_was_really_reached(resetting):
-    assert resetting.resets >= 3
+def test_resetting_teacher_was_really_reached(shadowed, resetting):
+    before = resetting.resets
+    shadowed.client().chat.completions.create(model="reset", messages=MSG)
+    wait_until(lambda: resetting.resets > before, "a connection to the resetting teacher")
 
 
 # --- feedback ----------------------------------------------------------------------------------
@@ -247,14 +342,37 @@ def post_feedback(gw, response_id, metric, value):
                                                "value": value})
 
 
+def users_per_arm(route: str, arms, n: int) -> dict[str, list[str]]:
+    """`n` users for each arm of `route`, placed by the gateway's own choice (`choose_arm`,
+    salted with the route name)."""
+    users = {variant: [] for variant, _ in arms}
+    for i in range(10_000):
+        user = f"{route}-user-{i}"
+        arm = users[choose_arm(arms, user, route)]
+        if len(arm) < n:
+            arm.append(user)
+        if all(len(u) == n for u in users.values()):
+            return users
+    raise AssertionError(f"arms never all got {n} users: {users}")
+
+
 def test_feedback_on_shadowed_plain_and_ab_responses(shadowed):
+    given = {v: key("protege_feedback_total", route="ab", variant=v, version=ver,
+                    metric="thumbs_up") for v, ver in (("student", "s1"), ("student-b", "b1"))}
+    summed = {v: key("protege_feedback_value_sum_total", route="ab", variant=v,
+                     metric="thumbs_up") for v in given}
+    rating = key("protege_feedback_value_sum_total", route="plain", metric="rating")
+    before = settled(shadowed, [*given.values(), *summed.values(), rating])
     client = shadowed.client()
     shadowed_id = client.chat.completions.create(model="all", messages=MSG).id
     plain_id = client.chat.completions.create(model="plain", messages=MSG).id
-    ab = [client.chat.completions.with_raw_response.create(model="ab", messages=MSG)
-          for _ in range(12)]
-    arms = {r.headers["x-protege-variant"] for r in ab}
-    assert arms == {"student", "student-b"}, arms  # 12 requests at 50/50: both arms answered
+    ab = []  # (arm, response): 3 users per arm, twice each
+    for arm, users in users_per_arm("ab", AB_ARMS, 3).items():
+        for user in users * 2:
+            r = client.chat.completions.with_raw_response.create(model="ab", messages=MSG,
+                                                                 user=user)
+            assert r.headers["x-protege-variant"] == arm, (user, arm)  # sticky, as hashed
+            ab.append((arm, r.parse().id))
 
     r = post_feedback(shadowed, shadowed_id, "thumbs_up", True)
     assert r.status_code == 200, r.text
@@ -263,28 +381,31 @@ def test_feedback_on_shadowed_plain_and_ab_responses(shadowed):
     assert body["response_id"] == shadowed_id and body["metric"] == "thumbs_up"
     assert post_feedback(shadowed, plain_id, "rating", 4.5).status_code == 200
     assert post_feedback(shadowed, plain_id, "note", "too long").status_code == 200
-    for resp in ab:
-        assert post_feedback(shadowed, resp.parse().id, "thumbs_up",
-                             resp.headers["x-protege-variant"] == "student").status_code == 200
+    for arm, rid in ab:
+        assert post_feedback(shadowed, rid, "thumbs_up", arm == "student").status_code == 200
 
-    stored = {(f.response.response_id, f.metric): f for f in shadowed.store.iter_feedback()}
-    assert stored[(shadowed_id, "thumbs_up")].value == 1.0
-    assert stored[(shadowed_id, "thumbs_up")].response.route == "all"
-    assert stored[(plain_id, "rating")].value == 4.5
-    assert stored[(plain_id, "note")].comment == "too long"
-    assert stored[(plain_id, "note")].response.version == "s1"
-    by_arm = {v: sum(1 for r in ab if r.headers["x-protege-variant"] == v) for v in arms}
-    wait_for_metric(shadowed, "protege_feedback_total", by_arm["student-b"], route="ab",
-                    variant="student-b", version="b1", metric="thumbs_up")
-    wait_for_metric(shadowed, "protege_feedback_total", by_arm["student"], route="ab",
-                    variant="student", version="s1", metric="thumbs_up")
+    stored_fb = {(f.response.response_id, f.metric): f for f in shadowed.store.iter_feedback()}
+    assert stored_fb[(shadowed_id, "thumbs_up")].value == 1.0
+    assert stored_fb[(shadowed_id, "thumbs_up")].response.route == "all"
+    assert stored_fb[(plain_id, "rating")].value == 4.5
+    assert stored_fb[(plain_id, "note")].comment == "too long"
+    assert stored_fb[(plain_id, "note")].response.version == "s1"
+    for arm, rid in ab:
+        assert stored_fb[(rid, "thumbs_up")].response.variant == arm
+    wait_for(shadowed, given["student-b"], before[given["student-b"]] + 6)
+    wait_for(shadowed, given["student"], before[given["student"]] + 6)
     # Booleans sum as 1/0: the mean per arm is value_sum / total.
-    wait_for_metric(shadowed, "protege_feedback_value_sum_total", by_arm["student"], route="ab",
-                    variant="student", metric="thumbs_up")
-    wait_for_metric(shadowed, "protege_feedback_value_sum_total", 0, route="ab",
-                    variant="student-b", metric="thumbs_up")
-    wait_for_metric(shadowed, "protege_feedback_value_sum_total", 4.5, route="plain",
-                    metric="rating")
+    wait_for(shadowed, summed["student"], before[summed["student"]] + 6)
+    wait_for(shadowed, summed["student-b"], before[summed["student-b"]])
+    wait_for(shadowed, rating, before[rating] + 4.5)
+
+
+def test_feedback_comments_are_redacted(shadowed):
+    rid = shadowed.client().chat.completions.create(model="plain", messages=MSG).id
+    r = post_feedback(shadowed, rid, "note", "Wrong. Mail bob@example.com or call +49 30 7654321.")
+    assert r.status_code == 200, r.text
+    [kept] = [f for f in shadowed.store.iter_feedback() if f.response.response_id == rid]
+    assert kept.comment == "Wrong. Mail [EMAIL] or call [PHONE]."
 
 
 def test_feedback_errors_name_the_problem(shadowed):
@@ -308,32 +429,28 @@ def test_feedback_errors_name_the_problem(shadowed):
 
 
 def test_personal_data_never_reaches_the_store(shadowed):
+    ibans = key("protege_shadow_redactions_total", kind="iban")
+    before = settled(shadowed, [ibans])[ibans]
     client = shadowed.client()
     secret = [{"role": "user", "content": "I am ann@example.com, IBAN DE89 3704 0044 0532 0130 "
                                           "00, call me on +49 30 1234567."}]
     shared = client.chat.completions.create(model="all", messages=secret).id
     private = client.chat.completions.create(model="private", messages=secret).id
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (shadowed.store.get(shared)
-                                               and shadowed.store.get(private)):
-        time.sleep(0.3)
+    wait_for_pairs(shadowed.store, [shared, private])
     kept = shadowed.store.get(shared)
     assert kept.request["messages"][0]["content"] == "I am [EMAIL], IBAN [IBAN], call me on [PHONE]."
     bare = shadowed.store.get(private)
     assert "messages" not in bare.request and bare.teacher.text  # answers only
     for pair in (kept, bare):
         assert "ann@example.com" not in pair.to_json() and "1234567" not in pair.to_json()
-    wait_for_metric(shadowed, "protege_shadow_redactions_total", 1, kind="iban")
+    wait_for(shadowed, ibans, before + 1)  # the one stored prompt; the private one kept none
 
 
 def test_classification_routes_score_label_agreement(shadowed):
     client = shadowed.client()
     labelled = client.chat.completions.create(model="classify", messages=MSG, temperature=0).id
     plain = client.chat.completions.create(model="all", messages=MSG, temperature=0).id
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (shadowed.store.get(labelled)
-                                               and shadowed.store.get(plain)):
-        time.sleep(0.3)
+    wait_for_pairs(shadowed.store, [labelled, plain])
     # Greedy fake answers share their first words, so the first label agrees.
     assert shadowed.store.get(labelled).scores["label_agreement"] == 1.0
     assert shadowed.store.get(plain).scores["label_agreement"] is None
