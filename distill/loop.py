@@ -37,6 +37,10 @@ class LoopError(RuntimeError):
     """The loop cannot run as configured; the text says what to fix."""
 
 
+class RunAbandoned(RuntimeError):
+    """A stage failed on the run's last allowed attempt: the run is given up, not resumed."""
+
+
 def due(*, now: datetime, last_run_at: datetime | None, new_pairs: int, total_pairs: int,
         teachers_new: set[str], teachers_last: set[str], new_pairs_at: int | None,
         teacher_change: bool, every_hours: float | None, min_pairs: int) -> list[str]:
@@ -172,6 +176,11 @@ class Loop:
                     run["outcome"] = "abandoned"
                 self._save(path, run)
                 self._finish(state, run, "failed" if run["outcome"] is None else "abandoned")
+                if run["outcome"] == "abandoned":
+                    raise RunAbandoned(
+                        f"run {run['id']} abandoned after {run['attempts']} attempts: {stage} "
+                        f"failed: {type(e).__name__}: {e} (the next trigger starts a new run)"
+                    ) from e
                 raise
             status = result.pop("status", "done")
             run["stages"][stage] = {"status": status, **result,

@@ -556,7 +556,7 @@ def loop(
     was interrupted. Without --once it checks every `loop.check_every_s` until stopped."""
     import time
 
-    from distill.loop import Loop, LoopError
+    from distill.loop import Loop, LoopError, RunAbandoned
 
     settings = _load(config)
     runner = Loop(settings, progress=lambda msg: typer.echo(f"loop: {msg}", err=True))
@@ -566,8 +566,9 @@ def loop(
         except LoopError as e:
             typer.echo(f"loop: {e}", err=True)
             raise typer.Exit(2) from None
-        except Exception as e:  # noqa: BLE001 - recorded in run.json; retried next time
-            typer.echo(f"loop: the run failed: {type(e).__name__}: {e} (it resumes at the "
+        except Exception as e:  # noqa: BLE001 - recorded in run.json; retried or abandoned
+            typer.echo(f"loop: {e}" if isinstance(e, RunAbandoned) else
+                       f"loop: the run failed: {type(e).__name__}: {e} (it resumes at the "
                        "failed stage on the next invocation)", err=True)
             if once or force:
                 raise typer.Exit(1) from None

@@ -1,7 +1,7 @@
 """`protege loop` end to end on a tiny model: real shadow store, real KD recipe, real GGUF
 quantization (llama.cpp), real gate, real registry; runs, idles, runs again on new pairs,
-rejects a version that fails the gate, and resumes after `kill -9` without registering or
-promoting twice."""
+rejects a version that fails the gate, resumes after `kill -9` without registering or
+promoting twice, and abandons a run whose stage keeps failing. Each test has its own loop."""
 
 from __future__ import annotations
 
@@ -25,7 +25,28 @@ from tests.integration.conftest import REPO
 from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
 from tests.unit.test_records import make_record
 
+pytestmark = pytest.mark.integration
+
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "hello", "world", "how", "are", "you", "today"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+# `protege loop ARGS...` whose distill stage writes argv[1] and then blocks until killed.
+HOLD_DISTILL = """
+import sys, time
+from pathlib import Path
+from distill.loop import Loop
+
+marker, sys.argv = Path(sys.argv[1]), ["protege", *sys.argv[2:]]
+
+def held(self, run, run_dir):
+    marker.touch()
+    time.sleep(600)  # bounded: the test kills the process long before
+    raise RuntimeError("distill was held for 600 s and nobody killed it")
+
+Loop._distill = held
+from ops.cli import app
+app()
+"""
 
 
 def add_pairs(store_path, start: int, n: int) -> None:
@@ -41,12 +62,12 @@ def add_pairs(store_path, start: int, n: int) -> None:
     ) for i in range(start, start + n)])
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("loop")
+@pytest.fixture
+def env(tmp_path):
+    """A fresh loop for one test: a tiny student, 40 pairs, nothing registered or promoted."""
     tokenizer = bpe_tokenizer()
-    student = save(tmp / "student0", tiny_model("llama", tokenizer), tokenizer)
-    (tmp / "recipe.yaml").write_text(yaml.safe_dump({
+    student = save(tmp_path / "student0", tiny_model("llama", tokenizer), tokenizer)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
         "student": {"path": str(student)}, "data": {"max_length": 64}, "strategy": "sequence",
         "optim": {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "warmup_steps": 0},
         "eval_every": 3, "save_every": 2}))
@@ -56,25 +77,26 @@ def env(tmp_path_factory):
             "latency": {"batch_sizes": [1], "concurrency": [1], "rounds": 1, "max_tokens": 4,
                         "max_p95_ttft_s": None},
             "ab": {"enabled": False}}
-    (tmp / "gate.yaml").write_text(yaml.safe_dump(gate))
+    (tmp_path / "gate.yaml").write_text(yaml.safe_dump(gate))
     gate["fidelity"]["min_rouge_l"] = 1.0
-    (tmp / "strict-gate.yaml").write_text(yaml.safe_dump(gate))
+    (tmp_path / "strict-gate.yaml").write_text(yaml.safe_dump(gate))
     config = {
         "variants": {
-            "student": {"engine": {"engine": "llamacpp", "path": str(tmp / "unused.gguf")},
+            "student": {"engine": {"engine": "llamacpp", "path": str(tmp_path / "unused.gguf")},
                         "promotable": True, "version": "base"},
             "teacher": {"engine": {"engine": "fake"}, "version": "t1"}},
         "routes": {"student": {"variant": "student", "shadow": {"variant": "teacher"}}},
-        "shadow": {"store_path": str(tmp / "pairs.sqlite"), "spill_dir": str(tmp / "spill")},
-        "registry": {"root": str(tmp / "registry")},
-        "loop": {"work_dir": str(tmp / "loop"), "recipe": str(tmp / "recipe.yaml"),
-                 "gate": str(tmp / "gate.yaml"), "teacher": "fake", "route": "student",
+        "shadow": {"store_path": str(tmp_path / "pairs.sqlite"),
+                   "spill_dir": str(tmp_path / "spill")},
+        "registry": {"root": str(tmp_path / "registry")},
+        "loop": {"work_dir": str(tmp_path / "loop"), "recipe": str(tmp_path / "recipe.yaml"),
+                 "gate": str(tmp_path / "gate.yaml"), "teacher": "fake", "route": "student",
                  "quantize": "gguf-q8_0", "min_pairs": 12, "validation_share": 0.2,
                  "triggers": {"new_pairs": 10}},
     }
-    (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
-    add_pairs(tmp / "pairs.sqlite", 0, 40)
-    return tmp
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    add_pairs(tmp_path / "pairs.sqlite", 0, 40)
+    return tmp_path
 
 
 def loop(env, **loop_overrides) -> Loop:
@@ -83,6 +105,17 @@ def loop(env, **loop_overrides) -> Loop:
         settings = settings.model_copy(update={"loop": settings.loop.model_copy(
             update=loop_overrides)})
     return Loop(settings)
+
+
+def cli(env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ops.cli", "loop", "--config", str(env / "gateway.yaml"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=ENV, check=False)
+
+
+def runs(env) -> list[dict]:
+    found = [json.loads(p.read_text()) for p in (env / "loop" / "runs").glob("*/run.json")]
+    return sorted(found, key=lambda run: run["started_at"])
 
 
 def test_a_run_from_pairs_to_a_promoted_gguf_then_idle_then_again(env):
@@ -112,56 +145,112 @@ def test_a_run_from_pairs_to_a_promoted_gguf_then_idle_then_again(env):
 
 
 def test_a_version_that_fails_the_gate_is_registered_with_its_reasons_not_promoted(env):
-    before = Registry(env / "registry").promoted("student")["version"]
     run = loop(env, gate=str(env / "strict-gate.yaml")).run_once(force=True)
     assert run["outcome"] == "rejected"
     assert run["stages"]["promote"]["status"] == "skipped"
     assert "fidelity.rouge_l" in run["stages"]["promote"]["reason"]
     version = run["stages"]["register"]["version"]
-    manifest = Registry(env / "registry").manifest(version)
+    registry = Registry(env / "registry")
+    manifest = registry.manifest(version)
     assert manifest["gate"]["passed"] is False
     assert any("fidelity.rouge_l" in f and "< 1" in f for f in manifest["gate"]["failures"])
-    assert Registry(env / "registry").promoted("student")["version"] == before
+    assert registry.promoted("student") is None and registry.history("student") == []
 
 
 def test_killed_mid_run_resumes_without_registering_or_promoting_twice(env):
+    """The distill stage is held (patched to block) so `kill -9` lands inside it, not by luck;
+    the next invocation resumes at distill, and registers and promotes exactly once."""
     registry = Registry(env / "registry")
-    versions, history = registry.versions(), registry.history("student")
-    cmd = [sys.executable, "-m", "ops.cli", "loop", "--config", str(env / "gateway.yaml")]
-    proc = subprocess.Popen([*cmd, "--force"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 300
-    run_json = None
-    while time.monotonic() < deadline and proc.poll() is None:  # kill -9 inside "distill"
-        runs = sorted((env / "loop" / "runs").glob("*/run.json"))
-        if runs:
-            run = json.loads(runs[-1].read_text())
-            if run["outcome"] is None and run["stages"].get("distill", {}).get("status") == (
-                    "running"):
-                run_json = runs[-1]
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-        time.sleep(0.05)
-    proc.wait(30)
-    assert run_json is not None, proc.stdout.read().decode()[-3000:]
-    exported = json.loads(run_json.read_text())["stages"]["export"]
+    marker, log_path = env / "distill-held", env / "held.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_DISTILL, str(marker), "loop", "--config",
+             str(env / "gateway.yaml"), "--force"],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
+    try:
+        held = None
+        deadline = time.monotonic() + 300
+        while held is None and time.monotonic() < deadline and proc.poll() is None:
+            if marker.exists():
+                [held] = runs(env)
+            else:
+                time.sleep(0.2)
+        assert held is not None, log_path.read_text(errors="replace")[-3000:]
+        assert held["stages"]["distill"]["status"] == "running" and held["outcome"] is None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    killed = runs(env)[0]
+    assert killed["attempts"] == 1 and killed["stages"]["distill"]["status"] == "running"
+    assert killed["stages"]["export"]["status"] == "done"
 
-    out = subprocess.run([*cmd, "--once"], cwd=REPO, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+    out = cli(env, "--once")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resuming run" in out.stderr and ": promoted (v" in out.stdout
-    run = json.loads(run_json.read_text())
-    assert run["attempts"] == 2 and run["stages"]["export"] == exported  # not redone
-    assert len(registry.versions()) == len(versions) + 1
-    assert len(registry.history("student")) == len(history) + 1
+    assert f"resuming run {held['id']} (attempt 2)" in out.stderr
+    assert f"run {held['id']}: promoted (v1)" in out.stdout, out.stdout + out.stderr[-3000:]
+    [run] = runs(env)
+    assert run["attempts"] == 2 and run["stages"]["export"] == killed["stages"]["export"]
+    assert run["stages"]["distill"]["status"] == "done"
+    assert registry.versions() == ["v1"] and registry.manifest("v1")["loop_run"] == run["id"]
+    assert [h["version"] for h in registry.history("student")] == ["v1"]
 
     # A crash between registering and recording it: the run finds its version, promotes once.
     run["stages"]["register"]["status"] = "running"
     del run["stages"]["promote"]
     run["outcome"] = None
-    run_json.write_text(json.dumps(run))
+    (env / "loop" / "runs" / run["id"] / "run.json").write_text(json.dumps(run))
     resumed = loop(env).run_once()
-    assert resumed["stages"]["register"]["reused"] is True
-    assert len(registry.versions()) == len(versions) + 1
-    assert len(registry.history("student")) == len(history) + 1
+    assert resumed["outcome"] == "promoted" and resumed["attempts"] == 3
+    assert registry.versions() == ["v1"]
+    assert [h["version"] for h in registry.history("student")] == ["v1"]
+    assert resumed["stages"]["register"].get("reused") is True
+    assert resumed["stages"]["register"]["version"] == "v1"
+
+
+def test_a_failing_stage_is_retried_then_abandoned_and_the_next_trigger_starts_afresh(env):
+    """distill fails for real (the recipe's student does not exist): each invocation retries
+    the run at distill, the `max_attempts`-th abandons it with nothing registered or promoted,
+    and the next invocation starts a new run instead of retrying that one forever."""
+    recipe = yaml.safe_load((env / "recipe.yaml").read_text())
+    recipe["student"]["path"] = str(env / "no-such-student")
+    (env / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    config = yaml.safe_load((env / "gateway.yaml").read_text())
+    config["loop"]["max_attempts"] = 3
+    (env / "gateway.yaml").write_text(yaml.safe_dump(config))
+
+    exported = None
+    for attempt in (1, 2, 3):
+        out = cli(env, "--once")
+        assert out.returncode == 1, out.stdout + out.stderr[-3000:]
+        if attempt < 3:
+            assert "the run failed" in out.stderr and "resumes at the failed stage" in out.stderr
+        else:
+            assert "abandoned after 3 attempts: distill failed" in out.stderr, out.stderr[-3000:]
+            assert "the next trigger starts a new run" in out.stderr
+        [run] = runs(env)
+        assert run["attempts"] == attempt, run
+        assert run["stages"]["distill"]["status"] == "failed"
+        assert "no-such-student" in run["stages"]["distill"]["error"]
+        assert "promote" not in run["stages"] and "quantize" not in run["stages"]
+        assert run["outcome"] == (None if attempt < 3 else "abandoned")
+        if attempt > 1:
+            assert f"resuming run {run['id']} (attempt {attempt})" in out.stderr
+            assert run["stages"]["export"] == exported  # retried at the failed stage
+        exported = run["stages"]["export"]
+    metrics = (env / "loop" / "metrics.prom").read_text()
+    assert 'protege_loop_runs_total{outcome="failed"} 2.0' in metrics
+    assert 'protege_loop_runs_total{outcome="abandoned"} 1.0' in metrics
+    assert 'protege_loop_stages_total{outcome="failed",stage="distill"} 3.0' in metrics
+    registry = Registry(env / "registry")
+    assert registry.versions() == [] and registry.promoted("student") is None
+
+    out = cli(env, "--once")  # the next trigger: a new run, the abandoned one stays as it was
+    assert out.returncode == 1 and "resuming run" not in out.stderr, out.stderr[-3000:]
+    abandoned, fresh = runs(env)
+    assert abandoned == run
+    assert fresh["id"] != run["id"] and fresh["attempts"] == 1 and fresh["outcome"] is None
+    assert fresh["stages"]["export"]["status"] == "done"
+    assert fresh["stages"]["distill"]["status"] == "failed"
+    assert registry.versions() == []

@@ -4,12 +4,14 @@ version from those pairs, and the gateway swaps it in while clients keep chattin
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
+import pytest
 import yaml
 
 from distill.gguf import convert_to_gguf
@@ -18,7 +20,20 @@ from shadow.store import SqliteStore
 from tests.integration.conftest import REPO, Gateway
 from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
 
+pytestmark = pytest.mark.integration
+
 WORDS = "the quick brown fox jumps over the lazy dog hello world how are you today".split()
+
+
+def stream_ok(body: str) -> bool:
+    """A whole SSE answer: it ends with `data: [DONE]` and none of its events is an error."""
+    events = [line[5:].strip() for line in body.splitlines() if line.startswith("data:")]
+    if not events or events[-1] != "[DONE]":
+        return False
+    try:
+        return not any("error" in json.loads(event) for event in events[:-1])
+    except ValueError:
+        return False
 
 
 def test_pairs_from_live_traffic_become_a_promoted_version(tmp_path):
@@ -67,7 +82,8 @@ def test_pairs_from_live_traffic_become_a_promoted_version(tmp_path):
             time.sleep(0.5)
         assert store.count() == 30
 
-        statuses: list[tuple[int, str]] = []
+        statuses: list[tuple[int, str]] = []  # (HTTP status or -1: broken stream, version)
+        broken: list[str] = []
         stop = threading.Event()
 
         def chat() -> None:
@@ -75,10 +91,15 @@ def test_pairs_from_live_traffic_become_a_promoted_version(tmp_path):
                 for n in range(5000):  # bounded; stopped long before
                     if stop.is_set():
                         return
+                    stream = n % 2 == 0  # the first is a stream
                     r = http.post("/v1/chat/completions", json={
-                        "model": "tiny", "max_tokens": 3, "stream": n % 2 == 0,
+                        "model": "tiny", "max_tokens": 3, "stream": stream,
                         "messages": [{"role": "user", "content": "hello world"}]})
-                    statuses.append((r.status_code, r.headers.get("x-protege-version", "")))
+                    ok = r.status_code == 200 and (not stream or stream_ok(r.text))
+                    if not ok:
+                        broken.append(r.text[-300:])
+                    statuses.append((r.status_code if ok else -1,
+                                     r.headers.get("x-protege-version", "")))
 
         client = threading.Thread(target=chat)
         client.start()
@@ -95,7 +116,7 @@ def test_pairs_from_live_traffic_become_a_promoted_version(tmp_path):
         finally:
             stop.set()
             client.join(120)
-        assert statuses and all(s == 200 for s, _ in statuses), statuses[-5:]
+        assert statuses and all(s == 200 for s, _ in statuses), (statuses[-5:], broken[:3])
         assert statuses[0][1] == "base" and statuses[-1][1] == "v1"
 
         registry = Registry(tmp_path / "registry")

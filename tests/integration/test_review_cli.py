@@ -9,11 +9,14 @@ import sys
 import time
 
 import httpx
+import pytest
 import yaml
 
 from shadow.store import SqliteStore
 from tests.integration.conftest import REPO, free_port
 from tests.unit.test_review import seeded
+
+pytestmark = pytest.mark.integration
 
 
 def test_review_command_serves_the_page_and_the_api(tmp_path):
