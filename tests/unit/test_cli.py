@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -53,6 +54,7 @@ def fake_serving(monkeypatch):
     module.serve_forever = calls.append
     module.ServeError = RuntimeError
     monkeypatch.setitem(sys.modules, "serving.launch", module)
+    monkeypatch.setattr("ops.raylocal.arm_token", lambda: True)  # leaves RAY_AUTH_* alone
     return calls
 
 
@@ -162,3 +164,25 @@ def test_version(runner):
     result = runner.invoke(app, ["version"])
     assert result.exit_code == 0
     assert result.stdout.startswith("protege ")
+
+
+def test_arm_token_only_before_ray_is_imported(monkeypatch):
+    import ray  # noqa: F401 - Ray reads RAY_AUTH_MODE on import: too late to arm it now
+
+    from ops.raylocal import arm_token
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert arm_token() is False and "RAY_AUTH_MODE" not in os.environ
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # armed earlier, or by the operator
+    assert arm_token() is True
+
+
+def test_arm_token_before_ray_sets_a_fresh_token_per_process():
+    code = ("import os, sys; from ops.raylocal import arm_token; assert 'ray' not in sys.modules;"
+            "print(arm_token(), os.environ['RAY_AUTH_MODE'], os.environ['RAY_AUTH_TOKEN'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=REPO_ROOT, env=env, check=True).stdout.split() for _ in range(2)]
+    assert [o[:2] for o in outs] == [["True", "token"]] * 2
+    assert len(outs[0][2]) == 64 and outs[0][2] != outs[1][2]
