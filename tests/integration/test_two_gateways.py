@@ -4,6 +4,9 @@ owns its Ray instance, so stopping one never takes the other's replicas down."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -47,6 +50,26 @@ def ray_of(gw: Gateway) -> str:
     raise AssertionError(f"no serving.app.started line:\n{gw.logs()[-3000:]}")
 
 
+JOIN = """
+import sys, ray
+try:
+    ray.init(address=sys.argv[1])
+except Exception as e:
+    print("refused:", type(e).__name__)
+else:
+    print("joined")
+"""
+
+
+def assert_refuses_clients_without_its_token(address: str) -> None:
+    """A gateway's own Ray listens on every interface: without the run's token, no way in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run([sys.executable, "-c", JOIN, address], capture_output=True, text=True,
+                         timeout=180, env=env, check=False)
+    assert "refused:" in out.stdout and "joined" not in out.stdout, out.stdout + out.stderr[-2000:]
+    assert "Authentication token is missing or incorrect" in out.stderr, out.stderr[-2000:]
+
+
 def start_in_background(version: str, tmp) -> tuple[threading.Thread, list]:
     started: list = []  # the Gateway, or the error that stopped it starting
 
@@ -66,6 +89,7 @@ def test_overlapping_gateways_never_share_or_stop_each_other(tmp_path_factory):
     second = third = None
     try:
         assert answered_by(first) == {"one"}
+        assert_refuses_clients_without_its_token(ray_of(first))
         # The second starts while the first is being stopped (SIGTERM and its drain).
         thread, started = start_in_background("two", tmp_path_factory.mktemp("two"))
         assert first.stop() == 0, first.logs()
