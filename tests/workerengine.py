@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+
+from serving.engines import merge_deltas
 
 
 def count_decodes(engine, monkeypatch, n):
@@ -36,3 +39,17 @@ def count_decodes(engine, monkeypatch, n):
     monkeypatch.setattr(engine, "_decode", counted)
     monkeypatch.setattr(engine._pool, "submit", spied)
     return events, most
+
+
+async def run_together(engine, monkeypatch, requests) -> tuple[list, list[str], int]:
+    """Send `requests` at once through the instrumented `engine`: each one's merged output, the
+    order of submissions and finishes, and the most token loops that ran at once."""
+    events, most = count_decodes(engine, monkeypatch, len(requests))
+
+    async def one(request):
+        deltas = [d async for d in engine.generate(request)]
+        events.append("finish")
+        return merge_deltas(deltas)
+
+    outs = await asyncio.gather(*(one(r) for r in requests))
+    return outs, events, most[0]

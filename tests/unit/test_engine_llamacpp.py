@@ -28,7 +28,7 @@ from serving.engines import (
     merge_deltas,
 )
 from serving.engines.llamacpp import LlamaCppEngine
-from tests.workerengine import count_decodes
+from tests.workerengine import run_together
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -234,17 +234,11 @@ async def test_close_aborts_and_frees_the_model(engine):
 async def test_concurrent_requests_run_in_turn(engine, monkeypatch):
     """Requests sent together are all queued before the first ends; the token loop runs them
     one at a time and each finishes."""
-    events, most = count_decodes(engine, monkeypatch, 3)
-
-    async def one(request):
-        deltas = await run(engine, request)
-        events.append("finish")
-        return merge_deltas(deltas)
-
-    outs = await asyncio.gather(*(one(chat(5, temperature=0, rid=str(i))) for i in range(3)))
+    outs, events, most = await run_together(
+        engine, monkeypatch, [chat(5, temperature=0, rid=str(i)) for i in range(3)])
     assert len({o.token_ids for o in outs}) == 1 and all(o.completion_tokens == 5 for o in outs)
     assert events == ["submit"] * 3 + ["finish"] * 3  # concurrent: all sent before one ended
-    assert most[0] == 1
+    assert most == 1
 
 
 async def test_eos_ends_with_stop(tmp_path):

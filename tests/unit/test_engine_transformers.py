@@ -23,7 +23,7 @@ from serving.engines import (
     merge_deltas,
 )
 from serving.engines.transformers import TransformersEngine
-from tests.workerengine import count_decodes
+from tests.workerengine import run_together
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
@@ -235,15 +235,9 @@ async def test_close_aborts_between_tokens(engine):
 async def test_requests_run_one_at_a_time_and_all_finish(engine, monkeypatch):
     """Requests sent together are all queued before the first ends; the token loop runs them
     one at a time and each finishes."""
-    events, most = count_decodes(engine, monkeypatch, 3)
-
-    async def one(request):
-        deltas = await run(engine, request)
-        events.append("finish")
-        return merge_deltas(deltas)
-
-    merged = await asyncio.gather(*(one(chat(4, temperature=0, rid=str(i))) for i in range(3)))
+    merged, events, most = await run_together(
+        engine, monkeypatch, [chat(4, temperature=0, rid=str(i)) for i in range(3)])
     assert len({m.token_ids for m in merged}) == 1
     assert all(m.completion_tokens == 4 for m in merged)
     assert events == ["submit"] * 3 + ["finish"] * 3  # concurrent: all sent before one ended
-    assert most[0] == 1
+    assert most == 1
