@@ -117,11 +117,11 @@ FILE = ROOT / "tests" / "unit" / "example.py"
 
 
 @pytest.mark.parametrize("source", [
-    'SPEC = Path(__file__).resolve().parents[2].parent / "shared" / "spec.yaml"',
-    'REPO = Path(__file__).resolve().parents[2]\nSPEC = REPO.parent / "shared"',
-    'REPO = Path(__file__).parent.parent.parent\nX = REPO / ".." / "shared"',
+    'SPEC = Path(__file__).resolve().parents[2].parent / "beside" / "spec.yaml"',
+    'REPO = Path(__file__).resolve().parents[2]\nSPEC = REPO.parent / "beside"',
+    'REPO = Path(__file__).parent.parent.parent\nX = REPO / ".." / "beside"',
     'X = Path(__file__).parents[3]',
-    'open("../shared/conformance/openai-chat-subset.yaml")',
+    'open("../beside/conformance/openai-chat-subset.yaml")',
 ])
 def test_the_guard_catches_paths_that_climb_out(source):
     assert escapes(source, FILE)
