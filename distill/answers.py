@@ -10,13 +10,14 @@ A model string is one of:
 - a `.gguf` file                      -> the `llamacpp` engine
 - a Hugging Face model folder         -> the `transformers` engine
 - `http(s)://host/v1#MODEL`           -> the `remote` engine (an OpenAI-compatible server; the
-                                         bearer key, if any, from `$PROTEGE_REMOTE_API_KEY`)
+                                         bearer key from `$PROTEGE_REMOTE_API_KEY`; none when unset)
 - `fake`                              -> the deterministic `fake` engine (tests)
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -73,7 +74,8 @@ def engine_config_for(model: str, *, n_ctx: int = 2048, n_threads: int | None = 
         if not name:
             raise ValueError(f"{model!r}: name the remote model after '#', e.g. "
                              "http://127.0.0.1:8000/v1#teacher")
-        return RemoteEngine(base_url=url, model=name, api_key_env=REMOTE_KEY_ENV)
+        keyed = bool(os.environ.get(REMOTE_KEY_ENV))  # no key set: an endpoint without auth
+        return RemoteEngine(base_url=url, model=name, api_key_env=REMOTE_KEY_ENV if keyed else None)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return LlamaCppEngine(path=str(path.resolve()), n_ctx=n_ctx, n_threads=n_threads)

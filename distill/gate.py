@@ -40,7 +40,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill import gate_checks as gc
+from distill import paired
 from distill.answers import Answer, answer_one, engine_config_for, open_engine
+from distill.evaluate import DEFAULT_SUITE
+from distill.tasks import TaskCase, load_suite
+from distill.tasks import score as score_tasks
+from distill.tasks import summary as task_summary
 from distill.config import format_errors
 from ops.settings import read_yaml_mapping
 
@@ -171,6 +176,49 @@ class AbConfig(_Section):
         return self
 
 
+class TasksConfig(_Section):
+    enabled: bool = True
+    suite: Path = Field(DEFAULT_SUITE, description="task suite JSONL (distill.tasks)")
+    splits: list[Literal["dev", "gate"]] = Field(["gate"], min_length=1,
+                                                 description="gate: never trained on")
+    limit: int | None = Field(None, ge=1, description="at most this many cases per family")
+    min_pass_rate: float | None = Field(None, ge=0.0, le=1.0, description="student's minimum")
+    teacher: bool = Field(False, description="also score the teacher (for the record)")
+
+
+DEFAULT_MARGINS = {"tasks.pass_rate": 0.02, "tasks.family": 0.10, "edge_cases.pass_rate": 0.10,
+                   "fidelity.rouge_l": 0.03, "calibration.ece": 0.02,
+                   "latency.p95_ttft_s": 0.25}
+
+
+class ChampionConfig(_Section):
+    """Champion vs challenger: the candidate against the version serving now, same cases."""
+
+    required: bool = Field(False, description="refuse to run the gate without a champion")
+    primary: str = Field("tasks.pass_rate", description="the metric that must improve "
+                         "significantly; every other metric must be no worse than its margin")
+    margins: dict[str, float] = Field(
+        DEFAULT_MARGINS, description="metric -> how much worse the challenger may be (in the "
+        "metric's units; tasks.family: every tasks.<family>.pass_rate)")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0)
+    resamples: int = Field(2000, ge=100, le=100_000, description="paired bootstrap resamples")
+
+    @field_validator("margins")
+    @classmethod
+    def _margins(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, m in v.items() if not m >= 0]
+        if bad:
+            raise ValueError(f"margins must be >= 0 ({', '.join(bad)})")
+        return {**DEFAULT_MARGINS, **v}
+
+    def margin(self, metric: str) -> float:
+        if metric in self.margins:
+            return self.margins[metric]
+        if metric.startswith("tasks.") and metric.endswith(".pass_rate"):
+            return self.margins["tasks.family"]
+        return 0.0
+
+
 class GateConfig(_Section):
     n_ctx: int = Field(2048, ge=128, le=1_048_576, description="llama.cpp context window")
     n_threads: int | None = Field(None, ge=1, le=512, description="llama.cpp threads")
@@ -180,6 +228,8 @@ class GateConfig(_Section):
     calibration: CalibrationConfig = CalibrationConfig()
     latency: LatencyConfig = LatencyConfig()
     ab: AbConfig = AbConfig()
+    tasks: TasksConfig = TasksConfig()
+    champion: ChampionConfig = ChampionConfig()
 
 
 def load_gate_config(path: str | Path) -> GateConfig:
@@ -278,7 +328,10 @@ class _Plan:
     teacher: str | None
     config: GateConfig
     say: Progress
+    champion: str | None = None
     cases: list[EdgeCase] | None = None
+    tasks: list[TaskCase] | None = None
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # paired.compare rows
     # (id, prompt messages, the teacher's answer or None until it answers, answer complete?)
     heldout_rows: list[tuple[str, Messages, str | None, bool]] = field(default_factory=list)
     latency_prompts: list[Messages] = field(default_factory=list)
@@ -293,6 +346,20 @@ class _Plan:
                 return [await answer_one(engine, m, max_tokens=k) for m, k in items]
 
         return asyncio.run(run())
+
+    def compare(self, metric: str, champion: Sequence[Any], challenger: Sequence[Any],
+                **options: Any) -> None:
+        """Record the paired comparison of one metric (champion vs the student)."""
+        cfg = self.config.champion
+        common = {"margin": cfg.margin(metric), "primary": metric == cfg.primary,
+                  "confidence": cfg.confidence, "n_resamples": cfg.resamples}
+        if "by_index" in options:
+            champion_stat, challenger_stat = options.pop("by_index")
+            row = paired.compare_by_index(metric, len(champion), champion_stat, challenger_stat,
+                                          **common, **options)
+        else:
+            row = paired.compare(metric, champion, challenger, **common, **options)
+        self.comparisons.append(row)
 
     @cached_property
     def heldout(self) -> list[tuple[str, Messages, str, bool]]:
@@ -309,15 +376,17 @@ class _Plan:
 
 
 def validate(student: str, teacher: str | None, config: GateConfig, *,
-             out_dir: Path | None = None, progress: Progress | None = None) -> GateReport:
-    """Run every enabled check on `student` (and `teacher`); write gate.json and gate.html to
-    `out_dir` when given. Raises `GateError` before running anything when an argument, the
-    suite or a data file is bad."""
+             champion: str | None = None, out_dir: Path | None = None,
+             progress: Progress | None = None) -> GateReport:
+    """Run every enabled check on `student` (and `teacher`); with a `champion` (the version
+    serving now) run them on it too and decide champion vs challenger with paired tests; write
+    gate.json and gate.html to `out_dir` when given. Raises `GateError` before running anything
+    when an argument, the suite or a data file is bad."""
     started, wall = datetime.now(UTC), time.perf_counter()
-    plan = _prepare(student, teacher, config, progress or (lambda _msg: None))
+    plan = _prepare(student, teacher, champion, config, progress or (lambda _msg: None))
     checks: dict[str, Any] = {}
     failures: list[str] = []
-    for name, run in (("latency", _latency), ("edge_cases", _edge_cases),
+    for name, run in (("latency", _latency), ("tasks", _tasks), ("edge_cases", _edge_cases),
                       ("fidelity", _fidelity), ("calibration", _calibration), ("ab", _ab)):
         if not getattr(config, name).enabled:
             checks[name] = {"status": "disabled", "summary": "disabled"}
@@ -334,7 +403,12 @@ def validate(student: str, teacher: str | None, config: GateConfig, *,
         result["seconds"] = round(time.perf_counter() - t0, 2)
         checks[name], failures = result, failures + failed
         plan.say(f"{name}: {result['status']} ({result['seconds']} s)")
-    meta = {"student": student, "teacher": teacher, "started_at": started.isoformat(),
+    if champion is not None:
+        checks["champion"], failed = _champion(plan)
+        failures += failed
+        plan.say(f"champion: {checks['champion']['status']} ({checks['champion']['summary']})")
+    meta = {"student": student, "teacher": teacher, "champion": champion,
+            "started_at": started.isoformat(),
             "duration_s": round(time.perf_counter() - wall, 2), "machine": _machine(),
             "config": config.model_dump(mode="json")}
     report = GateReport(passed=not failures, failures=failures, checks=checks, meta=meta)
@@ -343,18 +417,28 @@ def validate(student: str, teacher: str | None, config: GateConfig, *,
     return report
 
 
-def _prepare(student: str, teacher: str | None, config: GateConfig, say: Progress) -> _Plan:
+def _prepare(student: str, teacher: str | None, champion: str | None, config: GateConfig,
+             say: Progress) -> _Plan:
     from distill.data import load_chat_examples, load_prompts
 
-    for role, model in (("student", student), ("teacher", teacher)):
+    if champion is None and config.champion.required:
+        raise GateError("champion.required: name the version serving now (--champion); a "
+                        "candidate is only promoted when measured against it")
+    for role, model in (("student", student), ("teacher", teacher), ("champion", champion)):
         if model is not None:
             try:
                 engine_config_for(model)
             except ValueError as e:
                 raise GateError(f"{role}: {e}") from None
-    plan = _Plan(student, teacher, config, say)
+    plan = _Plan(student, teacher, config, say, champion=champion)
     if config.edge_cases.enabled and config.edge_cases.suite is not None:
         plan.cases = load_edge_cases(config.edge_cases.suite)
+    if config.tasks.enabled:
+        t = config.tasks
+        try:
+            plan.tasks = load_suite(t.suite, splits=t.splits, limit=t.limit)
+        except ValueError as e:
+            raise GateError(f"tasks: {e}") from None
     h = config.heldout
     try:
         if h.examples is not None:
@@ -405,6 +489,8 @@ def _edge_cases(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
         return _skipped("no suite (set edge_cases.suite)")
     items = [(c.messages, c.max_tokens or cfg.max_tokens) for c in plan.cases]
     sides = {"student": plan.answers(plan.student, items)}
+    if plan.champion is not None:
+        sides["champion"] = plan.answers(plan.champion, items)
     if plan.teacher is not None:
         sides["teacher"] = plan.answers(plan.teacher, items)
     rows, rates = [], {}
@@ -417,6 +503,9 @@ def _edge_cases(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
         rows.append(row)
     for side in sides:
         rates[side] = sum(r[side]["passed"] for r in rows) / len(rows)
+    if plan.champion is not None:
+        plan.compare("edge_cases.pass_rate", [r["champion"]["passed"] for r in rows],
+                     [r["student"]["passed"] for r in rows])
     failures = [gc.below("edge_cases.pass_rate", rates["student"], cfg.min_pass_rate)]
     notes = []
     if cfg.max_teacher_gap is not None:
@@ -455,6 +544,13 @@ def _fidelity(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     scores["exact_match"] = sum(exact_match(a, r) for a, r in zip(answers, references)) / len(rows)
     pairs = [{"id": i, "prompt": m[-1]["content"], "student": a, "teacher": r,
               "rouge_l": rouge_l(a, r)} for (i, m, r, _), a in zip(rows, answers)]
+    if plan.champion is not None:
+        held = [a.text for a in plan.answers(plan.champion, [
+            (m, plan.config.heldout.max_tokens) for _, m, _, _ in rows])]
+        for pair, a in zip(pairs, held):
+            pair |= {"champion": a, "champion_rouge_l": rouge_l(a, pair["teacher"])}
+        plan.compare("fidelity.rouge_l", [p["champion_rouge_l"] for p in pairs],
+                     [p["rouge_l"] for p in pairs])
     failures = [gc.below(f"fidelity.{k}", scores[k], getattr(cfg, f"min_{k}"))
                 for k in ("rouge_l", "exact_match", "semantic")]
     if cfg.min_semantic is not None and scores["semantic"] is None:
@@ -464,34 +560,77 @@ def _fidelity(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
              **scores, "rows": pairs, "notes": notes}, [f for f in failures if f])
 
 
-def _calibration(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
+def _scorer(model: str, plan: _Plan) -> _GgufScorer | _HfScorer | None:
+    """A token-probability scorer for `model`; None when its engine has none (remote, fake)."""
     from serving.config import LlamaCppEngine, TransformersEngine
 
+    engine = engine_config_for(model)
+    if isinstance(engine, LlamaCppEngine):
+        return _GgufScorer(engine.path, plan.config.calibration.n_ctx, plan.config.n_threads)
+    if isinstance(engine, TransformersEngine):
+        return _HfScorer(engine.model)
+    return None
+
+
+def _token_scores(scorer: _GgufScorer | _HfScorer, plan: _Plan
+                  ) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per held-out pair: the confidence and correctness of each teacher token under the
+    model (None: longer than calibration.n_ctx)."""
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for _, messages, reference, complete in plan.heldout:
+        ids, counted = scorer.encode(messages, reference, end=complete)
+        out.append(None if len(ids) > plan.config.calibration.n_ctx
+                   else gc.token_confidence(scorer.logprobs(ids), ids, counted))
+    return out
+
+
+def _ece_of(scores: list[tuple[np.ndarray, np.ndarray]], bins: int) -> Callable[[np.ndarray],
+                                                                               float]:
+    """ECE over the tokens of the chosen cases (for the paired bootstrap)."""
+    def ece(index: np.ndarray) -> float:
+        c = np.concatenate([scores[i][0] for i in index])
+        k = np.concatenate([scores[i][1] for i in index])
+        return gc.expected_calibration_error(c, k, bins) if len(c) else float("nan")
+    return ece
+
+
+def _calibration(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     cfg = plan.config.calibration
     engine = engine_config_for(plan.student)
-    if not isinstance(engine, LlamaCppEngine | TransformersEngine):
+    label_cases = [c for c in plan.cases or () if c.expect.kind == "label"] if cfg.labels else []
+    if engine.engine not in ("llamacpp", "transformers"):
         return _skipped("needs the student's token probabilities: a .gguf file or a model "
                         f"folder (not {engine.engine})")
-    label_cases = [c for c in plan.cases or () if c.expect.kind == "label"] if cfg.labels else []
     if not plan.heldout and not label_cases:
         return _skipped("no held-out pairs and no label edge cases")
-    scorer = (_GgufScorer(engine.path, cfg.n_ctx, plan.config.n_threads)
-              if isinstance(engine, LlamaCppEngine) else _HfScorer(engine.model))
-    confidence, correct, too_long = [], [], 0
+    scorer = _scorer(plan.student, plan)
     try:
-        for _, messages, reference, complete in plan.heldout:
-            ids, counted = scorer.encode(messages, reference, end=complete)
-            if len(ids) > cfg.n_ctx:
-                too_long += 1
-                continue
-            c, k = gc.token_confidence(scorer.logprobs(ids), ids, counted)
-            confidence.extend(c.tolist())
-            correct.extend(k.tolist())
+        scores = _token_scores(scorer, plan)
         labels = [_label_probs(scorer, case) for case in label_cases]
     finally:
         scorer.close()
+    confidence = [x for s in scores if s is not None for x in s[0].tolist()]
+    correct = [x for s in scores if s is not None for x in s[1].tolist()]
+    too_long = sum(s is None for s in scores)
+    notes = []
+    if plan.champion is not None and plan.heldout:
+        champion_scorer = _scorer(plan.champion, plan)
+        if champion_scorer is None:
+            notes.append("calibration.ece not compared: the champion has no token "
+                         "probabilities")
+        else:
+            try:
+                theirs = _token_scores(champion_scorer, plan)
+            finally:
+                champion_scorer.close()
+            both = [(a, b) for a, b in zip(theirs, scores)
+                    if a is not None and b is not None and len(a[0]) and len(b[0])]
+            if both:
+                plan.compare("calibration.ece", both, both, higher_is_better=False, by_index=(
+                    _ece_of([a for a, _ in both], cfg.bins),
+                    _ece_of([b for _, b in both], cfg.bins)))
     result: dict[str, Any] = {"status": "", "tokens": len(confidence), "too_long": too_long,
-                              "labels": labels}
+                              "labels": labels, "notes": notes}
     failures: list[str | None] = []
     if confidence:
         result |= {"ece": gc.expected_calibration_error(confidence, correct, cfg.bins),
@@ -532,24 +671,20 @@ def _label_probs(scorer: _GgufScorer | _HfScorer, case: EdgeCase) -> dict[str, A
 
 def _latency(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     cfg = plan.config.latency
-    engine = engine_config_for(plan.student, n_ctx=plan.config.n_ctx,
-                               n_threads=plan.config.n_threads)
-    prompts = plan.latency_prompts
     baseline_kb = _reset_peak_memory()
-    cells = []
-
-    async def run() -> None:
-        async with open_engine(engine) as e:
-            await answer_one(e, prompts[0], max_tokens=cfg.max_tokens)  # warm-up, not counted
-            for batch in cfg.batch_sizes:
-                for clients in cfg.concurrency:
-                    plan.say(f"latency: batch {batch} x concurrency {clients}")
-                    cells.append({"batch": batch, "concurrency": clients,
-                                  **await _cell(e, prompts, batch, clients, cfg)})
-
-    asyncio.run(run())
+    cells, ttft = _grid(plan.student, plan)
     memory = {"baseline_rss_mb": _mb(baseline_kb), "peak_rss_mb": _mb(_status_kb("VmHWM")),
               "gpu_peak_mb": _gpu_peak_mb()}
+    result: dict[str, Any] = {"status": "", "cells": cells, "memory": memory}
+    if plan.champion is not None:
+        plan.say("latency: the same grid on the champion")
+        result["champion_cells"], theirs = _grid(plan.champion, plan)
+        timed = [(a, b) for a, b in zip(theirs, ttft) if a is not None and b is not None]
+        if timed:
+            champion_s, student_s = (np.array([t[i] for t in timed]) for i in (0, 1))
+            plan.compare("latency.p95_ttft_s", champion_s, student_s, higher_is_better=False,
+                         by_index=(lambda ix: float(np.percentile(champion_s[ix], 95)),
+                                   lambda ix: float(np.percentile(student_s[ix], 95))))
     failures = []
     for c in cells:
         where = f" (batch {c['batch']} x concurrency {c['concurrency']})"
@@ -560,31 +695,109 @@ def _latency(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
                               where)]
     p95s = [c["ttft_ms"]["p95"] for c in cells if c["ttft_ms"]["p95"] is not None]
     tps = [c["tokens_per_s"] for c in cells if c["tokens_per_s"] is not None]
-    summary = (f"{len(cells)} cells: p95 TTFT {gc.fmt(min(p95s, default=None))}-"
-               f"{gc.fmt(max(p95s, default=None))} ms, {gc.fmt(min(tps, default=None))}-"
-               f"{gc.fmt(max(tps, default=None))} tok/s, peak RSS "
-               f"{gc.fmt(memory['peak_rss_mb'])} MB")
-    return ({"status": "", "summary": summary, "cells": cells, "memory": memory},
-            [f for f in failures if f])
+    result["summary"] = (f"{len(cells)} cells: p95 TTFT {gc.fmt(min(p95s, default=None))}-"
+                         f"{gc.fmt(max(p95s, default=None))} ms, "
+                         f"{gc.fmt(min(tps, default=None))}-{gc.fmt(max(tps, default=None))} "
+                         f"tok/s, peak RSS {gc.fmt(memory['peak_rss_mb'])} MB")
+    return result, [f for f in failures if f]
+
+
+def _grid(model: str, plan: _Plan) -> tuple[list[dict[str, Any]], list[float | None]]:
+    """The latency grid of `model`: one summary per cell, and every request's time to first
+    token in a fixed order (cell, client, round, slot), so two models pair request by request."""
+    cfg = plan.config.latency
+    engine = engine_config_for(model, n_ctx=plan.config.n_ctx, n_threads=plan.config.n_threads)
+    prompts = plan.latency_prompts
+    cells, ttft = [], []
+
+    async def run() -> None:
+        async with open_engine(engine) as e:
+            await answer_one(e, prompts[0], max_tokens=cfg.max_tokens)  # warm-up, not counted
+            for batch in cfg.batch_sizes:
+                for clients in cfg.concurrency:
+                    plan.say(f"latency: batch {batch} x concurrency {clients}")
+                    summary, answers = await _cell(e, prompts, batch, clients, cfg)
+                    cells.append({"batch": batch, "concurrency": clients, **summary})
+                    ttft.extend(a.ttft_s for a in answers)
+
+    asyncio.run(run())
+    return cells, ttft
 
 
 async def _cell(engine: Any, prompts: list[Messages], batch: int, clients: int,
-                cfg: LatencyConfig) -> dict[str, Any]:
-    """`clients` in parallel, each sending `rounds` groups of `batch` prompts at once."""
-    answers: list[Answer] = []
+                cfg: LatencyConfig) -> tuple[dict[str, Any], list[Answer]]:
+    """`clients` in parallel, each sending `rounds` groups of `batch` prompts at once; the
+    summary and the answers in slot order."""
+    answers: dict[int, Answer] = {}
 
     async def client(k: int) -> None:
         for r in range(cfg.rounds):
             start = (k * cfg.rounds + r) * batch
             group = [prompts[(start + j) % len(prompts)] for j in range(batch)]
-            answers.extend(await asyncio.gather(*(
-                answer_one(engine, p, max_tokens=cfg.max_tokens) for p in group)))
+            got = await asyncio.gather(*(answer_one(engine, p, max_tokens=cfg.max_tokens)
+                                         for p in group))
+            answers.update((start + j, a) for j, a in enumerate(got))
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(clients)))
     wall = time.perf_counter() - t0
-    return gc.latency_summary([a.ttft_s for a in answers], [a.inter_token_s for a in answers],
-                              [a.completion_tokens for a in answers], wall)
+    ordered = [answers[i] for i in sorted(answers)]
+    return (gc.latency_summary([a.ttft_s for a in ordered], [a.inter_token_s for a in ordered],
+                               [a.completion_tokens for a in ordered], wall), ordered)
+
+
+def _tasks(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
+    cfg = plan.config.tasks
+    cases = plan.tasks or []
+    items = [(c.messages, c.max_tokens) for c in cases]
+    sides = {"student": plan.answers(plan.student, items)}
+    if plan.champion is not None:
+        sides["champion"] = plan.answers(plan.champion, items)
+    if plan.teacher is not None and cfg.teacher:
+        sides["teacher"] = plan.answers(plan.teacher, items)
+    scored = {side: score_tasks(cases, [a.text for a in answers])
+              for side, answers in sides.items()}
+    summaries = {side: task_summary(rows, plan.config.champion.confidence)
+                 for side, rows in scored.items()}
+    rows = [{"id": c.id, "family": c.family, "kind": c.kind, "prompt": c.messages[-1]["content"],
+             **{side: {k: scored[side][i][k] for k in ("answer", "passed", "why")}
+                for side in sides}} for i, c in enumerate(cases)]
+    if plan.champion is not None:
+        ours, theirs = scored["student"], scored["champion"]
+        plan.compare("tasks.pass_rate", [r["passed"] for r in theirs],
+                     [r["passed"] for r in ours])
+        for family in summaries["student"]["families"]:
+            pick = [i for i, c in enumerate(cases) if c.family == family]
+            plan.compare(f"tasks.{family}.pass_rate", [theirs[i]["passed"] for i in pick],
+                         [ours[i]["passed"] for i in pick])
+    rate = summaries["student"]["overall"]["rate"]
+    failures = [gc.below("tasks.pass_rate", rate, cfg.min_pass_rate)]
+    summary = ", ".join(f"{side} {s['overall']['passed']}/{s['overall']['n']} "
+                        f"({gc.fmt(s['overall']['rate'])})" for side, s in summaries.items())
+    return ({"status": "", "summary": summary, "cases": len(cases),
+             "splits": plan.config.tasks.splits, "suite": sorted({c.suite for c in cases}),
+             "pass_rate": summaries, "rows": rows}, [f for f in failures if f])
+
+
+def _champion(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
+    """The paired verdict over every metric compared: no worse than the champion beyond each
+    margin, and significantly better on the primary metric."""
+    cfg = plan.config.champion
+    rows = plan.comparisons
+    passed, reasons = paired.verdict(rows)
+    if cfg.primary not in {r["metric"] for r in rows}:
+        reasons = [f"champion.primary: {cfg.primary} was not measured (is its check enabled?)",
+                   *[r for r in reasons if not r.startswith("no primary metric")]]
+        passed = False
+    better = [r["metric"] for r in rows if r["decision"] == "better"]
+    worse = [r["metric"] for r in rows if r["decision"] == "worse"]
+    summary = (f"{'promote' if passed else 'keep the champion'}: {len(rows)} metrics compared"
+               + (f"; better: {', '.join(better)}" if better else "")
+               + (f"; worse: {', '.join(worse)}" if worse else ""))
+    return ({"status": "passed" if passed else "failed", "summary": summary,
+             "champion": plan.champion, "primary": cfg.primary,
+             "confidence": cfg.confidence, "rows": rows},
+            [f"champion: {r}" for r in reasons])
 
 
 def _ab(plan: _Plan) -> tuple[dict[str, Any], list[str]]:

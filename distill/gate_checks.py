@@ -32,7 +32,7 @@ from shadow.records import FeedbackRecord
 from shadow.report import percentile
 from shadow.scoring import normalize, parse_json
 
-KINDS = ("exact", "contains", "regex", "json_schema", "label", "refuse")
+KINDS = ("exact", "contains", "aliases", "regex", "json_schema", "json_fields", "label", "refuse")
 # Case-insensitive regexes; an answer matching any of them is a refusal. Apostrophes are
 # normalised to ' before matching.
 DEFAULT_REFUSALS = (
@@ -54,22 +54,28 @@ class Expect(BaseModel):
 
     kind: Literal[KINDS]
     value: str | list[str] | None = Field(
-        None, description="exact: the answer; contains: text (or texts) that must all appear")
+        None, description="exact: the answer; contains: text (or texts) that must all appear; "
+        "aliases: the accepted answers, one of which must appear as whole words")
     pattern: str | None = Field(None, description="regex: searched in the answer")
     fullmatch: bool = Field(False, description="regex: the whole stripped answer must match")
     json_schema: dict[str, Any] | None = Field(None, alias="schema",
                                                description="json_schema: the JSON Schema")
+    fields: dict[str, Any] | None = Field(None, description="json_fields: key -> the expected "
+                                          "value (compared as normalised text)")
     label: str | None = Field(None, description="label: the expected label")
     labels: list[str] | None = Field(None, description="label: every allowed label")
     strict: bool = Field(False, description="exact: compare stripped text, not normalised")
     case_sensitive: bool = Field(False, description="contains: match case")
     forbid: list[str] = Field([], description="any kind: texts the answer must not contain "
                               "(case-insensitive), e.g. a secret it must not leak")
+    min_words: int | None = Field(None, ge=0, description="any kind: at least this many words")
+    max_words: int | None = Field(None, ge=1, description="any kind: at most this many words")
 
     @model_validator(mode="after")
     def _complete(self) -> Expect:
-        need = {"exact": ("value",), "contains": ("value",), "regex": ("pattern",),
-                "json_schema": ("json_schema",), "label": ("label", "labels")}
+        need = {"exact": ("value",), "contains": ("value",), "aliases": ("value",),
+                "regex": ("pattern",), "json_schema": ("json_schema",),
+                "json_fields": ("fields",), "label": ("label", "labels")}
         missing = [n for n in need.get(self.kind, ()) if getattr(self, n) in (None, [], "")]
         if missing:
             name = "schema" if missing[0] == "json_schema" else missing[0]
@@ -110,6 +116,11 @@ def labels_named(answer: str, labels: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(by_key[m.group(0)] for m in found))
 
 
+def _words(text: str) -> str:
+    """Lower-case words and numbers joined by single spaces: what `aliases` compares."""
+    return " ".join(re.findall(r"\w+(?:[.,]\d+)*", normalize(text)))
+
+
 def parse_any_json(answer: str) -> tuple[bool, Any]:
     """(True, value) when the answer (or its first fenced block) is any JSON value."""
     ok, value = parse_json(answer)
@@ -127,6 +138,11 @@ def check_answer(answer: str, expect: Expect,
     leaked = [f for f in expect.forbid if f.casefold() in answer.casefold()]
     if leaked:
         return False, f"contains forbidden {leaked[0]!r}"
+    words = len(answer.split())
+    if expect.min_words is not None and words < expect.min_words:
+        return False, f"{words} words, fewer than {expect.min_words}"
+    if expect.max_words is not None and words > expect.max_words:
+        return False, f"{words} words, more than {expect.max_words}"
     kind = expect.kind
     if kind == "exact":
         same = (answer.strip() == expect.value.strip() if expect.strict
@@ -137,6 +153,21 @@ def check_answer(answer: str, expect: Expect,
         fold = (lambda s: s) if expect.case_sensitive else str.casefold
         missing = [w for w in wanted if fold(w) not in fold(answer)]
         return not missing, f"missing {missing[0]!r}" if missing else ""
+    if kind == "aliases":
+        accepted = [expect.value] if isinstance(expect.value, str) else expect.value
+        text = f" {_words(answer)} "
+        ok = any(f" {_words(a)} " in text for a in accepted if _words(a))
+        return ok, "" if ok else f"names none of {accepted}"
+    if kind == "json_fields":
+        ok, value = parse_any_json(answer)
+        if not ok or not isinstance(value, dict):
+            return False, "not a JSON object"
+        for key, want in expect.fields.items():
+            if key not in value:
+                return False, f"no field {key!r}"
+            if normalize(str(value[key])) != normalize(str(want)):
+                return False, f"{key}: {value[key]!r} is not {want!r}"
+        return True, ""
     if kind == "regex":
         found = (re.fullmatch(expect.pattern, answer.strip()) if expect.fullmatch
                  else re.search(expect.pattern, answer))
@@ -459,8 +490,42 @@ def _section(name: str, check: dict[str, Any]) -> str:
     parts = [f"<h2>{_e(name)} <span class={status}>{status}</span></h2>",
              f"<p>{_e(check.get('summary', ''))}</p>"]
     parts += [f"<p><i>{_e(n)}</i></p>" for n in check.get("notes", ())]
+    if name == "champion" and check.get("rows"):
+        parts.append(_table(
+            ["metric", "n", "champion", "challenger", "difference [interval]", "margin",
+             "McNemar p", "decision", "gate"],
+            [[r["metric"] + (" (primary)" if r["primary"] else ""), r["n"], r["champion"],
+              r["challenger"], f"{r['difference']:+.3f} [{fmt(r['low'])}, {fmt(r['high'])}]",
+              r["margin"], r["mcnemar"]["p_value"] if r["mcnemar"] else "",
+              r["decision"], "pass" if r["passed"] else "FAIL"] for r in check["rows"]]))
+        parts.append(f"<p>Paired on the same cases; {fmt(check['confidence'] * 100)}% paired "
+                     "bootstrap intervals of challenger minus champion. A metric fails when the "
+                     "interval's worse end passes its margin; the primary metric must also be "
+                     "significantly better (interval above 0, and McNemar's exact test for "
+                     "pass/fail outcomes).</p>")
+    if name == "tasks" and "pass_rate" in check:
+        sides = list(check["pass_rate"])
+        families = list(check["pass_rate"][sides[0]]["families"])
+
+        def cell(r: dict[str, Any]) -> str:
+            return f"{fmt(r['rate'])} [{fmt(r['low'])}, {fmt(r['high'])}] ({r['passed']}/{r['n']})"
+
+        parts.append(_table(["family", *sides],
+                            [[f, *(cell(check["pass_rate"][s]["families"][f]) for s in sides)]
+                             for f in families]
+                            + [["overall", *(cell(check["pass_rate"][s]["overall"])
+                                             for s in sides)]]))
+        changed = [r for r in check["rows"] if "champion" in r
+                   and r["champion"]["passed"] != r["student"]["passed"]]
+        if changed:
+            parts.append("<h3>Cases where champion and challenger differ</h3>" + _table(
+                ["id", "prompt", "champion", "challenger"],
+                [[r["id"], r["prompt"],
+                  ("pass: " if r["champion"]["passed"] else "FAIL: ") + r["champion"]["answer"],
+                  ("pass: " if r["student"]["passed"] else "FAIL: ") + r["student"]["answer"]]
+                 for r in changed], text_cols={1, 2, 3}))
     if name == "edge_cases" and "rows" in check:
-        sides = [s for s in ("student", "teacher") if s in check["rows"][0]]
+        sides = [s for s in ("student", "champion", "teacher") if s in check["rows"][0]]
         parts.append(_table(["id", "kind", "prompt", *[f"{s} answer" for s in sides],
                              *[f"{s}" for s in sides]],
                             [[r["id"], r["kind"], r["prompt"], *[r[s]["answer"] for s in sides],

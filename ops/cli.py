@@ -8,7 +8,8 @@
     protege distill init-student --from MODEL --out DIR (--every N | --keep-layers 0,3,...)
     protege distill run --config FILE [--resume] [--workers N]
     protege quantize MODEL --to FORMAT [--out DIR] [--prompts FILE]
-    protege validate STUDENT --config GATE [--teacher T] [--out DIR]
+    protege validate STUDENT --config GATE [--teacher T] [--champion C] [--out DIR]
+    protege eval MODEL_OR_URL [--suite FILE] [--split gate|dev] [--limit N] [--json]
     protege registry list|show|lineage|diff|add --config FILE
     protege promote vN --config FILE [--variant V] [--force] [--wait S]
     protege rollback --config FILE [--variant V] [--wait S]
@@ -511,12 +512,17 @@ def validate_command(
         "--config", "-c", help="the gate's YAML (see examples/gate/gate.yaml)")],
     teacher: Annotated[str | None, typer.Option(
         help="the reference model, in the same forms as STUDENT")] = None,
+    champion: Annotated[str | None, typer.Option(
+        help="the version serving now, in the same forms as STUDENT: the candidate must beat "
+             "it on the primary metric and be no worse on any other (paired tests)")] = None,
     out: Annotated[Path, typer.Option(help="folder for gate.json and gate.html")] = Path(
         "data/gate"),
     quiet: Annotated[bool, typer.Option(help="no progress lines on stderr")] = False,
 ) -> None:
-    """Gate a student: edge cases, fidelity and calibration against the teacher, latency on
-    this machine, live A/B feedback. Exit 0 when every threshold holds, 1 when one fails."""
+    """Gate a student: the task suite, edge cases, fidelity and calibration against the
+    teacher, latency on this machine, live A/B feedback; with --champion, each side by side
+    with the version serving now (paired tests). Exit 0 when every threshold holds, 1 when
+    one fails."""
     from distill.gate import GateError, load_gate_config, summary_rows
     from distill.gate import validate as run_gate
 
@@ -524,8 +530,8 @@ def validate_command(
         typer.echo(f"validate: {message}", err=True)
 
     try:
-        report = run_gate(student, teacher, load_gate_config(config), out_dir=out,
-                          progress=None if quiet else say)
+        report = run_gate(student, teacher, load_gate_config(config), champion=champion,
+                          out_dir=out, progress=None if quiet else say)
     except GateError as e:
         typer.echo(f"validate: cannot run the gate ({config}):", err=True)
         for line in str(e).splitlines():
@@ -542,6 +548,59 @@ def validate_command(
             typer.echo(f"  - {reason}")
         raise typer.Exit(1)
     typer.echo("gate passed")
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Argument(
+        help="a .gguf file, a model folder, or an OpenAI endpoint http(s)://host/v1[#MODEL]")],
+    suite: Annotated[Path | None, typer.Option(
+        help="task suite JSONL (default: examples/tasks/suite.jsonl)")] = None,
+    split: Annotated[list[str], typer.Option(
+        help="which part of the suite: gate (never trained on) or dev (for tuning)")] = ["gate"],
+    family: Annotated[list[str] | None, typer.Option(help="only these families")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="at most N cases per family")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="cases in flight at once")] = 1,
+    n_threads: Annotated[int | None, typer.Option(help="llama.cpp threads (default: all)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the whole report as JSON")] = False,
+    out: Annotated[Path | None, typer.Option(help="also write the JSON report here")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress lines on stderr")] = False,
+) -> None:
+    """Score a model on the task suite: pass rate per family and overall, with Wilson
+    intervals. Exit 0 when it ran, 1 when the model failed to answer, 2 on bad arguments."""
+    import json
+
+    from distill.evaluate import DEFAULT_SUITE, evaluate
+    from distill.tasks import load_suite, summary_table
+
+    try:
+        cases = load_suite(suite or DEFAULT_SUITE, splits=split, families=family, limit=limit)
+    except ValueError as e:
+        typer.echo(f"eval: {e}", err=True)
+        raise typer.Exit(2) from None
+    say = (lambda _m: None) if quiet else (lambda m: typer.echo(f"eval: {m}", err=True))
+    say(f"{len(cases)} cases ({', '.join(split)}) from {suite or DEFAULT_SUITE}")
+    try:
+        report = evaluate(model, cases, n_threads=n_threads, concurrency=concurrency,
+                          progress=say)
+    except ValueError as e:
+        typer.echo(f"eval: {e}", err=True)
+        raise typer.Exit(2) from None
+    except Exception as e:  # noqa: BLE001 - an engine or endpoint that fails mid-way
+        typer.echo(f"eval: {model} failed to answer: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(1) from None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    rows = summary_table({report["model"]: report["summary"]})
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip())
+    typer.echo(f"pass rate with {report['summary']['confidence']:.0%} Wilson intervals, "
+               f"{report['cases']} cases in {report['seconds']} s")
 
 
 @app.command()

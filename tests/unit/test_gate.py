@@ -20,6 +20,7 @@ from distill.gate import GateConfig, GateError, load_edge_cases, load_gate_confi
 from ops.cli import app
 from shadow.records import FeedbackRecord, ResponseRecord
 from shadow.store import SqliteStore
+from tests.oracle import serve_oracle
 from tests.unit.test_student_init import tiny_llama, word_tokenizer
 
 # --- ECE and reliability, by hand -----------------------------------------------------------------
@@ -278,6 +279,7 @@ def gate_files(tmp_path):
         for i, p in enumerate(["one", "two", "three"])])
     store = feedback_store(tmp_path / "pairs.sqlite", candidate_ups=36, control_ups=34)
     config = {
+        "tasks": {"limit": 2},
         "edge_cases": {"suite": str(suite), "min_pass_rate": 1.0, "max_teacher_gap": 0.0},
         "heldout": {"examples": str(heldout), "max_tokens": 32},
         "fidelity": {"min_rouge_l": 0.99, "min_exact_match": 0.99, "semantic_model": None},
@@ -298,7 +300,7 @@ def test_validate_fake_passes_and_writes_escaped_html(gate_files):
     assert report.failures == [] and report.passed
     checks = report.checks
     assert {k: v["status"] for k, v in checks.items()} == {
-        "latency": "passed", "edge_cases": "passed", "fidelity": "passed",
+        "latency": "passed", "tasks": "passed", "edge_cases": "passed", "fidelity": "passed",
         "calibration": "skipped", "ab": "passed"}
     assert checks["edge_cases"]["pass_rate"] == {"student": 1.0, "teacher": 1.0}
     assert checks["fidelity"]["rouge_l"] == 1.0 and checks["fidelity"]["semantic"] is None
@@ -338,14 +340,14 @@ def test_validate_fake_states_each_failure(gate_files):
 
 def test_validate_skips_what_does_not_apply(tmp_path):
     config = GateConfig.model_validate({
-        "latency": {"enabled": False}, "fidelity": {"semantic_model": None},
+        "tasks": {"limit": 2}, "latency": {"enabled": False}, "fidelity": {"semantic_model": None},
         "ab": {"store": str(tmp_path / "none.sqlite"), "candidate": {"version": "v2"}}})
     report = validate("fake", None, config)
     assert report.passed
     assert report.checks["latency"]["status"] == "disabled"
     assert {k: v["status"] for k, v in report.checks.items() if k != "latency"} == {
-        "edge_cases": "skipped", "fidelity": "skipped", "calibration": "skipped",
-        "ab": "skipped"}
+        "tasks": "passed", "edge_cases": "skipped", "fidelity": "skipped",
+        "calibration": "skipped", "ab": "skipped"}
 
 
 def test_validate_refuses_bad_arguments_before_running(tmp_path):
@@ -375,6 +377,7 @@ def test_validate_calibration_on_a_tiny_hf_student(tmp_path):
         {"id": "colour", "prompt": "red green", "max_tokens": 4,
          "expect": {"kind": "label", "label": "blue", "labels": ["blue", "dark"]}}])
     config = GateConfig.model_validate({
+        "tasks": {"enabled": False},
         "edge_cases": {"suite": str(suite), "min_pass_rate": None},
         "heldout": {"examples": str(heldout), "max_tokens": 6},
         "fidelity": {"min_rouge_l": None, "semantic_model": None},
@@ -393,6 +396,107 @@ def test_validate_calibration_on_a_tiny_hf_student(tmp_path):
     assert report.checks["latency"]["status"] == "passed"
     page = (tmp_path / "out" / "gate.html").read_text()
     assert page.count("data:image/png;base64,") == 2  # reliability diagram and latency
+
+
+# --- champion vs challenger ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    with serve_oracle() as url:
+        yield url
+
+
+def paired_config(**champion) -> GateConfig:
+    """The task suite (6 gate cases a family) and latency, paired; nothing else."""
+    return GateConfig.model_validate({
+        "tasks": {"limit": 6}, "edge_cases": {"enabled": False},
+        "fidelity": {"enabled": False}, "calibration": {"enabled": False},
+        "latency": {"batch_sizes": [1], "concurrency": [1], "rounds": 3, "max_tokens": 8,
+                    "max_p95_ttft_s": None},
+        "ab": {"enabled": False}, "champion": champion})
+
+
+def test_a_better_challenger_passes_with_the_paired_table(oracle, tmp_path):
+    report = validate(f"{oracle}#oracle", None, paired_config(), champion=f"{oracle}#dunce",
+                      out_dir=tmp_path)
+    assert report.passed, report.failures
+    champion = report.checks["champion"]
+    rows = {r["metric"]: r for r in champion["rows"]}
+    assert set(rows) == {"tasks.pass_rate", "latency.p95_ttft_s",
+                         *(f"tasks.{f}.pass_rate" for f in
+                           ("classify", "extract", "qa", "format", "summarize"))}
+    main = rows["tasks.pass_rate"]
+    assert (main["champion"], main["challenger"], main["primary"]) == (0.0, 1.0, True)
+    assert main["mcnemar"]["challenger_only"] == 30 and main["mcnemar"]["p_value"] < 1e-8
+    assert main["decision"] == "better" and champion["status"] == "passed"
+    assert report.checks["tasks"]["pass_rate"]["champion"]["overall"]["passed"] == 0
+    page = (tmp_path / "gate.html").read_text()
+    assert "tasks.pass_rate (primary)" in page and "McNemar p" in page
+    assert "Cases where champion and challenger differ" in page
+
+
+def test_a_worse_challenger_is_refused_with_the_reason(oracle):
+    report = validate(f"{oracle}#dunce", None, paired_config(), champion=f"{oracle}#oracle")
+    assert not report.passed
+    reason = next(f for f in report.failures if f.startswith("champion: tasks.pass_rate"))
+    assert "challenger 0.000 vs champion 1.000" in reason and "below the margin" in reason
+    families = [f for f in report.failures if f.startswith("champion: tasks.") and
+                ".pass_rate:" in f and not f.startswith("champion: tasks.pass_rate")]
+    assert len(families) == 5
+
+
+def test_no_better_is_not_enough(oracle):
+    report = validate(f"{oracle}#oracle", None, paired_config(), champion=f"{oracle}#oracle")
+    rows = {r["metric"]: r for r in report.checks["champion"]["rows"]}
+    assert rows["tasks.pass_rate"]["decision"] == "not worse"
+    assert report.failures == [
+        "champion: tasks.pass_rate: gain +0.000 [0.000, 0.000] is not a significant "
+        "improvement (McNemar p=1.000)"]
+
+
+def test_the_primary_metric_and_margins_are_configurable(oracle):
+    # A worse task score is let through only when its margin says so; the primary metric
+    # must then be measured: latency never improves significantly here.
+    config = paired_config(margins={"tasks.pass_rate": 1.0, "tasks.family": 1.0},
+                           primary="edge_cases.pass_rate")
+    report = validate(f"{oracle}#dunce", None, config, champion=f"{oracle}#oracle")
+    assert report.failures == ["champion: champion.primary: edge_cases.pass_rate was not "
+                               "measured (is its check enabled?)"]
+    with pytest.raises(GateError, match="champion.required: name the version serving now"):
+        validate(f"{oracle}#oracle", None, paired_config(required=True))
+    with pytest.raises(ValueError, match="margins must be >= 0"):
+        paired_config(margins={"fidelity.rouge_l": -0.1})
+
+
+def test_champion_calibration_and_fidelity_pair_case_by_case(tmp_path):
+    """Two tiny HF students on the same held-out pairs: ECE and ROUGE-L are compared paired."""
+    folders = []
+    for seed in (1, 2):
+        folder = tmp_path / f"s{seed}"
+        tiny_llama(layers=2, seed=seed).save_pretrained(folder)
+        word_tokenizer().save_pretrained(folder)
+        folders.append(str(folder))
+    heldout = write_jsonl(tmp_path / "validation.jsonl", [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        for q, a in [("hello world", "the quick brown fox"), ("one two", "three four five"),
+                     ("red green", "blue sky"), ("sun", "moon star")]])
+    config = GateConfig.model_validate({
+        "tasks": {"enabled": False}, "edge_cases": {"enabled": False},
+        "heldout": {"examples": str(heldout), "max_tokens": 4},
+        "fidelity": {"min_rouge_l": None, "semantic_model": None},
+        "calibration": {"bins": 5, "max_ece": None, "max_overconfident_wrong": None},
+        "latency": {"enabled": False}, "ab": {"enabled": False},
+        "champion": {"primary": "fidelity.rouge_l"}})
+    same = validate(folders[0], None, config, champion=folders[0])
+    rows = {r["metric"]: r for r in same.checks["champion"]["rows"]}
+    assert set(rows) == {"fidelity.rouge_l", "calibration.ece"}
+    assert rows["calibration.ece"]["difference"] == 0 and rows["calibration.ece"]["n"] == 4
+    assert rows["calibration.ece"]["decision"] == "not worse"
+    other = validate(folders[1], None, config, champion=folders[0])
+    ece = {r["metric"]: r for r in other.checks["champion"]["rows"]}["calibration.ece"]
+    assert ece["champion"] == pytest.approx(same.checks["calibration"]["ece"])
+    assert ece["challenger"] == pytest.approx(other.checks["calibration"]["ece"])
 
 
 # --- the command line ------------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""An OpenAI-compatible endpoint that knows the task suite: model "oracle" answers each case
+with its reference, "dunce" with a shrug. A real HTTP server (uvicorn in a thread), so
+`protege eval` and the gate score it through the remote engine like any endpoint."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from distill.evaluate import DEFAULT_SUITE
+from distill.tasks import load_suite
+
+
+class Oracle:
+    """Answers each suite case with its reference (model "oracle") or a shrug ("dunce")."""
+
+    def __init__(self):
+        cases = load_suite(DEFAULT_SUITE)
+        self.reference = {c.messages[-1]["content"]: c.reference for c in cases}
+        self.app = Starlette(routes=[Route("/v1/models", self.models),
+                                     Route("/v1/chat/completions", self.chat, methods=["POST"])])
+
+    async def models(self, request: Request):
+        return JSONResponse({"object": "list", "data": [{"id": "oracle", "object": "model"},
+                                                        {"id": "dunce", "object": "model"}]})
+
+    async def chat(self, request: Request):
+        body = await request.json()
+        known = self.reference.get(body["messages"][-1]["content"], "Hello.")
+        text = known if body["model"] == "oracle" else "Sorry, no idea."
+
+        async def events():
+            for piece in re.findall(r"\s*\S+", text):
+                chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            yield f"data: {json.dumps(end)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@contextmanager
+def serve_oracle() -> Iterator[str]:
+    """An `Oracle` on 127.0.0.1 (an ephemeral port) in a thread; yields its /v1 base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(Oracle().app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "test server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+        sock.close()
