@@ -195,8 +195,10 @@ class ChampionConfig(_Section):
     """Champion vs challenger: the candidate against the version serving now, same cases."""
 
     required: bool = Field(False, description="refuse to run the gate without a champion")
-    primary: str = Field("tasks.pass_rate", description="the metric that must improve "
-                         "significantly; every other metric must be no worse than its margin")
+    primary: str | None = Field(
+        "tasks.pass_rate", description="the metric that must improve significantly; every "
+        "metric must be no worse than its margin. null: no worse is enough (a refresh that "
+        "need not improve; not for an unattended loop)")
     margins: dict[str, float] = Field(
         DEFAULT_MARGINS, description="metric -> how much worse the challenger may be (in the "
         "metric's units; tasks.family: every tasks.<family>.pass_rate)")
@@ -785,7 +787,10 @@ def _champion(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     cfg = plan.config.champion
     rows = plan.comparisons
     passed, reasons = paired.verdict(rows)
-    if cfg.primary not in {r["metric"] for r in rows}:
+    if cfg.primary is None:
+        reasons = [r for r in reasons if not r.startswith("no primary metric")]
+        passed = not reasons
+    elif cfg.primary not in {r["metric"] for r in rows}:
         reasons = [f"champion.primary: {cfg.primary} was not measured (is its check enabled?)",
                    *[r for r in reasons if not r.startswith("no primary metric")]]
         passed = False

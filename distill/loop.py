@@ -230,8 +230,35 @@ class Loop:
         from distill.train_loop import sha256_file
 
         train, validation = out / "train.jsonl", out / "validation.jsonl"
-        return {"dir": str(out), "train": counts["train"], "validation": counts["validation"],
+        topup = self._topup(train, counts["train"])
+        return {"dir": str(out), "train": counts["train"] + topup.get("kept", 0),
+                "shadow_train": counts["train"], "validation": counts["validation"],
+                "topup": topup,
                 "sha256": {"train": sha256_file(train), "validation": sha256_file(validation)}}
+
+    def _topup(self, train: Path, have: int) -> dict[str, Any]:
+        """Append pool examples the teacher answered (and that pass their checks) to `train`
+        until it holds `loop.topup.min_examples`; {} when not configured or not needed."""
+        from distill.tasks import load_suite
+        from distill.topup import teacher_examples
+
+        cfg = self.cfg.topup
+        if cfg.pool is None or have >= cfg.min_examples:
+            return {}
+        teacher = self._teacher()
+        if teacher is None:
+            raise LoopError("loop.topup: no teacher to answer the pool (set loop.teacher)")
+        pool = load_suite(self.s.resolve_path(cfg.pool), splits=["train"])
+        seen = {json.loads(line)["messages"][-2]["content"]
+                for line in train.read_text(encoding="utf-8").splitlines() if line}
+        self.say(f"top-up: {have} shadow examples, asking the teacher for up to "
+                 f"{cfg.min_examples - have} more from {cfg.pool}")
+        got = teacher_examples(teacher, pool, cfg.min_examples - have,
+                               cache=self.work / "topup-cache.jsonl", exclude=seen,
+                               seed=cfg.seed, progress=self.say)
+        with open(train, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in got.pop("examples"))
+        return {"pool": cfg.pool, **got}
 
     def _distill(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         import yaml
@@ -277,9 +304,11 @@ class Loop:
         validation = Path(run["stages"]["export"]["dir"]) / "validation.jsonl"
         cfg = cfg.model_copy(update={"heldout": cfg.heldout.model_copy(
             update={"examples": validation, "prompts": None})})
+        champion = self._champion()
         report = validate(self._student_entry(run), self._teacher(), cfg,
+                          champion=champion["model"] if champion else None,
                           out_dir=run_dir / "gate", progress=self.say)
-        return {"passed": report.passed, "failures": report.failures,
+        return {"passed": report.passed, "failures": report.failures, "champion": champion,
                 "report": str(run_dir / "gate" / "gate.json"),
                 "fidelity": fidelity_summary(report.checks.get("fidelity"))}
 
@@ -361,9 +390,31 @@ class Loop:
             t = self.cfg.teacher
             return t if t == "fake" or "://" in t else str(self.s.resolve_path(t))
         found = self._teacher_variant()
-        if found is None:
+        return None if found is None else self._model_of(found[1])
+
+    def _champion(self) -> dict[str, Any] | None:
+        """What the promotable variant serves now, as the gate's champion: the promoted
+        registry version, else the variant's configured model. None without such a variant."""
+        name = self._variant(required=False)
+        if name is None:
             return None
-        engine = found[1].engine
+        registry = self._registry()
+        promoted = registry.promoted(name)
+        if promoted is not None:
+            path = registry.fetch(promoted["version"],
+                                  self.s.resolve_path(self.s.registry.cache_dir))
+            return {"variant": name, "version": promoted["version"], "model": str(path)}
+        variant = self.s.variants[name]
+        model = "fake" if variant.engine.engine == "fake" else self._model_of(variant)
+        if model is None or (model != "fake" and "://" not in model
+                             and not Path(model).exists()):
+            raise LoopError(f"variant {name}: its model {model} cannot be found, so there is no "
+                            "champion to compare the candidate with")
+        return {"variant": name, "version": self.s.variants[name].version, "model": model}
+
+    def _model_of(self, variant: Any) -> str | None:
+        """A variant's model as `distill.answers` names it (None for the fake engine)."""
+        engine = variant.engine
         if engine.engine == "llamacpp":
             return str(self.s.resolve_path(engine.path))
         if engine.engine in ("transformers", "vllm"):

@@ -31,6 +31,19 @@ class LoopTriggers(BaseModel):
                                       "than this; null: no schedule")
 
 
+class LoopTopup(BaseModel):
+    """More soft targets when the shadow holds too few pairs (`distill.topup`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str | None = Field(None, description="a task-suite JSONL of prompts with checks "
+                             "(split train, e.g. examples/tasks/pool.jsonl) the teacher answers; "
+                             "null: learn from shadow pairs only")
+    min_examples: int = Field(400, ge=1, description="top the export's train split up to this "
+                              "many examples with teacher answers that pass their check")
+    seed: int = Field(0, ge=0, description="the order in which pool prompts are asked")
+
+
 class LoopSettings(BaseModel):
     """`protege loop`: export -> distill -> quantize -> validate -> register -> promote."""
 
@@ -62,3 +75,4 @@ class LoopSettings(BaseModel):
     pushgateway: str | None = Field(None, description="push the loop's metrics to this "
                                     "Prometheus Pushgateway (host:port) after each run")
     triggers: LoopTriggers = Field(default_factory=LoopTriggers)
+    topup: LoopTopup = Field(default_factory=LoopTopup)

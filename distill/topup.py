@@ -74,7 +74,6 @@ def teacher_examples(teacher: str, pool: Sequence[TaskCase], want: int, *, cache
             counts["failed_check"] += 1
 
     async def run() -> None:
-        engine = None
         async with _Lazy(teacher, n_threads) as lazy:
             with open(cache, "a", encoding="utf-8") as out:
                 for case in order:
@@ -103,13 +102,13 @@ class _Lazy:
     """The teacher's engine, started only when an answer is not in the cache."""
 
     def __init__(self, teacher: str, n_threads: int | None):
-        self.config = engine_config_for(teacher, n_threads=n_threads)
+        self.teacher, self.n_threads = teacher, n_threads
         self._context = None
         self._engine = None
 
     async def engine(self):
         if self._engine is None:
-            self._context = open_engine(self.config)
+            self._context = open_engine(engine_config_for(self.teacher, n_threads=self.n_threads))
             self._engine = await self._context.__aenter__()
         return self._engine
 

@@ -1,4 +1,4 @@
-"""The closed loop, end to end, on the packaged models (resumable; about 30 minutes on 2 cores):
+"""The closed loop, end to end, on the packaged models (resumable; about an hour on 2 cores):
 
     .venv/bin/python examples/loop/demo.py [--prompts 160] [--work data/demo] [--keep-serving]
 
@@ -6,11 +6,13 @@
    store, registry and loop folders under --work),
 2. replays examples/prompts/enterprise.jsonl through the gateway with the OpenAI client,
 3. waits until the teacher has answered every mirrored chat,
-4. runs `protege loop` once: export -> distill -> quantize (GGUF Q4_0) -> validate (the gate in
-   examples/loop/gate.yaml) -> register -> promote (when the gate passes),
-5. gates the packaged student the same way, for the "before" column,
-6. prints before/after: size, tokens/s, fidelity to the teacher, ECE, edge cases, the gate,
-   and the version the running gateway now answers with.
+4. runs `protege loop` once: export (topped up with the teacher's checked answers to the task
+   pool, examples/tasks/pool.jsonl) -> distill -> quantize -> validate (examples/loop/gate.yaml:
+   the candidate against the champion, the packaged student the gateway serves, on the task
+   suite's gate split and every other check, paired) -> register -> promote (when it passes),
+5. prints the before/after pass rate per task family with 95% intervals (and the teacher's),
+   the paired decision per metric, the gate's reasons when it refuses, and the version the
+   running gateway now answers with.
 
 Run it again after an interruption: prompts already answered are not sent again, a loop run
 resumes at the stage it was in, and finished reports are reused.
@@ -35,7 +37,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from distill.data import load_prompts
-from distill.gate import load_gate_config, validate
 from distill.loop import Loop
 from ops.settings import load_settings
 from shadow.store import SqliteStore
@@ -61,7 +62,10 @@ def demo_config(work: Path, port: int) -> Path:
     config["shadow"].update(store_path=str(work / "pairs.sqlite"), spill_dir=str(work / "spill"),
                             max_in_flight=256, max_pending=512, timeout_s=300)
     config["registry"]["root"] = str(work / "registry")
-    config["loop"].update(work_dir=str(work / "loop"), min_pairs=50)
+    gate = yaml.safe_load((REPO / "examples/loop/gate.yaml").read_text())
+    gate["tasks"]["teacher"] = True  # the teacher's score on the suite, for the record
+    (work / "gate.yaml").write_text(yaml.safe_dump(gate, sort_keys=False))
+    config["loop"].update(work_dir=str(work / "loop"), min_pairs=50, gate=str(work / "gate.yaml"))
     path = work / "gateway.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -128,31 +132,38 @@ def wait_for_pairs(store_path: Path, want: int, timeout_s: float = 3600) -> int:
     return last
 
 
-def gate_row(report: dict, size: int) -> dict:
-    checks = report["checks"]
-    lat = (checks.get("latency") or {}).get("cells") or []
-    first = next((c for c in lat if c["batch"] == 1 and c["concurrency"] == 1), None)
-    fid, cal, edge = checks.get("fidelity", {}), checks.get("calibration", {}), checks.get(
-        "edge_cases", {})
-    return {"size_mb": size / 1e6,
-            "tokens_per_s": first and first["tokens_per_s"],
-            "rouge_l": fid.get("rouge_l"), "semantic": fid.get("semantic"),
-            "ece": cal.get("ece"),
-            "edge_cases": (edge.get("pass_rate") or {}).get("student"),
-            "gate": "passed" if report["passed"] else "failed"}
+def family_table(tasks: dict) -> str:
+    """Pass rate per family on the gate split, with 95% Wilson intervals: before (the
+    champion: the packaged student), after (the candidate) and the teacher when scored."""
+    sides = [("before (packaged)", "champion"), ("after (distilled)", "student"),
+             ("teacher", "teacher")]
+    sides = [(title, key) for title, key in sides if key in tasks["pass_rate"]]
 
+    def cell(r: dict) -> str:
+        return f"{r['rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 
-def table(before: dict, after: dict) -> str:
-    def cell(v):
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    rows = [("size (MB)", "size_mb"), ("tokens/s (batch 1)", "tokens_per_s"),
-            ("ROUGE-L vs teacher", "rouge_l"), ("semantic vs teacher", "semantic"),
-            ("ECE (teacher-forced)", "ece"), ("edge cases passed", "edge_cases"),
-            ("gate", "gate")]
-    lines = [f"{'':24}{'before (packaged)':>20}{'after (distilled)':>20}"]
-    lines += [f"{name:24}{cell(before[k]):>20}{cell(after[k]):>20}" for name, k in rows]
+    families = list(tasks["pass_rate"]["student"]["families"])
+    lines = [f"{'family':12}" + "".join(f"{title:>26}" for title, _ in sides)]
+    for family in families:
+        lines.append(f"{family:12}" + "".join(
+            f"{cell(tasks['pass_rate'][k]['families'][family]):>26}" for _, k in sides))
+    lines.append(f"{'overall':12}" + "".join(
+        f"{cell(tasks['pass_rate'][k]['overall']):>26}" for _, k in sides))
     return "\n".join(lines)
+
+
+def paired_table(champion: dict) -> str:
+    """The gate's decision per metric: challenger minus champion with its paired interval."""
+    lines = [f"{'metric':30}{'champion':>10}{'candidate':>11}{'difference [95% CI]':>28}"
+             f"{'margin':>8}  decision"]
+    for r in champion["rows"]:
+        interval = (f"{r['difference']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]"
+                    if r["low"] is not None else f"{r['difference']:+.3f}")
+        p = f", McNemar p={r['mcnemar']['p_value']:.2g}" if r["mcnemar"] else ""
+        name = r["metric"] + (" *" if r["primary"] else "")
+        lines.append(f"{name:30}{r['champion']:>10.3f}{r['challenger']:>11.3f}{interval:>28}"
+                     f"{r['margin']:>8.2f}  {r['decision']}{p}")
+    return "\n".join(lines) + "\n(* the primary metric: it must be significantly better)"
 
 
 def main() -> None:
@@ -185,28 +196,27 @@ def main() -> None:
 
         settings = load_settings(config)
         say("protege loop: export -> distill -> quantize -> validate -> register -> promote")
-        run = Loop(settings, progress=say).run_once(force=True)
+        done = work / "loop" / "runs" / state.get("run", "-") / "run.json"
+        run = json.loads(done.read_text()) if done.is_file() else None
+        if run is None or run.get("outcome") is None:  # none yet, or interrupted: (re)run
+            run = Loop(settings, progress=say).run_once(force=True)
+            state["run"] = run["id"]
+            save()
         run_dir = work / "loop" / "runs" / run["id"]
-        after = json.loads((run_dir / "gate" / "gate.json").read_text())
-        artifact = Path(run["stages"]["quantize"]["report"]["output"])
-
-        before_dir = work / "baseline-gate"
-        if not (before_dir / "gate.json").exists():
-            say("gating the packaged student the same way, for comparison")
-            cfg = load_gate_config(settings.resolve_path(settings.loop.gate))
-            cfg = cfg.model_copy(update={"heldout": cfg.heldout.model_copy(update={
-                "examples": run_dir / "dataset" / "validation.jsonl", "prompts": None})})
-            validate(str(BASE_STUDENT), Loop(settings)._teacher(), cfg, out_dir=before_dir,
-                     progress=say)
-        before = json.loads((before_dir / "gate.json").read_text())
-
+        report = json.loads((run_dir / "gate" / "gate.json").read_text())
+        export = run["stages"]["export"]
+        say(f"trained on {export['train']} examples ({export['shadow_train']} shadow pairs, "
+            f"{export.get('topup', {}).get('kept', 0)} pool answers of the teacher)")
         print()
-        print(table(gate_row(before, BASE_STUDENT.stat().st_size),
-                    gate_row(after, artifact.stat().st_size)))
+        print("Task suite, gate split (never trained on), pass rate [95% Wilson interval]:")
+        print(family_table(report["checks"]["tasks"]))
+        print()
+        print("Champion vs challenger, paired on the same cases:")
+        print(paired_table(report["checks"]["champion"]))
         print()
         version = run["stages"]["register"]["version"]
         print(f"registered {version}: protege registry lineage {version} --config {config}")
-        for reason in after["failures"]:
+        for reason in report["failures"]:
             print(f"  gate: {reason}")
         if run["outcome"] == "promoted":
             deadline = time.monotonic() + 120
@@ -220,7 +230,7 @@ def main() -> None:
             print(f"the running gateway now answers with {served}")
         else:
             print(f"not promoted ({run['outcome']}); the gateway still serves the packaged model")
-        print(f"reports: {run_dir / 'gate' / 'gate.html'} and {before_dir / 'gate.html'}")
+        print(f"report: {run_dir / 'gate' / 'gate.html'}")
     finally:
         if not args.keep_serving:
             gateway.stop()

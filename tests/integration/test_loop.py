@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 import pytest
 import yaml
 
+from distill.gguf import convert_to_gguf
 from distill.loop import Loop
 from distill.registry import Registry
+from distill.settings import LoopTopup
 from ops.settings import load_settings
 from shadow.records import Answer
 from shadow.store import SqliteStore
@@ -26,6 +28,7 @@ from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
 from tests.unit.test_records import make_record
 
 pytestmark = pytest.mark.integration
+LOOSE = {"fidelity.rouge_l": 1.0, "calibration.ece": 1.0, "latency.p95_ttft_s": 60.0}
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "hello", "world", "how", "are", "you", "today"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -67,6 +70,7 @@ def env(tmp_path):
     """A fresh loop for one test: a tiny student, 40 pairs, nothing registered or promoted."""
     tokenizer = bpe_tokenizer()
     student = save(tmp_path / "student0", tiny_model("llama", tokenizer), tokenizer)
+    served = convert_to_gguf(student, tmp_path / "student0.gguf", qtype="Q8_0")  # the champion
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
         "student": {"path": str(student)}, "data": {"max_length": 64}, "strategy": "sequence",
         "optim": {"lr": 1e-3, "max_steps": 3, "batch_size": 4, "warmup_steps": 0},
@@ -76,13 +80,16 @@ def env(tmp_path):
             "calibration": {"max_ece": None, "max_overconfident_wrong": None},
             "latency": {"batch_sizes": [1], "concurrency": [1], "rounds": 1, "max_tokens": 4,
                         "max_p95_ttft_s": None},
-            "ab": {"enabled": False}}
+            "ab": {"enabled": False}, "tasks": {"enabled": False},
+            # the champion is compared, but tiny random models never improve significantly:
+            # "no worse" is enough here (the gate's own tests cover the paired decision)
+            "champion": {"primary": None, "margins": LOOSE}}
     (tmp_path / "gate.yaml").write_text(yaml.safe_dump(gate))
     gate["fidelity"]["min_rouge_l"] = 1.0
     (tmp_path / "strict-gate.yaml").write_text(yaml.safe_dump(gate))
     config = {
         "variants": {
-            "student": {"engine": {"engine": "llamacpp", "path": str(tmp_path / "unused.gguf")},
+            "student": {"engine": {"engine": "llamacpp", "path": str(served)},
                         "promotable": True, "version": "base"},
             "teacher": {"engine": {"engine": "fake"}, "version": "t1"}},
         "routes": {"student": {"variant": "student", "shadow": {"variant": "teacher"}}},
@@ -132,6 +139,11 @@ def test_a_run_from_pairs_to_a_promoted_gguf_then_idle_then_again(env):
     kinds = [s["kind"] for s in registry.lineage("v1")]
     assert kinds == ["teacher", "intermediate", "student"]
     assert registry.promoted("student")["version"] == "v1"
+    assert run["stages"]["validate"]["champion"] == {
+        "variant": "student", "version": "base", "model": str(env / "student0.gguf")}
+    gate = json.loads((env / "loop" / "runs" / run["id"] / "gate" / "gate.json").read_text())
+    compared = {r["metric"] for r in gate["checks"]["champion"]["rows"]}
+    assert compared == {"fidelity.rouge_l", "calibration.ece", "latency.p95_ttft_s"}
     metrics = (env / "loop" / "metrics.prom").read_text()
     assert 'protege_loop_runs_total{outcome="promoted"} 1.0' in metrics
     assert 'protege_loop_stages_total{outcome="done",stage="quantize"} 1.0' in metrics
@@ -141,7 +153,34 @@ def test_a_run_from_pairs_to_a_promoted_gguf_then_idle_then_again(env):
     again = loop(env).run_once()
     assert again["outcome"] == "promoted" and again["reasons"] == ["10 new pairs (>= 10)"]
     assert registry.manifest("v2")["parent"] == "v1"
+    champion = again["stages"]["validate"]["champion"]
+    assert champion["version"] == "v1" and champion["model"].endswith(".gguf")
     assert registry.promoted("student")["version"] == "v2"
+
+
+def test_a_thin_shadow_is_topped_up_from_the_pool(env):
+    """40 pairs (about 32 to train on) and a pool: the teacher answers pool prompts until the train
+    split holds 45, keeping only answers that pass their case's check."""
+    words = " ".join(WORDS)
+    pool = env / "pool.jsonl"
+    pool.write_text("".join(json.dumps({
+        "id": f"p{i}", "suite": "t/1", "split": "train", "family": "f",
+        "messages": [{"role": "user", "content": f"pool prompt {i} {words}"}],
+        # the fake teacher's answer never contains "zebra": odd cases cannot pass
+        "check": {"kind": "regex", "pattern": "zebra" if i % 2 else "."}, "reference": "zebra",
+        "max_tokens": 32}) + "\n" for i in range(60)))
+    run = loop(env, topup=LoopTopup(pool=str(pool), min_examples=45)).run_once(force=True)
+    export = run["stages"]["export"]
+    added = 45 - export["shadow_train"]
+    assert export["train"] == 45 and export["validation"] + export["shadow_train"] == 40
+    assert export["topup"]["kept"] == added and export["topup"]["failed_check"] >= 1
+    rows = [json.loads(line) for line in
+            (env / "loop" / "runs" / run["id"] / "dataset" / "train.jsonl").read_text().splitlines()]
+    pooled = [r for r in rows if r.get("source") == "pool"]
+    assert len(pooled) == added and all(int(r["id"][6:]) % 2 == 0 for r in pooled)
+    assert Registry(env / "registry").manifest("v1")["dataset"]["examples"]["train"] == 45
+    asked = export["topup"]["asked"]
+    assert len((env / "loop" / "topup-cache.jsonl").read_text().splitlines()) == asked
 
 
 def test_a_version_that_fails_the_gate_is_registered_with_its_reasons_not_promoted(env):
