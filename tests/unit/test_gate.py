@@ -538,3 +538,19 @@ def test_cli_exit_codes(runner, gate_files):
     result = runner.invoke(app, ["validate", str(tmp_path / "missing.gguf"), "--config",
                                  str(good)])
     assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_cli_champion_option(runner, oracle, tmp_path):
+    config = tmp_path / "paired.yaml"
+    config.write_text(yaml.safe_dump(paired_config().model_dump(mode="json")))
+    better = runner.invoke(app, ["validate", f"{oracle}#oracle", "--champion", f"{oracle}#dunce",
+                                 "--config", str(config), "--out", str(tmp_path / "a"),
+                                 "--quiet"])
+    assert better.exit_code == 0, better.output
+    assert "champion" in better.output and "promote: 7 metrics compared" in better.output
+    worse = runner.invoke(app, ["validate", f"{oracle}#dunce", "--champion", f"{oracle}#oracle",
+                                "--config", str(config), "--out", str(tmp_path / "b"), "--quiet"])
+    assert worse.exit_code == 1 and "  - champion: tasks.pass_rate: challenger 0.000" in worse.output
+    config.write_text(yaml.safe_dump({"champion": {"required": True}}))
+    missing = runner.invoke(app, ["validate", f"{oracle}#dunce", "--config", str(config)])
+    assert missing.exit_code == 2 and "champion.required" in missing.output
