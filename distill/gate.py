@@ -186,7 +186,7 @@ class TasksConfig(_Section):
     teacher: bool = Field(False, description="also score the teacher (for the record)")
 
 
-DEFAULT_MARGINS = {"tasks.pass_rate": 0.02, "tasks.family": 0.10, "edge_cases.pass_rate": 0.10,
+DEFAULT_MARGINS = {"tasks.pass_rate": 0.02, "tasks.family": 0.15, "edge_cases.pass_rate": 0.10,
                    "fidelity.rouge_l": 0.03, "calibration.ece": 0.02,
                    "latency.p95_ttft_s": 0.25}
 

@@ -48,10 +48,10 @@ SHADOW_PROMPTS = ROOT / "examples/prompts/enterprise.jsonl"
 
 # name -> (data sources, optimizer overrides, epochs, quantization)
 RECIPES = {
-    "pool-lr3e-5": (["pool"], {"lr": 3e-5}, 2, "gguf-q8_0"),
-    "pool-lr1e-4": (["pool"], {"lr": 1e-4}, 2, "gguf-q8_0"),
-    "pool-lr1e-4-q4_0": (["pool"], {"lr": 1e-4}, 2, "gguf-q4_0"),
-    "shadow-lr3e-5": (["shadow"], {"lr": 3e-5}, 2, "gguf-q8_0"),
+    "pool-lr1e-4-1ep": (["pool"], {"lr": 1e-4}, 1, "gguf-q8_0"),
+    "pool-lr3e-5-2ep": (["pool"], {"lr": 3e-5}, 2, "gguf-q8_0"),
+    "pool-lr1e-4-1ep-q4_0": (["pool"], {"lr": 1e-4}, 1, "gguf-q4_0"),
+    "shadow-lr3e-5-2ep": (["shadow"], {"lr": 3e-5}, 2, "gguf-q8_0"),
 }
 
 
@@ -110,8 +110,7 @@ def train(name: str, rows: list[dict], optim: dict, epochs: int, fmt: str, out: 
     manifest = json.loads((model / "manifest.json").read_text())
     return Path(report["output"]), {"train_s": round(trained, 1), "steps": steps,
                                     "examples": len(train_rows), "format": fmt,
-                                    "tokens_per_s": manifest.get("throughput", {}).get(
-                                        "tokens_per_s")}
+                                    "tokens_per_s": manifest["metrics"].get("tokens_per_s")}
 
 
 def main() -> None:
@@ -151,7 +150,8 @@ def main() -> None:
 def table(results: dict) -> str:
     base = results["packaged student"]
     families = list(base["summary"]["families"])
-    head = ["recipe", "dev pass rate [95% CI]", *families, "vs packaged (paired)", "train min"]
+    head = ["recipe", "dev pass rate [95% CI]", *families, "vs packaged (paired)", "train min",
+            "train tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         s = r["summary"]
@@ -164,8 +164,9 @@ def table(results: dict) -> str:
                    f"p={row['mcnemar']['p_value']:.3g}")
         cells = [f"{s['families'][f]['rate']:.2f}" for f in families]
         minutes = f"{r['train_s'] / 60:.1f}" if "train_s" in r else ""
+        speed = r.get("tokens_per_s") or ""
         lines.append(f"| {name} | {o['rate']:.3f} [{o['low']:.3f}, {o['high']:.3f}] | "
-                     + " | ".join(cells) + f" | {cmp} | {minutes} |")
+                     + " | ".join(cells) + f" | {cmp} | {minutes} | {speed} |")
     return "\n".join(lines)
 
 
