@@ -205,3 +205,17 @@ def test_resolve_model_explains_an_unreachable_endpoint():
     with pytest.raises(ValueError, match="cannot list the endpoint's models"):
         resolve_model(f"http://127.0.0.1:{port}/v1", timeout_s=2)
     assert resolve_model("x.gguf") == "x.gguf"
+
+
+def test_eval_runs_a_model_folder_in_process(tmp_path):
+    from tests.unit.test_student_init import tiny_llama, word_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_llama(layers=2, seed=3).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    cases = load_suite(DEFAULT_SUITE, splits=["dev"], families=["qa", "classify"], limit=2)
+    report = evaluate(str(folder), cases)
+    assert report["model"] == str(folder) and report["cases"] == 4
+    assert all(r["completion_tokens"] > 0 and r["latency_s"] > 0 for r in report["rows"])
+    assert [r["passed"] for r in report["rows"]] == [
+        check_answer(r["answer"], c.check)[0] for r, c in zip(report["rows"], cases)]
