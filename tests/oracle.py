@@ -52,11 +52,11 @@ class Oracle:
 
 
 @contextmanager
-def serve_oracle() -> Iterator[str]:
-    """An `Oracle` on 127.0.0.1 (an ephemeral port) in a thread; yields its /v1 base URL."""
+def serve_app(app) -> Iterator[str]:
+    """An ASGI `app` on 127.0.0.1 (an ephemeral port) in a thread; yields its /v1 base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(Oracle().app, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -69,3 +69,8 @@ def serve_oracle() -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=5)
         sock.close()
+
+
+def serve_oracle():
+    """An `Oracle` served by `serve_app`."""
+    return serve_app(Oracle().app)

@@ -11,11 +11,9 @@ import asyncio
 import json
 import socket
 import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -32,6 +30,7 @@ from serving.engines import (
     merge_deltas,
 )
 from serving.engines.remote import MAX_ERROR_CHARS, RemoteEngine, UpstreamError
+from tests.oracle import serve_app
 
 WORDS = ["Hello", " there", ",", " friend", "!"]
 
@@ -123,21 +122,9 @@ class Upstream:
 @pytest.fixture(scope="module")
 def upstream():
     up = Upstream()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(up.app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.01)
-    up.base_url = f"http://127.0.0.1:{port}/v1"
-    yield up
-    server.should_exit = True
-    thread.join(timeout=5)
-    sock.close()
+    with serve_app(up.app) as base_url:
+        up.base_url = base_url
+        yield up
 
 
 async def started(upstream, model="ok", env=None, **kw):
