@@ -339,13 +339,20 @@ class _Plan:
     latency_prompts: list[Messages] = field(default_factory=list)
     ab_settings: Any = None
 
-    def answers(self, model: str, items: Sequence[tuple[Messages, int]]) -> list[Answer]:
-        """Greedy answers of `model`, one at a time, through its serving engine."""
+    def answers(self, model: str, items: Sequence[tuple[Messages, int]],
+                what: str | None = None) -> list[Answer]:
+        """Greedy answers of `model`, one at a time, through its serving engine; with `what`,
+        a progress line every 50 answers."""
         cfg = engine_config_for(model, n_ctx=self.config.n_ctx, n_threads=self.config.n_threads)
 
         async def run() -> list[Answer]:
+            out = []
             async with open_engine(cfg) as engine:
-                return [await answer_one(engine, m, max_tokens=k) for m, k in items]
+                for m, k in items:
+                    out.append(await answer_one(engine, m, max_tokens=k))
+                    if what and (len(out) % 50 == 0 or len(out) == len(items)):
+                        self.say(f"{what}: {len(out)}/{len(items)} answered")
+            return out
 
         return asyncio.run(run())
 
@@ -752,11 +759,11 @@ def _tasks(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     cfg = plan.config.tasks
     cases = plan.tasks or []
     items = [(c.messages, c.max_tokens) for c in cases]
-    sides = {"student": plan.answers(plan.student, items)}
+    sides = {"student": plan.answers(plan.student, items, "tasks: student")}
     if plan.champion is not None:
-        sides["champion"] = plan.answers(plan.champion, items)
+        sides["champion"] = plan.answers(plan.champion, items, "tasks: champion")
     if plan.teacher is not None and cfg.teacher:
-        sides["teacher"] = plan.answers(plan.teacher, items)
+        sides["teacher"] = plan.answers(plan.teacher, items, "tasks: teacher")
     scored = {side: score_tasks(cases, [a.text for a in answers])
               for side, answers in sides.items()}
     summaries = {side: task_summary(rows, plan.config.champion.confidence)

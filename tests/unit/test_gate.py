@@ -311,6 +311,7 @@ def test_validate_fake_passes_and_writes_escaped_html(gate_files):
     assert ab["candidate"]["interval"] == "wilson"
     assert ab["candidate"]["low"] == pytest.approx(gc.wilson_interval(36, 40)[0])
     assert any("latency: batch 2 x concurrency 2" in s for s in seen)
+    assert "tasks: student: 10/10 answered" in seen
     data = json.loads((tmp_path / "out" / "gate.json").read_text())
     assert data["passed"] is True and data == report.to_json()
     page = (tmp_path / "out" / "gate.html").read_text()
