@@ -43,7 +43,7 @@ from distill import gate_checks as gc
 from distill import paired
 from distill.answers import Answer, answer_one, engine_config_for, open_engine
 from distill.evaluate import DEFAULT_SUITE
-from distill.tasks import TaskCase, load_suite
+from distill.tasks import TaskCase, load_suite, spread
 from distill.tasks import score as score_tasks
 from distill.tasks import summary as task_summary
 from distill.config import format_errors
@@ -451,7 +451,7 @@ def _prepare(student: str, teacher: str | None, champion: str | None, config: Ga
     h = config.heldout
     try:
         if h.examples is not None:
-            rows = _spread(load_chat_examples(h.examples), h.limit)
+            rows = spread(load_chat_examples(h.examples), h.limit)
             plan.heldout_rows = [(str(r.get("id") or i), r["messages"][:-1],
                                   r["messages"][-1]["content"],
                                   r.get("teacher_finish_reason") != "length")
@@ -461,7 +461,7 @@ def _prepare(student: str, teacher: str | None, champion: str | None, config: Ga
                 raise GateError("heldout.prompts: the teacher answers these prompts; pass "
                                 "--teacher, or give heldout.examples (answered pairs)")
             plan.heldout_rows = [(str(i), m, None, False) for i, m in
-                                 enumerate(_spread(load_prompts(h.prompts), h.limit), 1)]
+                                 enumerate(spread(load_prompts(h.prompts), h.limit), 1)]
         if config.latency.enabled and config.latency.prompts is not None:
             plan.latency_prompts = load_prompts(config.latency.prompts)
     except (ValueError, OSError) as e:
@@ -478,11 +478,6 @@ def _prepare(student: str, teacher: str | None, champion: str | None, config: Ga
         except ConfigError as e:
             raise GateError(f"ab.settings: {config.ab.settings}: {e}") from None
     return plan
-
-
-def _spread(rows: list[Any], n: int) -> list[Any]:
-    """`n` rows evenly spaced through `rows` (all of them when there are not more)."""
-    return rows if len(rows) <= n else [rows[i * len(rows) // n] for i in range(n)]
 
 
 def _skipped(reason: str) -> tuple[dict[str, Any], list[str]]:

@@ -70,13 +70,14 @@ def load_suite(path: str | Path, *, splits: Sequence[str] | None = None,
              and (families is None or c.family in families)]
     if limit is not None:
         cases = [c for fam in dict.fromkeys(c.family for c in cases)
-                 for c in _spread([c for c in cases if c.family == fam], limit)]
+                 for c in spread([c for c in cases if c.family == fam], limit)]
     if not cases:
         raise ValueError(f"task suite {path}: no cases selected")
     return cases
 
 
-def _spread(rows: list[Any], n: int) -> list[Any]:
+def spread(rows: list[Any], n: int) -> list[Any]:
+    """`n` rows evenly spaced through `rows` (all of them when there are not more)."""
     return rows if len(rows) <= n else [rows[i * len(rows) // n] for i in range(n)]
 
 
