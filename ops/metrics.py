@@ -79,6 +79,12 @@ class GatewayMetrics:
             "so feedback can find them, by outcome (sent, failed, cancelled).", ("outcome",),
             registry=r,
         )
+        self.structured = Counter(
+            "protege_structured_outputs", "Choices of requests with a response_format, by "
+            "outcome: valid (parses and matches the schema), invalid (a finished answer that "
+            "does not: only a remote upstream can give one) or truncated (cut by max_tokens).",
+            (*by_route, "outcome"), registry=r,
+        )
         self.rejections = Counter(
             "protege_rejections", "Requests refused before generation, by reason.",
             ("reason",), registry=r,

@@ -37,9 +37,11 @@ from serving.engines.base import (
     EngineError,
     GenerationRequest,
     PromptTooLong,
+    Unsupported,
     merge_deltas,
 )
 from serving.errors import OpenAIError, clip
+from serving.structured import ResponseFormat, check_answer
 from serving.review import ReviewSite
 from serving.router import choose_arm, sample
 from shadow.config import FeedbackMetric, ShadowSettings
@@ -283,7 +285,7 @@ class VariantServer:
                     delta.model_version, first = version, False
                 yield delta
             outcome = "completed"
-        except PromptTooLong:
+        except (PromptTooLong, Unsupported):
             outcome = "rejected"
             raise
         except Exception:
@@ -435,7 +437,8 @@ class Ingress:
             system_fingerprint=f"{arm.variant}:{arm.version}",
         )
         gen_requests = req.to_generation_requests(request_id)
-        call = _Call(self, target, arm, key_kind, request_id, req.stream, started)
+        call = _Call(self, target, arm, key_kind, request_id, req.stream, started,
+                     getattr(req, "response_format", None))
         plan = self.p.shadows.get(target.route)
         if plan is not None and self.shadow is not None:
             sample_by = user[0] if plan.sample_key == "user" and user else request_id
@@ -473,6 +476,8 @@ class Ingress:
                     meta, choices
                 )
                 call.finish(200, choices)
+                if call.format is not None:  # does every choice conform? (a remote may not)
+                    headers["x-protege-format-valid"] = str(call.format_valid).lower()
                 return JSONResponse(body_out, headers=headers)
             stream = handle.options(stream=True).stream.remote(gen_requests)
             try:
@@ -496,6 +501,9 @@ class Ingress:
         except PromptTooLong as e:
             call.finish(400)
             raise OpenAIError.context_length_exceeded(str(e), req.PROMPT_PARAM) from None
+        except Unsupported as e:
+            call.finish(400)
+            raise OpenAIError.invalid_value(e.param, e.message) from None
         except BackPressureError:
             call.finish(503)
             raise OpenAIError.busy(self.p.server.retry_after_s) from None
@@ -678,7 +686,8 @@ class _Call:
     """Timing, tokens, metrics and the canonical log line of one generation request."""
 
     def __init__(self, ingress: Ingress, target: RouteTarget, arm: Arm, arm_key: str,
-                 request_id: str, stream: bool, started: float):
+                 request_id: str, stream: bool, started: float,
+                 response_format: ResponseFormat | None = None):
         self.i, self.t, self.arm, self.arm_key = ingress, target, arm, arm_key
         self.request_id, self.stream, self.started = request_id, stream, started
         self.labels = {"route": target.route, "variant": arm.variant}
@@ -692,6 +701,11 @@ class _Call:
         self.finish_reason: str | None = None
         self.created_at = ""  # when the request arrived (ISO 8601 UTC), set only when mirrored
         self.version = arm.version  # the configured version until the replica says which served
+        self.format = response_format  # what the answers must be; each is checked at the end
+        if response_format is not None:
+            self.answers = {}
+        self.format_valid = True
+        self.finish_reasons: dict[int, str] = {}
         self.done = False
 
     def served_by(self, versions) -> str:
@@ -714,8 +728,10 @@ class _Call:
             self.last_token_at[index] = now
             if self.answers is not None:
                 self.answers[index] = self.answers.get(index, "") + delta.text
-        if index == 0 and delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
+        if delta.finish_reason is not None:
+            self.finish_reasons[index] = delta.finish_reason
+            if index == 0:
+                self.finish_reason = delta.finish_reason
         if delta.prompt_tokens is not None:
             self.prompt_tokens = delta.prompt_tokens
         if delta.completion_tokens is not None:
@@ -745,6 +761,8 @@ class _Call:
             m.tokens.labels(**labels, kind="prompt").inc(self.prompt_tokens)
         if completion:
             m.tokens.labels(**labels, kind="completion").inc(completion)
+        if self.format is not None and status == 200:
+            self._check_format()
         self.i.log.info(
             "serving.request.completed", request_id=self.request_id, route=self.t.route,
             variant=self.arm.variant, version=self.version, arm_key=self.arm_key,
@@ -773,6 +791,21 @@ class _Call:
                 target=plan.target, request=request, stream=self.stream, student=student,
                 created_at=self.created_at, store_prompt=plan.store_prompt, labels=plan.labels,
             ))
+
+
+    def _check_format(self) -> None:
+        """Count each choice as valid, invalid or truncated against the response_format."""
+        for index, reason in sorted(self.finish_reasons.items()):
+            if reason == "length":
+                outcome = "truncated"
+            else:
+                problem = check_answer(self.format, self.answers.get(index, ""))
+                outcome = "valid" if problem is None else "invalid"
+                if problem is not None:  # the reason may quote the answer: not logged
+                    self.i.log.warning("serving.format.invalid", request_id=self.request_id,
+                                       choice=index)
+            self.format_valid = self.format_valid and outcome == "valid"
+            self.i.metrics.structured.labels(**self.labels, outcome=outcome).inc()
 
 
 async def _await(response):

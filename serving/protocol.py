@@ -9,7 +9,7 @@ into `n` engine requests (choice i gets `seed + i`).
 Rules: JSON `null` is the same as leaving a field out; a number with no fraction (`16.0`) is an
 integer, as in JSON Schema, but `16.5` and `"16"` are not; unknown fields are accepted and ignored
 (`unknown_fields()` names them so the app can log each once); known OpenAI fields that we accept but
-do not act on (penalties, tools, response_format, ...) are listed by `ignored_fields()` when sent
+do not act on (penalties, tools, ...) are listed by `ignored_fields()` when sent
 with a value that would change the answer. Types are strict: `"1"` is not an integer.
 
 Owns no I/O, no clock and no knowledge of routes, engines or response shapes.
@@ -35,6 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from serving.engines.base import GenerationRequest, Message, SamplingParams
 from serving.errors import MAX_ECHO, OpenAIError, clip
+from serving.structured import FormatError, ResponseFormat, parse_response_format
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOKENS_LIMIT = 2**31 - 1
@@ -199,6 +200,7 @@ def _sampling(
     seed: int | None,
     logprobs: int | None,
     i: int,
+    response_format: ResponseFormat | None = None,
 ) -> SamplingParams:
     if top_p == 0.0:  # nucleus of mass 0 keeps only the most likely token: greedy
         temperature, top_p = 0.0, 1.0
@@ -209,6 +211,7 @@ def _sampling(
         stop=stop,
         seed=_seed_for(seed, i),
         logprobs=logprobs,
+        response_format=response_format,
     )
 
 
@@ -335,7 +338,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
         """
         audio frequency_penalty function_call functions logit_bias metadata modalities
         moderation parallel_tool_calls prediction presence_penalty prompt_cache_key
-        prompt_cache_options prompt_cache_retention reasoning_effort response_format
+        prompt_cache_options prompt_cache_retention reasoning_effort
         safety_identifier service_tier store tool_choice tools verbosity web_search_options
         """.split()
     )
@@ -347,6 +350,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # deprecated by OpenAI
     n: int = Field(1, ge=1, le=128)
+    response_format: ResponseFormat | None = None
     seed: Seed = None
     stop: Stop = ()
     stream: bool = False
@@ -372,7 +376,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
     reasoning_effort: Any = None
-    response_format: Any = None
     safety_identifier: Any = None
     service_tier: Any = None
     store: bool | None = None
@@ -385,6 +388,14 @@ class ChatCompletionRequest(OpenAIBaseModel):
     @classmethod
     def check_messages(cls, v: Any) -> list[ChatMessage]:
         return _parse_messages(v)
+
+    @field_validator("response_format", mode="plain")
+    @classmethod
+    def check_response_format(cls, v: Any) -> ResponseFormat | None:
+        try:
+            return parse_response_format(v)
+        except FormatError as e:
+            raise _fail(e.param, e.message) from None
 
     @model_validator(mode="after")
     def check_cross_field(self) -> ChatCompletionRequest:
@@ -440,6 +451,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
                     seed=self.seed,
                     logprobs=self.logprobs_k,
                     i=i,
+                    response_format=self.response_format,
                 ),
                 messages=messages,
                 choice=i,

@@ -28,6 +28,7 @@ class Oracle:
     def __init__(self):
         cases = load_suite(DEFAULT_SUITE)
         self.reference = {c.messages[-1]["content"]: c.reference for c in cases}
+        self.bodies: list[dict] = []  # every chat request, as received
         self.app = Starlette(routes=[Route("/v1/models", self.models),
                                      Route("/v1/chat/completions", self.chat, methods=["POST"])])
 
@@ -37,6 +38,7 @@ class Oracle:
 
     async def chat(self, request: Request):
         body = await request.json()
+        self.bodies.append(body)
         known = self.reference.get(body["messages"][-1]["content"], "Hello.")
         text = known if body["model"] == "oracle" else "Sorry, no idea."
 
@@ -71,6 +73,6 @@ def serve_app(app) -> Iterator[str]:
         sock.close()
 
 
-def serve_oracle():
+def serve_oracle(oracle: Oracle | None = None):
     """An `Oracle` served by `serve_app`."""
-    return serve_app(Oracle().app)
+    return serve_app((oracle or Oracle()).app)

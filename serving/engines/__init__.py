@@ -23,6 +23,7 @@ from serving.engines.base import (
     SamplingParams,
     StopMatcher,
     TokenLogprob,
+    Unsupported,
     merge_deltas,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "SamplingParams",
     "StopMatcher",
     "TokenLogprob",
+    "Unsupported",
     "build_engine",
     "merge_deltas",
 ]

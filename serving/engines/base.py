@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from serving.structured import ResponseFormat
+
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
 
@@ -35,6 +37,8 @@ class SamplingParams:
     seed: int | None = None
     # None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives.
     logprobs: int | None = None
+    # None: free text. Else the answer must conform (`serving.structured`): constrained decoding.
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,17 @@ class PromptTooLong(ValueError):
 
     def __reduce__(self):  # crosses process boundaries (Ray) intact
         return (PromptTooLong, (self.prompt_tokens, self.max_tokens, self.context_window))
+
+
+class Unsupported(ValueError):
+    """This engine cannot honour a request field (`param`); the client gets a 400 naming it."""
+
+    def __init__(self, param: str, message: str):
+        self.param, self.message = param, message
+        super().__init__(message)
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return (Unsupported, (self.param, self.message))
 
 
 class EngineError(RuntimeError):

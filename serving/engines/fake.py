@@ -8,6 +8,7 @@ on the prompt only; above 0 on the prompt and `seed` (or the request id and choi
 
 Prompt tokens are the whitespace-separated words of the prompt; chat messages are first rendered
 as ChatML. Logprobs are fake but well formed: the chosen token first, alternatives below it.
+A `response_format` is refused (`Unsupported`): words drawn at random cannot honour a schema.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from serving.engines.base import (
     Message,
     StopMatcher,
     TokenLogprob,
+    Unsupported,
 )
 
 WORDS: tuple[str, ...] = tuple(
@@ -90,6 +92,10 @@ class FakeEngine(Engine):
         if prompt is None:
             raise ValueError("GenerationRequest needs `messages` or `prompt`")
         p = request.params
+        if p.response_format is not None:
+            raise Unsupported("response_format", "Invalid 'response_format': this model (the "
+                              "fake engine, which has no vocabulary to constrain) answers in "
+                              "free text only; omit 'response_format'.")
         prompt_tokens = count_prompt_tokens(prompt)
         budget = self.budget(prompt_tokens, p.max_tokens)  # raises PromptTooLong here, eagerly
         if p.temperature == 0:

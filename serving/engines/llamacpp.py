@@ -7,7 +7,8 @@ Each sampled token is checked against end-of-generation tokens, stop strings and
 and a closed iterator sets an event the loop checks at every token.
 
 Sampling is OpenAI's: temperature (0 is greedy) and top_p only; llama.cpp's own top_k, min_p
-and repeat penalty are switched off. Logprobs are the log-softmax of the raw logits of the
+and repeat penalty are switched off. A `response_format` is enforced by sampling here, from the
+logits its grammar allows (`serving.engines.constrain`); llama.cpp then only evaluates. Logprobs are the log-softmax of the raw logits of the
 position that produced each token (read from the context, so `logits_all` is not needed).
 """
 
@@ -17,7 +18,7 @@ import codecs
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from serving.engines.base import (
     StopMatcher,
     TokenLogprob,
 )
+from serving.engines.constrain import TokenConstraint, sample, vocabulary_from_llamacpp
 from serving.engines.threaded import WorkerThreadEngine
 
 
@@ -49,6 +51,7 @@ class LlamaCppEngine(WorkerThreadEngine):
         )
         self._llm = None
         self._chat = None  # Jinja2ChatFormatter, or None when the GGUF has no chat template
+        self._vocabulary = None  # llguidance's view of the vocabulary, made at the first need
 
     async def start(self) -> None:
         if not self.path.is_file():
@@ -118,21 +121,22 @@ class LlamaCppEngine(WorkerThreadEngine):
 
         llm = self._llm
         vocab = llm._model.vocab
-        llm.set_seed(p.seed if p.seed is not None else random.SystemRandom().randrange(2**31))
+        seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**31)
+        constraint = None
+        if p.response_format is not None:
+            if self._vocabulary is None:
+                self._vocabulary = vocabulary_from_llamacpp(vocab)
+            constraint = TokenConstraint(self._vocabulary, p.response_format)
+            tokens = self._constrained(prompt, p, seed, constraint)
+        else:
+            llm.set_seed(seed)
+            tokens = llm.generate(prompt, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
+                                  temp=p.temperature, repeat_penalty=1.0, reset=True)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         matcher = StopMatcher(p.stop)
         n, finish, hit = 0, "length", False
         if budget > 0:
-            for token in llm.generate(
-                prompt,
-                top_k=0,
-                top_p=p.top_p,
-                min_p=0.0,
-                typical_p=1.0,
-                temp=p.temperature,
-                repeat_penalty=1.0,
-                reset=True,
-            ):
+            for token in tokens:
                 if stop.is_set():
                     return False
                 n += 1
@@ -143,7 +147,7 @@ class LlamaCppEngine(WorkerThreadEngine):
                     break
                 text, hit = matcher.push(decoder.decode(llm.detokenize([token])))
                 emit(Delta(text, (token,), logprobs))
-                if hit:
+                if hit or (constraint is not None and constraint.done):
                     finish = "stop"
                     break
                 if n >= budget:
@@ -151,6 +155,21 @@ class LlamaCppEngine(WorkerThreadEngine):
         tail = "" if hit else decoder.decode(b"", final=True) + matcher.flush()
         emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n))
         return True
+
+    def _constrained(self, prompt: list[int], p: SamplingParams, seed: int,
+                     constraint: TokenConstraint) -> Iterator[int]:
+        """Tokens sampled here, from the logits the grammar allows (llama.cpp only evaluates)."""
+        llm = self._llm
+        rng = np.random.default_rng(seed)
+        llm.reset()
+        llm.eval(prompt)
+        while True:
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+            logits = np.where(constraint.allowed(len(logits)), logits, -np.inf)
+            token = sample(logits, p.temperature, p.top_p, rng)
+            constraint.accept(token)
+            yield token
+            llm.eval([token])
 
     def _logprobs(self, token: int, k: int) -> TokenLogprob:
         """The chosen token's logprob and the `k` best, from the logits that sampled it."""

@@ -4,7 +4,8 @@ Owns the model, its tokenizer and chat template, and a decode loop written here 
 with `past_key_values` per token) that runs in one worker thread: one generation at a time, later
 requests wait their turn. Writing the loop ourselves gives streaming, token ids, logprobs,
 OpenAI sampling (temperature, top_p, a seeded `torch.Generator`), stop strings, end-of-sequence
-tokens and an abort checked between tokens.
+tokens and an abort checked between tokens. A `response_format` masks the logits to what its
+grammar allows before sampling (`serving.engines.constrain`).
 
 Logprobs are the log-softmax of the model's raw logits (before temperature and top_p), like
 vLLM's default and llama.cpp's, so the engines agree; `k` alternatives come from `topk`.
@@ -32,6 +33,7 @@ from serving.engines.base import (
     StopMatcher,
     TokenLogprob,
 )
+from serving.engines.constrain import TokenConstraint, vocabulary_from_hf
 from serving.engines.threaded import WorkerThreadEngine
 
 
@@ -86,6 +88,7 @@ class TransformersEngine(WorkerThreadEngine):
         self.tokenizer: Any = None
         self._eos: set[int] = set()
         self._cache_name = "past_key_values"
+        self._vocabulary = None  # llguidance's view of the tokenizer, made at the first need
 
     async def start(self) -> None:
         if not self.path.is_dir():
@@ -164,6 +167,11 @@ class TransformersEngine(WorkerThreadEngine):
         generator = torch.Generator(device=device)
         seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
         generator.manual_seed(seed)
+        constraint = None
+        if p.response_format is not None:
+            if self._vocabulary is None:
+                self._vocabulary = vocabulary_from_hf(self.tokenizer, self._eos)
+            constraint = TokenConstraint(self._vocabulary, p.response_format)
         detok = IncrementalDetokenizer(self.tokenizer)
         matcher = StopMatcher(p.stop)
         n, finish, hit = 0, "length", False
@@ -174,7 +182,12 @@ class TransformersEngine(WorkerThreadEngine):
                 out = self.model(input_ids=inputs, use_cache=True, **{self._cache_name: past})
                 past = getattr(out, self._cache_name)
                 logits = out.logits[0, -1].float()
-                token = _sample(logits, p, generator)
+                if constraint is None:
+                    token = _sample(logits, p, generator)
+                else:
+                    allowed = torch.from_numpy(constraint.allowed(logits.numel())).to(device)
+                    token = _sample(logits.masked_fill(~allowed, float("-inf")), p, generator)
+                    constraint.accept(token)
                 if stop.is_set():
                     return False
                 n += 1
@@ -187,7 +200,7 @@ class TransformersEngine(WorkerThreadEngine):
                     break
                 text, hit = matcher.push(detok.push(token))
                 emit(Delta(text, (token,), logprobs))
-                if hit:
+                if hit or (constraint is not None and constraint.done):
                     finish = "stop"
                     break
                 inputs = torch.tensor([[token]], device=device)

@@ -4,13 +4,15 @@ Owns the AsyncLLM (which batches concurrent requests itself, up to `max_num_seqs
 tokenizer. Prompts are tokenized here, chat messages with the tokenizer's chat template, so the
 token count is known before anything is queued; vLLM gets the token ids, samples, applies stop
 strings and detokenizes, and streams `RequestOutputKind.DELTA` outputs. Closing the iterator
-aborts the request inside vLLM. Logprobs are vLLM's defaults: raw model logprobs.
+aborts the request inside vLLM. Logprobs are vLLM's defaults: raw model logprobs. A
+`response_format` becomes vLLM's own structured outputs (its grammar backend enforces it).
 
 vLLM is an optional extra (`protege[vllm]`): it is imported only when the engine starts.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -107,7 +109,11 @@ class VllmEngine(Engine):
         from vllm import SamplingParams as VllmSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        extra: dict[str, Any] = {}
+        if p.response_format is not None:
+            extra = _structured(json.loads(p.response_format.schema))
         return VllmSamplingParams(
+            **extra,
             max_tokens=budget,
             temperature=p.temperature,
             top_p=p.top_p,
@@ -174,3 +180,13 @@ class VllmEngine(Engine):
             return entry.decoded_token
         return self.tokenizer.decode([token_id])
 
+
+def _structured(schema: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's structured-output argument for a JSON schema (renamed in vLLM 0.11)."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        from vllm.sampling_params import GuidedDecodingParams
+
+        return {"guided_decoding": GuidedDecodingParams(json=schema)}
+    return {"structured_outputs": StructuredOutputsParams(json=schema)}

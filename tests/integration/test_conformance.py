@@ -13,7 +13,8 @@ one in eight keeps its generated name and must get a 404), and `stream` is force
 schemathesis cannot validate `text/event-stream` (streaming has its own tests in
 test_openai_api.py). Positive cases only: most `/models/{model}` lookups, non-string completion
 prompts, `max_tokens: 0`, `best_of` other than `n` and tool-calling turns are mended, so that
-more of them reach a 200 whose body is checked.
+more of them reach a 200 whose body is checked. Most `response_format`s are dropped too: the fake
+engine refuses them (structured outputs have their own tests in test_structured_outputs.py).
 
 Exclusions, per case and per check, with the reason counted in the summary:
 - `positive_data_acceptance`, where a schema-valid request is rejected on purpose (DELIBERATE:
@@ -111,10 +112,14 @@ DELIBERATE: list[tuple[str, Callable[[Any, dict], bool], str]] = [
      "a seed beyond int64, the spec's `format: int64`, which schemathesis does not enforce"),
     (r"best_of", lambda v, b: v not in (None, b.get("n") or 1),
      "no ranking of candidates: best_of must equal n"),
+    (r"response_format", lambda v, b: isinstance(v, dict) and v.get("type") != "text",
+     "the fake engine has no vocabulary to constrain: it refuses a response_format"),
+    (r"response_format\.json_schema\.schema", lambda v, b: isinstance(v, dict),
+     "a generated schema that is no JSON Schema, or uses a keyword decoding cannot enforce"),
 ]
 
 # What the gateway reads and validates, as schemathesis names body paths (no array indices).
-# Everything else (the ignored fields: tools, audio, response_format, ...; keys of a message or a
+# Everything else (the ignored fields: tools, audio, ...; keys of a message or a
 # content part other than these) is accepted with a loose type, so a body broken only there is
 # answered, not rejected (serving/protocol.py: "unknown fields are accepted and ignored").
 _READ = """model n seed stop stream stream_options stream_options.include_usage
@@ -123,7 +128,10 @@ _READ = """model n seed stop stream stream_options stream_options.include_usage
 READ = {
     "/chat/completions": frozenset(_READ + """messages messages.role messages.name messages.content
         messages.content.type messages.content.text messages.content.refusal
-        max_completion_tokens top_logprobs parallel_tool_calls store""".split()),
+        max_completion_tokens top_logprobs parallel_tool_calls store response_format
+        response_format.type response_format.json_schema response_format.json_schema.name
+        response_format.json_schema.schema response_format.json_schema.strict
+        response_format.json_schema.description""".split()),
     "/completions": frozenset(_READ + "prompt best_of echo suffix".split()),
 }
 
@@ -165,6 +173,9 @@ def _steer(case) -> None:
             body[name] = 1  # schemathesis likes the schema's minimum, 0
     if body.get("best_of") not in (None, body.get("n") or 1) and _mostly(body):
         del body["best_of"]  # 0..20 in the spec; we take only best_of == n
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") != "text" and _mostly(fmt):
+        del body["response_format"]  # the fake engine refuses one (test_structured_outputs.py)
     messages = body.get("messages")
     if isinstance(messages, list) and _mostly(messages):
         kept = [m for m in messages if not (isinstance(m, dict) and m.get("role") in TOOLS)]

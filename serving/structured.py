@@ -1,0 +1,168 @@
+"""Structured outputs: OpenAI's `response_format`, checked, compiled to a grammar, and verified.
+
+    parse_response_format(value) -> ResponseFormat | None   raises FormatError(param, message)
+    grammar_for(format) -> str                                llguidance grammar, cached by schema
+    check_answer(format, text) -> str | None                  why the text does not conform
+
+`text` asks for nothing. `json_object` is any JSON object. `json_schema` is `{name, schema,
+strict, description}`; the schema must be a valid JSON Schema (Draft 2020-12) and use only the
+keywords the grammar compiler implements: an unimplemented one (`not`, `uniqueItems`, ...) is a
+`FormatError` naming it, never a silent fallback to free text. Engines turn the grammar into a
+token mask (`serving.engines.constrain`), so a finished answer always parses and validates;
+`check_answer` is what says so, for every engine (a remote upstream included).
+
+Pure: no I/O, no clock. The compiled grammars and validators are cached by the schema's
+canonical JSON text (its hash keys the cache), so a schema sent with every request compiles once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Literal
+
+CACHE_SIZE = 256  # distinct schemas whose grammar and validator stay compiled
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for `json_schema.name`
+# Whitespace the grammar lets a model put between JSON tokens: nothing, a space, or a newline
+# and an indent of up to 12 spaces (pretty-printing six levels deep). Bounded, so that a small
+# model cannot spend its whole budget on blanks.
+WHITESPACE = r"( |\n {0,12})?"
+ANY_OBJECT = '{"type": "object"}'
+
+
+class FormatError(ValueError):
+    """A `response_format` this server refuses: `param` is where, the message says why."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param, self.message = param, message
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """What the answer must be. `schema` is canonical JSON text (sorted keys)."""
+
+    type: Literal["json_object", "json_schema"]
+    schema: str = ANY_OBJECT
+    name: str | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+    def openai(self) -> dict[str, Any]:
+        """The `response_format` to send upstream (a remote engine passes it through)."""
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        spec: dict[str, Any] = {"name": self.name, "schema": json.loads(self.schema)}
+        if self.strict is not None:
+            spec["strict"] = self.strict
+        if self.description is not None:
+            spec["description"] = self.description
+        return {"type": "json_schema", "json_schema": spec}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), "a number")
+
+
+def parse_response_format(value: Any) -> ResponseFormat | None:
+    """The request's `response_format`, or None for free text; raises `FormatError`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise FormatError("response_format", "Invalid type for 'response_format': expected an "
+                          f"object, but got {_kind(value)} instead.")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat("json_object")
+    if kind != "json_schema":
+        shown = json.dumps(kind)[:100] if kind is not None else "nothing"
+        raise FormatError("response_format.type", "Invalid value for 'response_format.type': "
+                          f"{shown}. Supported values are 'text', 'json_object' and "
+                          "'json_schema'.")
+    spec = value.get("json_schema")
+    where = "response_format.json_schema"
+    if not isinstance(spec, dict):
+        raise FormatError(where, f"Missing required parameter: '{where}' (an object with "
+                          "'name' and 'schema').")
+    name = spec.get("name")
+    if not isinstance(name, str) or not NAME.match(name):
+        raise FormatError(f"{where}.name", f"Invalid '{where}.name': expected 1 to 64 of a-z, "
+                          "A-Z, 0-9, '_' and '-'.")
+    strict, description = spec.get("strict"), spec.get("description")
+    if strict is not None and not isinstance(strict, bool):
+        raise FormatError(f"{where}.strict", f"Invalid type for '{where}.strict': expected a "
+                          f"boolean, but got {_kind(strict)} instead.")
+    if description is not None and not isinstance(description, str):
+        raise FormatError(f"{where}.description", f"Invalid type for '{where}.description': "
+                          f"expected a string, but got {_kind(description)} instead.")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise FormatError(f"{where}.schema", f"Invalid type for '{where}.schema': expected an "
+                          f"object (a JSON Schema), but got {_kind(schema)} instead.")
+    text = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    problem = _schema_problem(text)
+    if problem:
+        raise FormatError(f"{where}.schema", f"Invalid '{where}.schema': {problem}")
+    return ResponseFormat("json_schema", text, name, strict, description)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _schema_problem(schema: str) -> str:
+    """Why a schema cannot be enforced ('' when it can): invalid, or a keyword not implemented."""
+    from jsonschema import Draft202012Validator, SchemaError
+    from llguidance import LLMatcher
+
+    try:
+        Draft202012Validator.check_schema(json.loads(schema))
+    except SchemaError as e:
+        at = "/".join(str(p) for p in e.absolute_path) or "(root)"
+        return f"not a valid JSON Schema at {at}: {e.message[:200]}"
+    error = LLMatcher.validate_grammar(_compile(schema))
+    unimplemented = re.search(r"Unimplemented keys: \[(.*?)\]", error)
+    if unimplemented:
+        keys = ", ".join(f"'{k.strip().strip(chr(34))}'" for k in unimplemented.group(1).split(","))
+        return (f"the keyword(s) {keys} cannot be enforced by this server's constrained "
+                "decoding; remove them from the schema.")
+    return f"this schema cannot be compiled to a grammar: {error[:300]}" if error else ""
+
+
+def _compile(schema: str) -> str:
+    from llguidance import LLMatcher
+
+    return LLMatcher.grammar_from_json_schema(
+        schema, defaults={"whitespace_pattern": WHITESPACE, "lenient": False})
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _grammar(schema: str) -> str:
+    return _compile(schema)
+
+
+def grammar_for(fmt: ResponseFormat) -> str:
+    """The llguidance grammar that accepts exactly the conforming answers (cached by schema)."""
+    return _grammar(fmt.schema)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _validator(schema: str) -> Any:
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(json.loads(schema))
+
+
+def check_answer(fmt: ResponseFormat, text: str) -> str | None:
+    """None when `text` is JSON that conforms to `fmt`; else a short reason."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return f"not JSON: {e}"
+    error = next(iter(_validator(fmt.schema).iter_errors(value)), None)
+    if error is not None:
+        at = "/".join(str(p) for p in error.absolute_path) or "(root)"
+        return f"does not match the schema at {at}: {error.message[:200]}"
+    return None

@@ -1,0 +1,153 @@
+"""Structured outputs through the real gateway and the official SDK.
+
+The gateway serves a tiny random llama GGUF (llama.cpp, built in code), the fake engine, and a
+remote upstream that ignores `response_format` (the test oracle). The random model answers
+valid JSON only because decoding is constrained; the SDK's `parse()` and `stream()` rebuild a
+validated Pydantic object from it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import httpx
+import openai
+import pytest
+from pydantic import BaseModel, Field
+
+from serving.structured import check_answer, parse_response_format
+from tests.integration.conftest import Gateway, scrape, wait_for_metric
+from tests.oracle import Oracle, serve_oracle
+from tests.unit.test_engine_llamacpp import write_tiny_gguf
+
+pytestmark = pytest.mark.integration
+
+MSG = [{"role": "user", "content": "File a ticket for the outage."}]
+
+
+class Ticket(BaseModel):
+    urgent: bool
+    team: Literal["billing", "network", "account"]
+    priority: int = Field(ge=1, le=4)
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return Oracle()
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory, oracle):
+    tmp = tmp_path_factory.mktemp("structured")
+    gguf = write_tiny_gguf(tmp / "tiny.gguf")
+    with serve_oracle(oracle) as upstream:
+        config = {
+            "server": {"ingress": {"replicas": 1, "num_cpus": 0}, "request_timeout_s": 60},
+            "variants": {
+                "tiny": {"engine": {"engine": "llamacpp", "path": str(gguf), "n_ctx": 256,
+                                    "n_threads": 1}, "num_cpus": 0},
+                "fake": {"engine": {"engine": "fake"}, "num_cpus": 0},
+                "upstream": {"engine": {"engine": "remote", "base_url": upstream,
+                                        "model": "dunce", "timeout_s": 10}, "num_cpus": 0},
+            },
+            "routes": {"tiny": {"variant": "tiny"}, "fake": {"variant": "fake"},
+                       "upstream": {"variant": "upstream"}},
+        }
+        gateway = Gateway(config, tmp)
+        yield gateway
+        gateway.stop()
+
+
+def test_sdk_parse_returns_a_validated_object(gw):
+    client = gw.client()
+    for seed in range(3):
+        done = client.chat.completions.parse(model="tiny", messages=MSG, response_format=Ticket,
+                                             seed=seed, max_completion_tokens=120)
+        choice = done.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, Ticket)
+        assert Ticket.model_validate_json(choice.message.content) == choice.message.parsed
+    beta = client.beta.chat.completions.parse(model="tiny", messages=MSG, response_format=Ticket,
+                                              seed=9, max_completion_tokens=120)
+    assert isinstance(beta.choices[0].message.parsed, Ticket)
+
+
+def test_sdk_stream_accumulates_a_validated_object(gw):
+    with gw.client().chat.completions.stream(model="tiny", messages=MSG, response_format=Ticket,
+                                             seed=4, max_completion_tokens=120) as stream:
+        pieces = [e.delta for e in stream if e.type == "content.delta"]
+        final = stream.get_final_completion()
+    assert len(pieces) > 3  # streamed, not one block
+    assert isinstance(final.choices[0].message.parsed, Ticket)
+    assert "".join(pieces) == final.choices[0].message.content
+
+
+def test_every_choice_conforms_and_the_gateway_says_so(gw):
+    schema = {**Ticket.model_json_schema(), "additionalProperties": False}  # else keys go on
+    fmt = {"type": "json_schema", "json_schema": {"name": "ticket", "strict": True,
+                                                  "schema": schema}}
+    before = scrape(gw, "protege_structured_outputs_total", route="tiny", outcome="valid")
+    with gw.http() as http:
+        r = http.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": MSG, "n": 3, "response_format": fmt,
+            "max_completion_tokens": 120})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-protege-format-valid"] == "true", r.text
+        checked = parse_response_format(fmt)
+        for choice in r.json()["choices"]:
+            assert check_answer(checked, choice["message"]["content"]) is None
+        obj = http.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": MSG, "response_format": {"type": "json_object"},
+            "max_completion_tokens": 200, "temperature": 0})
+        assert obj.status_code == 200
+        answer = obj.json()["choices"][0]
+        if answer["finish_reason"] == "stop":
+            assert isinstance(json.loads(answer["message"]["content"]), dict)
+        else:  # an object the random model had not closed within the budget
+            assert obj.headers["x-protege-format-valid"] == "false"
+        plain = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MSG,
+                                                        "max_completion_tokens": 5})
+        assert "x-protege-format-valid" not in plain.headers
+    wait_for_metric(gw, "protege_structured_outputs_total", before + 3, route="tiny",
+                    outcome="valid")
+
+
+@pytest.mark.parametrize("fmt, param, words", [
+    ({"type": "json_schema", "json_schema": {"name": "t", "schema": {
+        "type": "array", "uniqueItems": True}}}, "response_format.json_schema.schema",
+     "'uniqueItems' cannot be enforced"),
+    ({"type": "yaml"}, "response_format.type", "json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "strng"}}},
+     "response_format.json_schema.schema", "not a valid JSON Schema"),
+])
+def test_what_cannot_be_enforced_is_a_400_naming_it(gw, fmt, param, words):
+    with pytest.raises(openai.BadRequestError) as e:
+        gw.client().chat.completions.create(model="tiny", messages=MSG, response_format=fmt)
+    assert e.value.body["param"] == param and words in e.value.body["message"]
+
+
+def test_an_engine_that_cannot_constrain_refuses(gw):
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            gw.client().chat.completions.create(model="fake", messages=MSG, stream=stream,
+                                                response_format={"type": "json_object"})
+        assert e.value.body["param"] == "response_format"
+
+
+def test_a_remote_upstream_gets_the_format_and_its_answer_is_checked_not_rewritten(gw, oracle):
+    fmt = {"type": "json_schema", "json_schema": {"name": "ticket", "schema": {
+        "type": "object", "properties": {"urgent": {"type": "boolean"}}}}}
+    r = httpx.post(gw.base + "/v1/chat/completions", timeout=30, json={
+        "model": "upstream", "messages": MSG, "response_format": fmt})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "Sorry, no idea."  # as sent
+    assert r.headers["x-protege-format-valid"] == "false"
+    assert oracle.bodies[-1]["response_format"] == fmt
+    wait_for_metric(gw, "protege_structured_outputs_total", 1, route="upstream",
+                    outcome="invalid")
+    streamed = gw.client().chat.completions.create(model="upstream", messages=MSG, stream=True,
+                                                   response_format=fmt)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == "Sorry, no idea."
+    wait_for_metric(gw, "protege_structured_outputs_total", 2, route="upstream",
+                    outcome="invalid")

@@ -1,0 +1,202 @@
+"""Structured outputs: `response_format` parsing and refusals, the compiled grammar, and the
+engines that enforce it (llama.cpp and transformers on tiny random models built in code: random
+weights write JSON only because the grammar leaves them no choice)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json
+
+import pytest
+
+from serving.config import LlamaCppEngine as LlamaCppConfig
+from serving.config import TransformersEngine as TransformersConfig
+from serving.engines import (
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    Unsupported,
+    build_engine,
+    merge_deltas,
+)
+from serving.engines.constrain import sample
+from serving.protocol import parse_request
+from serving.structured import (
+    FormatError,
+    ResponseFormat,
+    check_answer,
+    grammar_for,
+    parse_response_format,
+)
+from tests.unit.test_engine_llamacpp import write_tiny_gguf
+from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
+
+TICKET = {
+    "type": "object",
+    "properties": {
+        "urgent": {"type": "boolean"},
+        "team": {"enum": ["billing", "network", "account"]},
+        "priority": {"type": "integer", "minimum": 1, "maximum": 4},
+    },
+    "required": ["urgent", "team", "priority"],
+    "additionalProperties": False,
+}
+
+
+def schema_format(schema=TICKET, name="ticket", **extra):
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, **extra}}
+
+
+def refusal(value) -> FormatError:
+    with pytest.raises(FormatError) as e:
+        parse_response_format(value)
+    return e.value
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def test_text_and_absent_ask_for_nothing():
+    assert parse_response_format(None) is None
+    assert parse_response_format({"type": "text"}) is None
+
+
+def test_json_object_and_json_schema():
+    assert parse_response_format({"type": "json_object"}) == ResponseFormat("json_object")
+    fmt = parse_response_format(schema_format(strict=True, description="a ticket"))
+    assert (fmt.type, fmt.name, fmt.strict, fmt.description) == (
+        "json_schema", "ticket", True, "a ticket")
+    assert json.loads(fmt.schema) == TICKET
+    # the canonical text does not depend on key order: one cache entry per schema
+    shuffled = dict(reversed(list(TICKET.items())))
+    assert parse_response_format(schema_format(shuffled)).schema == fmt.schema
+    assert fmt.openai() == {"type": "json_schema", "json_schema": {
+        "name": "ticket", "schema": TICKET, "strict": True, "description": "a ticket"}}
+
+
+@pytest.mark.parametrize("value, param, words", [
+    ("json", "response_format", "expected an object"),
+    ({"type": "xml"}, "response_format.type", "'text', 'json_object' and 'json_schema'"),
+    ({}, "response_format.type", "nothing"),
+    ({"type": "json_schema"}, "response_format.json_schema", "Missing required parameter"),
+    (schema_format(name="has space"), "response_format.json_schema.name", "1 to 64"),
+    (schema_format(name="x" * 65), "response_format.json_schema.name", "1 to 64"),
+    (schema_format(strict="yes"), "response_format.json_schema.strict", "a boolean"),
+    (schema_format(schema=[1]), "response_format.json_schema.schema", "an array"),
+    (schema_format(schema={"type": "foo"}), "response_format.json_schema.schema",
+     "not a valid JSON Schema at type"),
+    (schema_format(schema={"type": "object", "properties": {"a": {"not": {"type": "string"}}}}),
+     "response_format.json_schema.schema", "'not' cannot be enforced"),
+    (schema_format(schema={"type": "array", "uniqueItems": True}),
+     "response_format.json_schema.schema", "'uniqueItems' cannot be enforced"),
+])
+def test_refusals_name_the_field_and_the_reason(value, param, words):
+    e = refusal(value)
+    assert e.param == param and words in e.message
+
+
+def test_the_request_parser_turns_a_refusal_into_a_400_naming_the_keyword():
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": schema_format({"type": "array", "uniqueItems": True})}
+    with pytest.raises(Exception) as e:
+        parse_request("chat", json.dumps(body))
+    assert e.value.status == 400 and e.value.param == "response_format.json_schema.schema"
+    assert "uniqueItems" in e.value.message
+    body["response_format"] = schema_format()
+    request = parse_request("chat", json.dumps(body))
+    assert request.ignored_fields() == ()
+    assert all(r.params.response_format == request.response_format
+               for r in request.to_generation_requests("id"))
+
+
+def test_the_grammar_is_compiled_once_per_schema():
+    fmt = parse_response_format(schema_format())
+    assert grammar_for(fmt) is grammar_for(parse_response_format(schema_format()))
+
+
+def test_check_answer():
+    fmt = parse_response_format(schema_format())
+    assert check_answer(fmt, '{"urgent": true, "team": "network", "priority": 2}') is None
+    assert "not JSON" in check_answer(fmt, '{"urgent": true')
+    assert "at priority" in check_answer(fmt, '{"urgent": true, "team": "network", "priority": 9}')
+    assert "(root)" in check_answer(fmt, '{"urgent": true, "team": "network"}')
+    assert check_answer(ResponseFormat("json_object"), "[1]") is not None
+    assert check_answer(ResponseFormat("json_object"), '{"any": [1]}') is None
+
+
+def test_sample_draws_only_allowed_tokens():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    logits = np.array([5.0, -np.inf, 0.0, -np.inf, 1.0])
+    assert sample(logits, 0.0, 1.0, rng) == 0
+    drawn = {sample(logits, 2.0, 1.0, rng) for _ in range(300)}
+    assert drawn == {0, 2, 4}
+    assert {sample(logits, 1.0, 0.5, rng) for _ in range(50)} == {0}  # the nucleus is token 0
+
+
+# -- engines ------------------------------------------------------------------------------------
+
+MESSAGES = (Message("user", "file a ticket"),)
+
+
+def request(fmt, seed=None, temperature=1.0, max_tokens=120, rid="r"):
+    params = SamplingParams(max_tokens, temperature=temperature, seed=seed, response_format=fmt)
+    return GenerationRequest(rid, params, messages=MESSAGES)
+
+
+async def answers(engine, fmt, seeds, max_tokens=100):
+    out = []
+    for seed in seeds:
+        deltas = [d async for d in engine.generate(request(fmt, seed, max_tokens=max_tokens))]
+        out.append((deltas, merge_deltas(deltas)))
+    return out
+
+
+async def assert_enforced(engine):
+    """Every answer of a random model conforms, seeded answers repeat, free text does not."""
+    ticket = parse_response_format(schema_format())
+    for deltas, out in await answers(engine, ticket, range(6)):
+        assert out.finish_reason == "stop", out.text
+        assert check_answer(ticket, out.text) is None, out.text
+        assert len(deltas) > 3  # streamed piece by piece, not in one block
+    any_object = ResponseFormat("json_object")
+    for _, out in await answers(engine, any_object, range(3)):
+        assert out.finish_reason == "length" or check_answer(any_object, out.text) is None
+        assert out.text.lstrip().startswith("{")
+    first = await answers(engine, ticket, [7, 7])
+    assert first[0][1].text == first[1][1].text
+    free = await answers(engine, None, range(3))
+    assert all(check_answer(ticket, out.text) is not None for _, out in free)
+
+
+async def test_llamacpp_enforces_the_schema(tmp_path):
+    path = write_tiny_gguf(tmp_path / "tiny.gguf")
+    engine = build_engine(LlamaCppConfig(path=str(path), n_ctx=256, n_threads=1),
+                          resolve_path=lambda p: p)
+    await engine.start()
+    try:
+        await assert_enforced(engine)
+    finally:
+        await engine.close()
+
+
+async def test_transformers_enforces_the_schema(tmp_path):
+    tokenizer = bpe_tokenizer()
+    folder = save(tmp_path / "tiny", tiny_model("llama", tokenizer), tokenizer)
+    engine = build_engine(TransformersConfig(model=str(folder)), resolve_path=lambda p: p)
+    await engine.start()
+    try:
+        await assert_enforced(engine)
+    finally:
+        await engine.close()
+
+
+async def test_the_fake_engine_refuses_a_response_format():
+    from serving.config import FakeEngine
+
+    engine = build_engine(FakeEngine(), resolve_path=lambda p: p)
+    with pytest.raises(Unsupported) as e:
+        engine.generate(request(ResponseFormat("json_object")))
+    assert e.value.param == "response_format"
