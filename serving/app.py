@@ -31,6 +31,7 @@ from ops.priority import lower_priority
 from serving import protocol, responses
 from serving.auth import bearer_key_ok
 from serving.config import ServerConfig, VariantConfig
+from serving.defaults import SamplingDefaults, sampling_defaults
 from serving.engines import build_engine
 from serving.engines.base import (
     Delta,
@@ -65,6 +66,7 @@ class Arm:
     variant: str
     version: str
     weight: float
+    sampling: SamplingDefaults = SamplingDefaults()  # for requests that omit temperature/top_p
 
 
 @dataclass(frozen=True)
@@ -367,15 +369,15 @@ class Ingress:
                 return await self._feedback(request)
             if path == "/v1/models":
                 _require_method(method, "GET")
-                return JSONResponse(
-                    responses.models_list([(r, self.p.created) for r in self.p.routes])
-                )
+                return JSONResponse(responses.models_list(
+                    [(r, self.p.created, self._card(r)) for r in self.p.routes]))
             if path.startswith("/v1/models/"):
                 _require_method(method, "GET")
                 name = path.removeprefix("/v1/models/")
                 if name not in self.p.routes:
                     raise OpenAIError.not_found_model(name)
-                return JSONResponse(responses.model_card(name, self.p.created))
+                return JSONResponse(responses.model_card(name, self.p.created,
+                                                         extra=self._card(name)))
             raise OpenAIError(
                 404, f"Unknown path {path!r}.", type="invalid_request_error",
                 code="unknown_url",
@@ -383,6 +385,11 @@ class Ingress:
         except OpenAIError as e:
             self.metrics.rejections.labels(reason=str(e.status)).inc()
             return _error_response(e)
+
+    def _card(self, route: str) -> dict:
+        """What `/v1/models` adds to OpenAI's fields: each arm's sampling defaults."""
+        arms = self.p.routes[route].arms
+        return {"sampling_defaults": {a.variant: a.sampling.card() for a in arms}}
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -436,7 +443,7 @@ class Ingress:
             id=request_id, created=int(time.time()), model=req.model,
             system_fingerprint=f"{arm.variant}:{arm.version}",
         )
-        gen_requests = req.to_generation_requests(request_id)
+        gen_requests = req.to_generation_requests(request_id, arm.sampling)
         call = _Call(self, target, arm, key_kind, request_id, req.stream, started,
                      getattr(req, "response_format", None))
         plan = self.p.shadows.get(target.route)
@@ -868,6 +875,8 @@ def build_app(settings) -> serve.Application:
     registry = {"root": settings.registry_root(), "poll_s": settings.registry.poll_s,
                 "cache_dir": str(settings.resolve_path(settings.registry.cache_dir))}
     variants = {}
+    defaults = {name: sampling_defaults(v, lambda p: _resolve(str(REPO_ROOT), p))
+                for name, v in settings.variants.items()}
     for name, v in settings.variants.items():
         deployment = serve.deployment(VariantServer).options(
             name=f"variant-{name}",
@@ -912,7 +921,8 @@ def build_app(settings) -> serve.Application:
         routes={
             r: RouteTarget(
                 r,
-                tuple(Arm(v, settings.variants[v].version, w) for v, w in route.split()),
+                tuple(Arm(v, settings.variants[v].version, w, defaults[v])
+                      for v, w in route.split()),
                 route.sticky_key,
             )
             for r, route in settings.routes.items()

@@ -81,10 +81,20 @@ EngineConfig = Annotated[
 ]
 
 
+class Sampling(Section):
+    """What a request that omits `temperature` or `top_p` gets. Unset: the model's own
+    generation config (generation_config.json, or a GGUF's general.sampling.*), else OpenAI's 1."""
+
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+
+
 class VariantConfig(Section):
     """One model deployment: the engine and how Ray Serve runs it."""
 
     engine: EngineConfig
+    sampling: Sampling = Field(default_factory=Sampling, description="defaults for requests "
+                               "that omit temperature or top_p (shown in /v1/models)")
     version: str = Field("1", pattern=NAME, description="shown in responses and metrics")
     replicas: int = Field(1, ge=1, le=1024)
     num_cpus: float = Field(1.0, ge=0, le=1024)

@@ -3,8 +3,9 @@
 `parse_request(kind, body)` is the one entry point. It returns a `ChatCompletionRequest` or a
 `CompletionRequest`, or raises `OpenAIError` 400 whose `param` is the offending field written the
 OpenAI way (`temperature`, `messages[0].content[1].type`) and whose message says what was sent and
-what is allowed. No pydantic error escapes. `to_generation_requests(request_id)` fans a request out
-into `n` engine requests (choice i gets `seed + i`).
+what is allowed. No pydantic error escapes. `to_generation_requests(request_id, defaults)` fans a
+request out into `n` engine requests (choice i gets `seed + i`; an omitted temperature or top_p
+takes the serving variant's `defaults`).
 
 Rules: JSON `null` is the same as leaving a field out; a number with no fraction (`16.0`) is an
 integer, as in JSON Schema, but `16.5` and `"16"` are not; unknown fields are accepted and ignored
@@ -33,6 +34,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from serving.defaults import SamplingDefaults
 from serving.engines.base import GenerationRequest, Message, SamplingParams
 from serving.errors import MAX_ECHO, OpenAIError, clip
 from serving.structured import FormatError, ResponseFormat, parse_response_format
@@ -133,6 +135,13 @@ class OpenAIBaseModel(BaseModel):
     def ignored_fields(self) -> tuple[str, ...]:
         """Known OpenAI fields sent with a value we do not honour (e.g. `tools`, `logit_bias`)."""
         return tuple(f for f in self.IGNORED if not _is_noop(getattr(self, f)))
+
+    def sampling_values(self, defaults: SamplingDefaults | None) -> tuple[float, float]:
+        """temperature and top_p: as sent, else the serving variant's defaults."""
+        d = defaults or SamplingDefaults()
+        sent = self.model_fields_set
+        return (self.temperature if "temperature" in sent else d.temperature,
+                self.top_p if "top_p" in sent else d.top_p)
 
 
 # -- shared field validators -------------------------------------------------------------------
@@ -438,15 +447,18 @@ class ChatCompletionRequest(OpenAIBaseModel):
             Message("system" if m.role == "developer" else m.role, m.content) for m in self.messages
         )
 
-    def to_generation_requests(self, request_id: str) -> list[GenerationRequest]:
+    def to_generation_requests(
+        self, request_id: str, defaults: SamplingDefaults | None = None
+    ) -> list[GenerationRequest]:
         messages = self.engine_messages()
+        temperature, top_p = self.sampling_values(defaults)
         return [
             GenerationRequest(
                 request_id=request_id,
                 params=_sampling(
                     max_tokens=self.max_output_tokens,
-                    temperature=self.temperature,
-                    top_p=self.top_p,
+                    temperature=temperature,
+                    top_p=top_p,
                     stop=self.stop,
                     seed=self.seed,
                     logprobs=self.logprobs_k,
@@ -560,14 +572,17 @@ class CompletionRequest(OpenAIBaseModel):
     def logprobs_k(self) -> int | None:
         return self.logprobs
 
-    def to_generation_requests(self, request_id: str) -> list[GenerationRequest]:
+    def to_generation_requests(
+        self, request_id: str, defaults: SamplingDefaults | None = None
+    ) -> list[GenerationRequest]:
+        temperature, top_p = self.sampling_values(defaults)
         return [
             GenerationRequest(
                 request_id=request_id,
                 params=_sampling(
                     max_tokens=self.max_tokens,
-                    temperature=self.temperature,
-                    top_p=self.top_p,
+                    temperature=temperature,
+                    top_p=top_p,
                     stop=self.stop,
                     seed=self.seed,
                     logprobs=self.logprobs,

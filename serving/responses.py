@@ -306,11 +306,14 @@ async def sse_stream(
     yield bytes(tail)
 
 
-def model_card(id: str, created: int, owned_by: str = "protege") -> dict[str, Any]:
-    """`Model` for `/v1/models/{id}`."""
-    return {"id": id, "object": "model", "created": created, "owned_by": owned_by}
+def model_card(id: str, created: int, owned_by: str = "protege",
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`Model` for `/v1/models/{id}`, with `extra` fields after OpenAI's."""
+    return {"id": id, "object": "model", "created": created, "owned_by": owned_by,
+            **(extra or {})}
 
 
-def models_list(routes: list[tuple[str, int]], owned_by: str = "protege") -> dict[str, Any]:
-    """`ListModelsResponse` for `/v1/models` from `(route name, created)` pairs."""
-    return {"object": "list", "data": [model_card(r, t, owned_by) for r, t in routes]}
+def models_list(routes: list[tuple[str, int, dict[str, Any]]],
+                owned_by: str = "protege") -> dict[str, Any]:
+    """`ListModelsResponse` for `/v1/models` from `(route name, created, extra)` triples."""
+    return {"object": "list", "data": [model_card(r, t, owned_by, x) for r, t, x in routes]}

@@ -119,6 +119,8 @@ FAKE_CONFIG = {
         "hang": {"engine": {"engine": "fake", "ttft_s": 60}, "num_cpus": 0},
         "paced": {"engine": {"engine": "fake", "completion_tokens": 40, "token_delay_s": 0.01},
                   "num_cpus": 0, "stream_interval_s": 0.1},
+        "greedy": {"engine": {"engine": "fake", "completion_tokens": 12},
+                   "sampling": {"temperature": 0}, "num_cpus": 0},
     },
     "routes": {
         "fake": {"variant": "fake"},
@@ -127,6 +129,7 @@ FAKE_CONFIG = {
         "narrow": {"variant": "narrow"},
         "hang": {"variant": "hang"},
         "paced": {"variant": "paced"},
+        "greedy": {"variant": "greedy"},
     },
 }
 

@@ -16,11 +16,29 @@ MSG = [{"role": "user", "content": "Say something."}]
 def test_models_list_and_retrieve(gateway):
     client = gateway.client()
     ids = {m.id for m in client.models.list()}
-    assert ids == {"fake", "counted", "slow", "narrow", "hang", "paced"}
+    assert ids == {"fake", "counted", "slow", "narrow", "hang", "paced", "greedy"}
     assert client.models.retrieve("fake").id == "fake"
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("nope")
     assert e.value.body["param"] == "model"
+
+
+def test_an_omitted_temperature_takes_the_variants_default(gateway):
+    client = gateway.client()
+    card = client.models.retrieve("greedy").model_extra["sampling_defaults"]
+    assert card == {"greedy": {"temperature": 0.0, "top_p": 1.0,
+                               "source": {"temperature": "config", "top_p": "openai"}}}
+    listed = {m.id: m.model_extra["sampling_defaults"] for m in client.models.list()}
+    assert listed["fake"]["fake"]["temperature"] == 1.0 and listed["greedy"] == card
+
+    def text(model, **kw):
+        return client.chat.completions.create(model=model, messages=MSG, **kw) \
+            .choices[0].message.content
+
+    greedy = text("fake", temperature=0)  # the fake engine's greedy text depends on the prompt
+    assert text("greedy", seed=1) == text("greedy", seed=2) == greedy  # default: temperature 0
+    sampled = {text("greedy", temperature=1, seed=s) for s in range(3)}  # as sent: honoured
+    assert len(sampled) > 1
 
 
 def test_chat_non_stream_answer_and_usage(gateway):

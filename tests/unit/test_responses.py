@@ -214,8 +214,10 @@ def test_completion_shape_and_legacy_logprobs(spec):
 
 
 def test_models(spec):
-    listing = models_list([("student", 1_700_000_000), ("teacher", 1_700_000_001)])
+    defaults = {"sampling_defaults": {"smollm2": {"temperature": 0.2, "top_p": 0.9}}}
+    listing = models_list([("student", 1_700_000_000, defaults), ("teacher", 1_700_000_001, {})])
     spec(listing, "ListModelsResponse")
+    assert listing["data"][0]["sampling_defaults"] == defaults["sampling_defaults"]
     assert listing["object"] == "list" and [m["id"] for m in listing["data"]] == [
         "student",
         "teacher",
