@@ -42,7 +42,7 @@ from serving.engines.base import (
     merge_deltas,
 )
 from serving.errors import OpenAIError, clip
-from serving.structured import ResponseFormat, check_answer
+from serving.structured import ResponseFormat, check_answer, choice_of
 from serving.review import ReviewSite
 from serving.router import choose_arm, sample
 from shadow.config import FeedbackMetric, ShadowSettings
@@ -74,6 +74,7 @@ class RouteTarget:
     route: str
     arms: tuple[Arm, ...]  # in config order: the order is part of the split
     sticky_key: str = "user"
+    choice: ResponseFormat | None = None  # a label-constrained route: one label per answer
 
     def choose(self, key: str) -> Arm:
         """The arm for `key` (a session, user or request id): the same key, the same arm."""
@@ -428,6 +429,10 @@ class Ingress:
             target = self.p.routes.get(req.model)
             if target is None:
                 raise OpenAIError.not_found_model(req.model)
+            if target.choice is not None and getattr(req, "response_format", None) is not None:
+                raise OpenAIError.invalid_value("response_format", (
+                    f"Invalid 'response_format': the route {target.route!r} answers with exactly "
+                    "one of its labels; omit 'response_format'."))
         except OpenAIError as e:  # refused before a route was known: counted under route "-"
             self.metrics.requests.labels(route="-", variant="-", status=str(e.status)).inc()
             self.log.info(
@@ -443,9 +448,9 @@ class Ingress:
             id=request_id, created=int(time.time()), model=req.model,
             system_fingerprint=f"{arm.variant}:{arm.version}",
         )
-        gen_requests = req.to_generation_requests(request_id, arm.sampling)
+        gen_requests = req.to_generation_requests(request_id, arm.sampling, target.choice)
         call = _Call(self, target, arm, key_kind, request_id, req.stream, started,
-                     getattr(req, "response_format", None))
+                     gen_requests[0].params.response_format)
         plan = self.p.shadows.get(target.route)
         if plan is not None and self.shadow is not None:
             sample_by = user[0] if plan.sample_key == "user" and user else request_id
@@ -924,6 +929,7 @@ def build_app(settings) -> serve.Application:
                 tuple(Arm(v, settings.variants[v].version, w, defaults[v])
                       for v, w in route.split()),
                 route.sticky_key,
+                choice_of(route.labels) if route.constrain else None,
             )
             for r, route in settings.routes.items()
         },

@@ -171,7 +171,15 @@ class RouteConfig(Section):
     labels: list[str] | None = Field(
         None, min_length=2, description="a classification route's label set: shadow pairs "
         "are scored on whether both answers name the same label")
+    constrain: bool = Field(False, description="with `labels`: every answer is exactly one "
+                            "label (constrained decoding; the engine must support it)")
     description: str = ""
+
+    @model_validator(mode="after")
+    def _constrain_needs_labels(self) -> RouteConfig:
+        if self.constrain and (not self.labels or not all(self.labels)):
+            raise ValueError("constrain: true needs the route's `labels`, none of them empty")
+        return self
 
     @field_validator("arms")
     @classmethod

@@ -5,7 +5,7 @@
 OpenAI way (`temperature`, `messages[0].content[1].type`) and whose message says what was sent and
 what is allowed. No pydantic error escapes. `to_generation_requests(request_id, defaults)` fans a
 request out into `n` engine requests (choice i gets `seed + i`; an omitted temperature or top_p
-takes the serving variant's `defaults`).
+takes the serving variant's `defaults`; a route's `constraint` replaces the response format).
 
 Rules: JSON `null` is the same as leaving a field out; a number with no fraction (`16.0`) is an
 integer, as in JSON Schema, but `16.5` and `"16"` are not; unknown fields are accepted and ignored
@@ -448,10 +448,12 @@ class ChatCompletionRequest(OpenAIBaseModel):
         )
 
     def to_generation_requests(
-        self, request_id: str, defaults: SamplingDefaults | None = None
+        self, request_id: str, defaults: SamplingDefaults | None = None,
+        constraint: ResponseFormat | None = None,
     ) -> list[GenerationRequest]:
         messages = self.engine_messages()
         temperature, top_p = self.sampling_values(defaults)
+        fmt = constraint or self.response_format
         return [
             GenerationRequest(
                 request_id=request_id,
@@ -463,7 +465,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
                     seed=self.seed,
                     logprobs=self.logprobs_k,
                     i=i,
-                    response_format=self.response_format,
+                    response_format=fmt,
                 ),
                 messages=messages,
                 choice=i,
@@ -573,7 +575,8 @@ class CompletionRequest(OpenAIBaseModel):
         return self.logprobs
 
     def to_generation_requests(
-        self, request_id: str, defaults: SamplingDefaults | None = None
+        self, request_id: str, defaults: SamplingDefaults | None = None,
+        constraint: ResponseFormat | None = None,
     ) -> list[GenerationRequest]:
         temperature, top_p = self.sampling_values(defaults)
         return [
@@ -587,6 +590,7 @@ class CompletionRequest(OpenAIBaseModel):
                     seed=self.seed,
                     logprobs=self.logprobs,
                     i=i,
+                    response_format=constraint,
                 ),
                 prompt=self.prompt,
                 choice=i,

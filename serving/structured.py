@@ -1,6 +1,7 @@
 """Structured outputs: OpenAI's `response_format`, checked, compiled to a grammar, and verified.
 
     parse_response_format(value) -> ResponseFormat | None   raises FormatError(param, message)
+    choice_of(labels) -> ResponseFormat                       exactly one label (label routes)
     grammar_for(format) -> str                                llguidance grammar, cached by schema
     check_answer(format, text) -> str | None                  why the text does not conform
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
@@ -42,16 +44,21 @@ class FormatError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ResponseFormat:
-    """What the answer must be. `schema` is canonical JSON text (sorted keys)."""
+    """What the answer must be. `schema` is canonical JSON text (sorted keys); a `choice` is
+    exactly one of `labels` (a label-constrained route's answers)."""
 
-    type: Literal["json_object", "json_schema"]
+    type: Literal["json_object", "json_schema", "choice"]
     schema: str = ANY_OBJECT
     name: str | None = None
     strict: bool | None = None
     description: str | None = None
+    labels: tuple[str, ...] = ()
 
-    def openai(self) -> dict[str, Any]:
-        """The `response_format` to send upstream (a remote engine passes it through)."""
+    def openai(self) -> dict[str, Any] | None:
+        """The `response_format` to send upstream (a remote engine passes it through); None for
+        a choice, which OpenAI's API cannot express."""
+        if self.type == "choice":
+            return None
         if self.type == "json_object":
             return {"type": "json_object"}
         spec: dict[str, Any] = {"name": self.name, "schema": json.loads(self.schema)}
@@ -65,6 +72,11 @@ class ResponseFormat:
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             type(None): "null"}.get(type(value), "a number")
+
+
+def choice_of(labels: Sequence[str]) -> ResponseFormat:
+    """The answer is exactly one of `labels`, nothing before or after it."""
+    return ResponseFormat("choice", labels=tuple(labels))
 
 
 def parse_response_format(value: Any) -> ResponseFormat | None:
@@ -143,8 +155,18 @@ def _grammar(schema: str) -> str:
     return _compile(schema)
 
 
+@lru_cache(maxsize=CACHE_SIZE)
+def _choice_grammar(labels: tuple[str, ...]) -> str:
+    from llguidance import LLMatcher
+
+    # A JSON string literal is a valid Lark string literal: quotes and escapes included.
+    return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(x) for x in labels))
+
+
 def grammar_for(fmt: ResponseFormat) -> str:
-    """The llguidance grammar that accepts exactly the conforming answers (cached by schema)."""
+    """The llguidance grammar that accepts exactly the conforming answers (cached)."""
+    if fmt.type == "choice":
+        return _choice_grammar(fmt.labels)
     return _grammar(fmt.schema)
 
 
@@ -156,7 +178,9 @@ def _validator(schema: str) -> Any:
 
 
 def check_answer(fmt: ResponseFormat, text: str) -> str | None:
-    """None when `text` is JSON that conforms to `fmt`; else a short reason."""
+    """None when `text` conforms to `fmt`; else a short reason."""
+    if fmt.type == "choice":
+        return None if text in fmt.labels else "not one of the route's labels"
     try:
         value = json.loads(text)
     except ValueError as e:

@@ -119,8 +119,9 @@ class RemoteEngine(Engine):
             body["seed"] = p.seed
         if request.messages is not None:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
-            if p.response_format is not None:  # passed through; the gateway checks the answer
-                body["response_format"] = p.response_format.openai()
+            upstream_format = p.response_format and p.response_format.openai()
+            if upstream_format:  # passed through; the gateway checks the answer
+                body["response_format"] = upstream_format
             if p.logprobs is not None:
                 body["logprobs"] = True
                 body["top_logprobs"] = p.logprobs

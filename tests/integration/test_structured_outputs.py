@@ -24,6 +24,7 @@ from tests.unit.test_engine_llamacpp import write_tiny_gguf
 pytestmark = pytest.mark.integration
 
 MSG = [{"role": "user", "content": "File a ticket for the outage."}]
+LABELS = ["billing", "network", "account"]
 
 
 class Ticket(BaseModel):
@@ -52,7 +53,8 @@ def gw(tmp_path_factory, oracle):
                                         "model": "dunce", "timeout_s": 10}, "num_cpus": 0},
             },
             "routes": {"tiny": {"variant": "tiny"}, "fake": {"variant": "fake"},
-                       "upstream": {"variant": "upstream"}},
+                       "upstream": {"variant": "upstream"},
+                       "triage": {"variant": "tiny", "labels": LABELS, "constrain": True}},
         }
         gateway = Gateway(config, tmp)
         yield gateway
@@ -151,3 +153,18 @@ def test_a_remote_upstream_gets_the_format_and_its_answer_is_checked_not_rewritt
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == "Sorry, no idea."
     wait_for_metric(gw, "protege_structured_outputs_total", 2, route="upstream",
                     outcome="invalid")
+
+
+def test_a_label_route_answers_exactly_one_label(gw):
+    client = gw.client()
+    answers = {client.chat.completions.create(model="triage", messages=MSG, seed=s)
+               .choices[0].message.content for s in range(5)}
+    streamed = client.chat.completions.create(model="triage", messages=MSG, seed=9, stream=True)
+    answers.add("".join(c.choices[0].delta.content or "" for c in streamed if c.choices))
+    assert answers <= set(LABELS)
+    completion = client.completions.create(model="triage", prompt="Ticket: VPN down.", seed=1)
+    assert completion.choices[0].text in LABELS
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="triage", messages=MSG,
+                                       response_format={"type": "json_object"})
+    assert e.value.body["param"] == "response_format"

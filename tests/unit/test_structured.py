@@ -26,6 +26,7 @@ from serving.structured import (
     FormatError,
     ResponseFormat,
     check_answer,
+    choice_of,
     grammar_for,
     parse_response_format,
 )
@@ -125,6 +126,22 @@ def test_check_answer():
     assert check_answer(ResponseFormat("json_object"), '{"any": [1]}') is None
 
 
+def test_a_choice_is_one_label_and_has_no_openai_form():
+    labels = choice_of(["yes", "no"])
+    assert check_answer(labels, "yes") is None and check_answer(labels, " yes") is not None
+    assert labels.openai() is None  # a remote upstream gets no response_format for it
+    assert grammar_for(labels) is grammar_for(choice_of(["yes", "no"]))
+
+
+def test_a_constrained_route_needs_labels():
+    from serving.config import RouteConfig
+
+    assert RouteConfig(variant="v", labels=["a", "b"], constrain=True).constrain
+    for bad in ({"constrain": True}, {"labels": ["a", ""], "constrain": True}):
+        with pytest.raises(ValueError, match="constrain: true needs"):
+            RouteConfig(variant="v", **bad)
+
+
 def test_sample_draws_only_allowed_tokens():
     import numpy as np
 
@@ -165,6 +182,9 @@ async def assert_enforced(engine):
     for _, out in await answers(engine, any_object, range(3)):
         assert out.finish_reason == "length" or check_answer(any_object, out.text) is None
         assert out.text.lstrip().startswith("{")
+    labels = choice_of(["billing", "network", "account manager", 'say "hi"'])
+    got = {out.text for _, out in await answers(engine, labels, range(8))}
+    assert got and got <= set(labels.labels)  # exactly a label: nothing before or after
     first = await answers(engine, ticket, [7, 7])
     assert first[0][1].text == first[1][1].text
     free = await answers(engine, None, range(3))
