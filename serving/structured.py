@@ -69,6 +69,11 @@ class ResponseFormat:
         return {"type": "json_schema", "json_schema": spec}
 
 
+    def stored(self) -> dict[str, Any]:
+        """As a pair or a dataset keeps it: OpenAI's form, or the labels of a choice."""
+        return self.openai() or {"type": "choice", "labels": list(self.labels)}
+
+
 def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             type(None): "null"}.get(type(value), "a number")

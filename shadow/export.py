@@ -59,7 +59,15 @@ def to_example(pair: PairRecord, label: Label | None = None,
         "teacher_logprobs": pair.teacher_logprobs if source == "teacher" else None,
         "label": None if label is None else label.verdict,
         "target": source,
+        # the request's response_format (JSON text; None: free text), so training and
+        # evaluation can put the student under the same conditions
+        "response_format": _response_format(pair),
     }
+
+
+def _response_format(pair: PairRecord) -> str | None:
+    fmt = (pair.request.get("params") or {}).get("response_format")
+    return None if fmt is None else json.dumps(fmt, ensure_ascii=False, sort_keys=True)
 
 
 def content_key(messages: list[dict[str, str]]) -> str:

@@ -37,6 +37,8 @@ class MirrorJob:
 def request_dict(request: GenerationRequest) -> dict:
     """The request as stored with the pair: messages or prompt, plus the sampling parameters."""
     out: dict = {"params": asdict(request.params)}
+    fmt = request.params.response_format
+    out["params"]["response_format"] = None if fmt is None else fmt.stored()
     if request.messages is not None:
         out["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
     else:

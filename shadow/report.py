@@ -15,6 +15,9 @@ from typing import Any
 from shadow.records import FeedbackRecord, PairRecord
 
 CLIP = 160  # characters of a prompt or answer shown in the worst-pairs table
+# Scores of pairs whose request had a response_format (`shadow.scoring.format_scores`).
+STRUCTURED = ("student_format_valid", "teacher_format_valid", "field_agreement",
+              "field_agreement_normalized")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -54,6 +57,9 @@ def summarize(pairs: Iterable[PairRecord], feedback: Iterable[FeedbackRecord], *
                 g[f"{side}_ttft_ms"].append(answer.ttft_ms)
         if p.disagreement is None:
             continue
+        for key in STRUCTURED:  # pairs of requests with a response_format
+            if p.scores.get(key) is not None:
+                g[key].append(p.scores[key])
         scored += 1
         g["disagreement"].append(p.disagreement)
         row = {"pair_id": p.pair_id, "route": p.route, "disagreement": p.disagreement,
@@ -73,6 +79,8 @@ def summarize(pairs: Iterable[PairRecord], feedback: Iterable[FeedbackRecord], *
             "teacher_latency_ms": _stats(g["teacher_ms"]),
             "student_ttft_ms": _stats(g["student_ttft_ms"]),
             "teacher_ttft_ms": _stats(g["teacher_ttft_ms"]),
+            "structured": {"pairs": len(g["student_format_valid"]),
+                           **{k: _mean(g[k]) for k in STRUCTURED}},
         })
     fb: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for f in feedback:
@@ -94,6 +102,10 @@ def summarize(pairs: Iterable[PairRecord], feedback: Iterable[FeedbackRecord], *
     return {"pairs": total, "scored": scored, "routes": routes,
             "worst": [row for _, _, row in sorted(heap, reverse=True)],
             "feedback": feedback_rows}
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -121,6 +133,18 @@ def render(summary: dict[str, Any]):
                     _fmt(r["teacher_latency_ms"]["p50"], 1), _fmt(r["student_ttft_ms"]["p50"], 1),
                     _fmt(r["teacher_ttft_ms"]["p50"], 1))
     out += [t, lat]
+    structured = [r for r in summary["routes"] if r["structured"]["pairs"]]
+    if structured:
+        st = Table(title="Structured outputs (requests with a response_format): share of "
+                         "answers that conform, and of JSON keys whose values agree")
+        for col in ("route", "student version", "pairs", "student valid", "teacher valid",
+                    "fields equal", "fields equal (normalised)"):
+            st.add_column(col, justify="left" if col in ("route", "student version") else "right")
+        for r in structured:
+            x = r["structured"]
+            st.add_row(r["route"], r["student_version"], str(x["pairs"]),
+                       *(_fmt(x[k]) for k in STRUCTURED))
+        out.append(st)
     if summary["worst"]:
         w = Table(title="Worst pairs (highest disagreement)", show_lines=True)
         for col in ("disagreement", "route / pair", "prompt", "student", "teacher"):

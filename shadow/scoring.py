@@ -18,6 +18,16 @@ to the pair; `combine` turns the available ones into `disagreement` = 1 - their 
 | `label_agreement` | 1 / 0: both answers name the same label first       | no labels, or neither |
 |                   |                                                     | answer names one      |
 | `semantic`        | cosine of the two embeddings, negatives as 0        | no `embed` given      |
+| `format_agreement`| 1: both answers conform to the request's            | no response_format,   |
+|                   | response_format, 0: only one does                   | or neither conforms   |
+| `field_agreement` | share of top-level keys (of either answer) whose    | no response_format,   |
+|                   | values are equal JSON                               | or not both objects   |
+| `field_agreement_normalized` | the same, strings compared after         | as above              |
+|                   | `normalize` (case, spacing, edge punctuation)       |                       |
+
+With a response format, `student_format_valid` and `teacher_format_valid` (1 / 0) say which
+answers conform: facts beside the scores, not similarities, so `combine` leaves them out (as it
+does the exact `field_agreement`; its normalised form carries the weight).
 
 *Word tokens* are the runs of Unicode word characters (`\\w+`) of the normalised text:
 punctuation is not a token. *JSON* means an object or an array (bare scalars such as `42` are
@@ -203,6 +213,46 @@ def json_equal(a: str, b: str) -> float | None:
     return 1.0 if canonical_json(xa) == canonical_json(xb) else 0.0
 
 
+def _object(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def field_agreement(a: str, b: str, normalized: bool = False) -> float | None:
+    """Share of the keys of either JSON object whose values are equal (canonical JSON; with
+    `normalized`, strings compared after `normalize`); None unless both answers are objects."""
+    xa, xb = _object(a), _object(b)
+    if xa is None or xb is None:
+        return None
+    keys = set(xa) | set(xb)
+    if not keys:
+        return 1.0
+
+    def same(u: Any, v: Any) -> bool:
+        if normalized and isinstance(u, str) and isinstance(v, str):
+            return normalize(u) == normalize(v)
+        return canonical_json(u) == canonical_json(v)
+
+    return sum(k in xa and k in xb and same(xa[k], xb[k]) for k in keys) / len(keys)
+
+
+def format_scores(student: str, teacher: str, conforms: Callable[[str], bool]
+                  ) -> dict[str, float | None]:
+    """The structured-output scores of a pair whose request had a response format;
+    `conforms(text)` says whether an answer matches that format."""
+    sv, tv = conforms(student), conforms(teacher)
+    return {
+        "student_format_valid": float(sv),
+        "teacher_format_valid": float(tv),
+        "format_agreement": None if not (sv or tv) else float(sv and tv),
+        "field_agreement": field_agreement(student, teacher),
+        "field_agreement_normalized": field_agreement(student, teacher, normalized=True),
+    }
+
+
 # --- labels --------------------------------------------------------------------------------------
 
 
@@ -261,6 +311,10 @@ class ScoreWeights(BaseModel):
     json_equal: Weight = Field(1.0, description="same JSON value (when both are JSON)")
     label_agreement: Weight = Field(4.0, description="same label (classification routes)")
     semantic: Weight = Field(2.0, description="embedding cosine (when an embedder runs)")
+    format_agreement: Weight = Field(1.0, description="both answers conform to the request's "
+                                     "response_format (when either does)")
+    field_agreement_normalized: Weight = Field(
+        2.0, description="share of JSON keys with the same value (structured requests)")
 
     @model_validator(mode="after")
     def _some_weight(self) -> ScoreWeights:
@@ -304,11 +358,13 @@ def score_pair(
     labels: Sequence[str] = (),
     weights: ScoreWeights = DEFAULT_WEIGHTS,
     embed: Embed | None = None,
+    conforms: Callable[[str], bool] | None = None,
 ) -> dict[str, float | None]:
     """Every score of the table above for one pair, plus `disagreement` (`combine`).
 
     `embed` maps a list of texts to one vector each (`SemanticEmbedder`); it is called once with
     `[student, teacher]`, and `semantic` is None without it. Negative cosines count as 0.
+    `conforms` is the request's response format as a test (`format_scores`); None: it had none.
     """
     scores: dict[str, float | None] = {
         "exact_match": exact_match(student, teacher),
@@ -320,6 +376,8 @@ def score_pair(
         "label_agreement": label_agreement(student, teacher, labels),
         "semantic": None,
     }
+    if conforms is not None:
+        scores.update(format_scores(student, teacher, conforms))
     if embed is not None:
         vectors = embed([student, teacher])
         if len(vectors) != 2:

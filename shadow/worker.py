@@ -40,6 +40,7 @@ from shadow.feedback import FeedbackPost
 from shadow.ledger import Ledger, current_run, finished, read_ledgers, reconcile
 from shadow.mirror import MARKER_HEADER, MirrorJob, answer_from, make_record, timed_answer
 from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
+from serving.structured import check_answer
 from shadow.scoring import score_pair
 from shadow.store import PairWriter, open_store
 
@@ -182,7 +183,8 @@ class ShadowWorker:
     def _score(self, jobs: list[MirrorJob], answers: list) -> list[dict]:
         """Scores of each pair (a worker thread: the embedder and the scorers are CPU work)."""
         return [score_pair(job.student.text, answer.text, labels=job.labels,
-                           weights=self.settings.weights, embed=self.embed)
+                           weights=self.settings.weights, embed=self.embed,
+                           conforms=_conforms(job.request.params.response_format))
                 for job, answer in zip(jobs, answers, strict=True)]
 
     def _ledger_drop(self, record, reason: str) -> None:
@@ -337,3 +339,10 @@ def _marked_client(cfg: RemoteConfig) -> httpx.AsyncClient:
                             max_keepalive_connections=cfg.max_connections),
         headers={MARKER_HEADER: "1"},
     )
+
+
+def _conforms(fmt):
+    """The request's response format as a test of an answer; None when it had none."""
+    if fmt is None:
+        return None
+    return lambda text: check_answer(fmt, text) is None

@@ -9,6 +9,7 @@ validated Pydantic object from it.
 from __future__ import annotations
 
 import json
+import time
 from typing import Literal
 
 import httpx
@@ -42,21 +43,29 @@ def oracle():
 def gw(tmp_path_factory, oracle):
     tmp = tmp_path_factory.mktemp("structured")
     gguf = write_tiny_gguf(tmp / "tiny.gguf")
+    teacher = write_tiny_gguf(tmp / "teacher.gguf", seed=1)
     with serve_oracle(oracle) as upstream:
         config = {
             "server": {"ingress": {"replicas": 1, "num_cpus": 0}, "request_timeout_s": 60},
+            "shadow": {"store_path": str(tmp / "pairs.sqlite"), "spill_dir": str(tmp / "spill"),
+                       "semantic_model": None},
             "variants": {
                 "tiny": {"engine": {"engine": "llamacpp", "path": str(gguf), "n_ctx": 256,
                                     "n_threads": 1}, "num_cpus": 0},
+                "tiny-teacher": {"engine": {"engine": "llamacpp", "path": str(teacher),
+                                            "n_ctx": 256, "n_threads": 1}, "num_cpus": 0},
                 "fake": {"engine": {"engine": "fake"}, "num_cpus": 0},
                 "upstream": {"engine": {"engine": "remote", "base_url": upstream,
                                         "model": "dunce", "timeout_s": 10}, "num_cpus": 0},
             },
             "routes": {"tiny": {"variant": "tiny"}, "fake": {"variant": "fake"},
                        "upstream": {"variant": "upstream"},
-                       "triage": {"variant": "tiny", "labels": LABELS, "constrain": True}},
+                       "triage": {"variant": "tiny", "labels": LABELS, "constrain": True},
+                       "shadowed": {"variant": "tiny", "shadow": {"variant": "tiny-teacher",
+                                                                  "sample_rate": 1}}},
         }
         gateway = Gateway(config, tmp)
+        gateway.store_path = tmp / "pairs.sqlite"
         yield gateway
         gateway.stop()
 
@@ -168,3 +177,27 @@ def test_a_label_route_answers_exactly_one_label(gw):
         client.chat.completions.create(model="triage", messages=MSG,
                                        response_format={"type": "json_object"})
     assert e.value.body["param"] == "response_format"
+
+
+def test_a_mirrored_structured_request_is_scored_for_its_structure(gw):
+    from shadow.report import summarize
+    from shadow.store import SqliteStore
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "ticket", "schema": {
+        **Ticket.model_json_schema(), "additionalProperties": False}}}
+    r = gw.client().chat.completions.create(model="shadowed", messages=MSG, seed=3,
+                                            response_format=fmt, max_completion_tokens=120)
+    deadline = time.monotonic() + 60
+    pair = None
+    while pair is None and time.monotonic() < deadline:
+        if gw.store_path.exists():
+            pair = SqliteStore(gw.store_path).get(r.id)
+        time.sleep(0.5)
+    assert pair is not None, gw.logs()
+    assert pair.request["params"]["response_format"] == fmt  # the teacher had the same format
+    assert pair.scores["student_format_valid"] == pair.scores["teacher_format_valid"] == 1.0
+    assert pair.scores["format_agreement"] == 1.0
+    assert 0.0 <= pair.scores["field_agreement_normalized"] <= 1.0
+    assert Ticket.model_validate_json(pair.teacher.text)
+    route = next(x for x in summarize([pair], [])["routes"] if x["route"] == "shadowed")
+    assert route["structured"]["pairs"] == 1

@@ -14,6 +14,7 @@ from serving.engines.base import (
     SamplingParams,
     TokenLogprob,
 )
+from serving.structured import choice_of, parse_response_format
 from shadow.mirror import MirrorJob, make_record, request_dict, timed_answer
 from shadow.records import Answer, PairRecord
 
@@ -50,6 +51,22 @@ def test_request_dict_is_json_ready():
     assert out["params"]["stop"] == ["\n"] and out["params"]["max_tokens"] == 16
     prompt = request_dict(GenerationRequest("r2", SamplingParams(4), prompt="Once"))
     assert prompt["prompt"] == "Once" and "messages" not in prompt
+    assert out["params"]["response_format"] is None
+
+
+def test_request_dict_keeps_the_response_format():
+    import json
+
+    fmt = parse_response_format({"type": "json_schema", "json_schema": {
+        "name": "t", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}})
+    request = GenerationRequest("r3", SamplingParams(8, response_format=fmt),
+                                messages=(Message("user", "hi"),))
+    kept = json.loads(json.dumps(request_dict(request)))["params"]["response_format"]
+    assert kept == fmt.openai() and kept["json_schema"]["schema"]["properties"]["a"]
+    labels = GenerationRequest("r4", SamplingParams(8, response_format=choice_of(["x", "y"])),
+                               prompt="p")
+    assert request_dict(labels)["params"]["response_format"] == {"type": "choice",
+                                                                 "labels": ["x", "y"]}
 
 
 def test_make_record_round_trips():

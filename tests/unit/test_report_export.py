@@ -14,7 +14,7 @@ from ops.cli import app
 from shadow.export import FeedbackFilter, content_key, select, split_of, to_example
 from shadow.labels import Label, StudentBetter, latest
 from shadow.records import Answer, FeedbackRecord, ResponseRecord
-from shadow.report import percentile, summarize
+from shadow.report import percentile, render, summarize
 from shadow.store import SqliteStore
 from tests.unit.test_records import make_record
 
@@ -71,6 +71,27 @@ def test_summary_groups_routes_and_versions_and_keeps_the_worst():
                                           "feedback": []}
 
 
+def test_the_report_shows_structured_pairs_per_route():
+    def structured(i, valid):
+        return make_record(i, scores={"disagreement": 0.3, "student_format_valid": valid,
+                                      "teacher_format_valid": 1.0, "field_agreement": 0.5,
+                                      "field_agreement_normalized": 1.0},
+                           request={"messages": [{"role": "user", "content": "q"}],
+                                    "params": {}})
+
+    s = summarize([structured(1, 1.0), structured(2, 0.0), pair(3)], [])
+    route = s["routes"][0]["structured"]
+    assert route["pairs"] == 2 and route["student_format_valid"] == 0.5
+    assert route["teacher_format_valid"] == 1.0 and route["field_agreement"] == 0.5
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    for table in render(s):
+        console.print(table)
+    assert "Structured outputs" in console.export_text()
+    assert summarize([pair(1)], [])["routes"][0]["structured"]["pairs"] == 0
+
+
 def test_example_is_the_prompt_plus_the_teacher_answer():
     e = to_example(pair(1, teacher_text="Paris."))
     assert e["messages"] == [{"role": "system", "content": "be brief"},
@@ -80,6 +101,11 @@ def test_example_is_the_prompt_plus_the_teacher_answer():
     completion = make_record(2, request={"prompt": "Once upon", "params": {}})
     assert to_example(completion)["messages"][0] == {"role": "user", "content": "Once upon"}
     assert to_example(pair(3, teacher_text="  ")) is None  # nothing to learn
+    assert e["response_format"] is None
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "object"}}}
+    structured = make_record(5, request={"messages": [{"role": "user", "content": "q"}],
+                                         "params": {"response_format": fmt}})
+    assert json.loads(to_example(structured)["response_format"]) == fmt
     assert to_example(make_record(4, request={"params": {}})) is None  # prompt not stored
 
 

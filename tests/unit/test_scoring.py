@@ -15,6 +15,8 @@ from shadow.scoring import (
     edit_similarity,
     exact_match,
     extract_label,
+    field_agreement,
+    format_scores,
     json_agreement,
     json_equal,
     label_agreement,
@@ -351,7 +353,8 @@ def test_combine_is_bounded_and_scale_free(scores, raw):
 
 # --- score_pair ------------------------------------------------------------------------------
 
-KEYS = [*ScoreWeights.model_fields, "disagreement"]
+STRUCTURED = ("format_agreement", "field_agreement_normalized")  # with a response format only
+KEYS = [*(k for k in ScoreWeights.model_fields if k not in STRUCTURED), "disagreement"]
 
 
 def fake_embed(texts):
@@ -399,3 +402,33 @@ def test_score_pair_semantic_and_embed_errors():
     assert calls == [["student", "teacher"]]
     with pytest.raises(ValueError, match="embed returned 1 vectors for 2 texts"):
         score_pair("a", "b", embed=lambda texts: [[1.0]])
+
+
+def test_field_agreement_exact_and_normalized():
+    a = '{"person": "Yara Kowalski", "day": "Friday", "city": "Bergen"}'
+    b = '{"person": "yara kowalski", "day": "Friday", "room": 4}'
+    assert field_agreement(a, b) == pytest.approx(1 / 4)  # keys: person, day, city, room
+    assert field_agreement(a, b, normalized=True) == pytest.approx(2 / 4)
+    assert field_agreement(a, a) == 1.0 and field_agreement("{}", "{}") == 1.0
+    assert field_agreement('{"n": 1}', '{"n": 1.0}') == 1.0
+    assert field_agreement(a, "[1]") is None and field_agreement(a, "not json") is None
+
+
+def test_format_scores_and_their_place_in_disagreement():
+    def conforms(text):
+        return text.startswith("{")
+
+    good, bad = '{"a": 1, "b": "x"}', "a is 1"
+    both = format_scores(good, '{"a": 1, "b": "X"}', conforms)
+    assert both == {"student_format_valid": 1.0, "teacher_format_valid": 1.0,
+                    "format_agreement": 1.0, "field_agreement": 0.5,
+                    "field_agreement_normalized": 1.0}
+    one = format_scores(bad, good, conforms)
+    assert (one["student_format_valid"], one["format_agreement"]) == (0.0, 0.0)
+    assert one["field_agreement"] is None
+    assert format_scores(bad, bad, conforms)["format_agreement"] is None
+    plain = score_pair(good, good)
+    assert "format_agreement" not in plain
+    scored = score_pair(bad, good, conforms=conforms)
+    assert scored["format_agreement"] == 0.0
+    assert scored["disagreement"] > score_pair(bad, good)["disagreement"]  # it weighs in
