@@ -77,7 +77,7 @@ serve: venv models
 	$(BIN)/protege serve --config $(CONFIG)
 
 test: venv models postgres prometheus chromium helm
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --timeout=900 $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=20 --timeout=900 $(PYTEST_ARGS)
 
 bench: venv models
 	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/bench_gateway.py $(BENCH_ARGS)
