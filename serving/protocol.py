@@ -10,7 +10,7 @@ takes the serving variant's `defaults`; a route's `constraint` replaces the resp
 Rules: JSON `null` is the same as leaving a field out; a number with no fraction (`16.0`) is an
 integer, as in JSON Schema, but `16.5` and `"16"` are not; unknown fields are accepted and ignored
 (`unknown_fields()` names them so the app can log each once); known OpenAI fields that we accept but
-do not act on (penalties, tools, ...) are listed by `ignored_fields()` when sent
+do not act on (penalties, logit_bias, ...) are listed by `ignored_fields()` when sent
 with a value that would change the answer. Types are strict: `"1"` is not an integer.
 
 Owns no I/O, no clock and no knowledge of routes, engines or response shapes.
@@ -334,6 +334,24 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
     return out
 
 
+def _check_calls(name: str, declared: Any, choice_name: str, choice: Any) -> None:
+    """Function calling is refused, never ignored: an answer in text is honoured only when the
+    client forbids calls (`tool_choice: "none"`), or declares nothing to call."""
+    if declared is not None and not isinstance(declared, list):
+        raise _fail(name, f"Invalid type for '{name}': expected an array, but got "
+                    f"{_json_type(declared)} instead.")
+    if choice is not None and not isinstance(choice, str | dict):
+        raise _fail(choice_name, f"Invalid type for '{choice_name}': expected a string or an "
+                    f"object, but got {_json_type(choice)} instead.")
+    if choice not in (None, "none") and not declared:
+        raise _fail(choice_name, f"Invalid '{choice_name}': it is only allowed when '{name}' "
+                    "are specified.")
+    if declared and choice != "none":
+        raise _fail(name, f"Invalid '{name}': function calling is not supported by this server "
+                    f"yet; omit '{name}', or set '{choice_name}' to 'none' for an answer in "
+                    "text.")
+
+
 # Field types shared by both requests, each with its own check.
 Stop = Annotated[tuple[str, ...], PlainValidator(_parse_stop)]
 Seed = Annotated[int | None, BeforeValidator(_check_seed)]
@@ -345,10 +363,10 @@ class ChatCompletionRequest(OpenAIBaseModel):
     PROMPT_PARAM: ClassVar[str] = "messages"
     IGNORED: ClassVar[tuple[str, ...]] = tuple(
         """
-        audio frequency_penalty function_call functions logit_bias metadata modalities
-        moderation parallel_tool_calls prediction presence_penalty prompt_cache_key
+        audio frequency_penalty logit_bias metadata modalities
+        moderation prediction presence_penalty prompt_cache_key
         prompt_cache_options prompt_cache_retention reasoning_effort
-        safety_identifier service_tier store tool_choice tools verbosity web_search_options
+        safety_identifier service_tier store verbosity web_search_options
         """.split()
     )
 
@@ -418,6 +436,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 "top_logprobs",
                 "Invalid 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
             )
+        _check_calls("tools", self.tools, "tool_choice", self.tool_choice)
+        _check_calls("functions", self.functions, "function_call", self.function_call)
         return self
 
     @property

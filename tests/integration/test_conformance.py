@@ -13,7 +13,8 @@ one in eight keeps its generated name and must get a 404), and `stream` is force
 schemathesis cannot validate `text/event-stream` (streaming has its own tests in
 test_openai_api.py). Positive cases only: most `/models/{model}` lookups, non-string completion
 prompts, `max_tokens: 0`, `best_of` other than `n` and tool-calling turns are mended, so that
-more of them reach a 200 whose body is checked. Most `response_format`s are dropped too: the fake
+more of them reach a 200 whose body is checked. Most declared tools get `tool_choice: "none"`
+(function calling is refused otherwise), and most `response_format`s are dropped: the fake
 engine refuses them (structured outputs have their own tests in test_structured_outputs.py).
 
 Exclusions, per case and per check, with the reason counted in the summary:
@@ -112,6 +113,11 @@ DELIBERATE: list[tuple[str, Callable[[Any, dict], bool], str]] = [
      "a seed beyond int64, the spec's `format: int64`, which schemathesis does not enforce"),
     (r"best_of", lambda v, b: v not in (None, b.get("n") or 1),
      "no ranking of candidates: best_of must equal n"),
+    (r"tools|functions", lambda v, b: isinstance(v, list) and v,
+     "function calling is refused, not ignored, until it is supported (tool_choice 'none' "
+     "answers in text)"),
+    (r"tool_choice|function_call", lambda v, b: v not in (None, "none"),
+     "a tool_choice with nothing declared to call, as at OpenAI"),
     (r"response_format", lambda v, b: isinstance(v, dict) and v.get("type") != "text",
      "the fake engine has no vocabulary to constrain: it refuses a response_format"),
     (r"response_format\.json_schema\.schema", lambda v, b: isinstance(v, dict),
@@ -129,6 +135,7 @@ READ = {
     "/chat/completions": frozenset(_READ + """messages messages.role messages.name messages.content
         messages.content.type messages.content.text messages.content.refusal
         max_completion_tokens top_logprobs parallel_tool_calls store response_format
+        tool_choice function_call
         response_format.type response_format.json_schema response_format.json_schema.name
         response_format.json_schema.schema response_format.json_schema.strict
         response_format.json_schema.description""".split()),
@@ -173,6 +180,9 @@ def _steer(case) -> None:
             body[name] = 1  # schemathesis likes the schema's minimum, 0
     if body.get("best_of") not in (None, body.get("n") or 1) and _mostly(body):
         del body["best_of"]  # 0..20 in the spec; we take only best_of == n
+    for name, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+        if body.get(name) and _mostly(body[name]):
+            body[choice] = "none"  # calls are refused: ask for the answer in text
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") != "text" and _mostly(fmt):
         del body["response_format"]  # the fake engine refuses one (test_structured_outputs.py)

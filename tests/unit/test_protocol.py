@@ -246,6 +246,34 @@ def test_unknown_fields_are_ignored_and_reported():
     assert parse_request("completion", comp(top_k=3)).unknown_fields() == ("top_k",)
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": [TOOL]}, "tools"),
+    ({"tools": [TOOL], "tool_choice": "auto"}, "tools"),
+    ({"tools": [TOOL], "tool_choice": "required"}, "tools"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": "f"}, "tools"),
+    ({"tools": [TOOL], "tool_choice": 3}, "tool_choice"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+])
+def test_function_calling_is_refused_not_ignored(fields, param):
+    with pytest.raises(OpenAIError) as e:
+        parse_request("chat", chat(**fields))
+    assert e.value.status == 400 and e.value.param == param
+
+
+def test_declared_tools_with_calls_forbidden_are_an_answer_in_text():
+    for fields in ({"tools": [TOOL], "tool_choice": "none", "parallel_tool_calls": True},
+                   {"functions": [{"name": "f"}], "function_call": "none"},
+                   {"tools": [], "tool_choice": "none"}):
+        r = parse_request("chat", chat(**fields))
+        assert r.ignored_fields() == ()
+
+
 def test_ignored_known_fields_are_reported_only_when_they_ask_for_something():
     r = parse_request(
         "chat",
@@ -264,8 +292,6 @@ def test_ignored_known_fields_are_reported_only_when_they_ask_for_something():
         "chat",
         chat(
             frequency_penalty=0.5,
-            tools=[{"type": "function", "function": {"name": "f"}}],
-            tool_choice="auto",
             response_format={"type": "json_object"},
             service_tier="auto",
             logit_bias={"50256": -100},
@@ -274,8 +300,6 @@ def test_ignored_known_fields_are_reported_only_when_they_ask_for_something():
     assert r.response_format is not None  # honoured: serving.structured, test_structured.py
     assert set(r.ignored_fields()) == {
         "frequency_penalty",
-        "tools",
-        "tool_choice",
         "service_tier",
         "logit_bias",
     }
