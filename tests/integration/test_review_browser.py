@@ -38,6 +38,7 @@ pytestmark = pytest.mark.integration
 WAIT_S = 30  # every wait is bounded by this
 REVIEWER = "ana"
 N_HIGH, N_LOW = 50, 10  # disagreement >= 0.5 and < 0.3
+STRUCTURED = N_HIGH - 1  # the pair opened first carries structured-output scores
 HOSTILE = 7  # the pair whose prompt and answers hold markup
 HOSTILE_PROMPT = ('<script>window.__pwned=1</script><img src=x onerror="window.__pwned=2"> '
                   "is this pwned?")
@@ -96,16 +97,23 @@ def make_pair(i: int) -> PairRecord:
     messages = [{"role": "user", "content": prompt_of(i)}]
     if i % 5 == 0:
         messages.insert(0, {"role": "system", "content": "Answer briefly."})
+    request = {"messages": messages, "max_tokens": 64, "temperature": 0.7}
+    scores = {"disagreement": d, "rouge_l": round(1 - d, 4), "semantic": round(1 - d / 2, 4),
+              "exact_match": 0.0}
+    if i == STRUCTURED:  # a request with a response_format: scored for its structure too
+        request["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "ticket", "schema": {"type": "object"}}}
+        scores.update(student_format_valid=1.0, teacher_format_valid=1.0, format_agreement=1.0,
+                      field_agreement=0.5, field_agreement_normalized=0.5)
     return PairRecord(
         pair_id=pair_id(i), request_id=f"req-review-{i}", route="student", variant="fake",
         target="teacher",
-        request={"messages": messages, "max_tokens": 64, "temperature": 0.7},
+        request=request,
         student=Answer("smollm2-135m", "v1" if i % 3 == 0 else "v2", student, "stop", 20, 18,
                        40.0 + i, 300.0 + i),
         teacher=Answer("qwen2.5-7b", None, teacher, "stop", 20, 24, 150.0 + i, 1200.0 + i),
         created_at=created_at(i),
-        scores={"disagreement": d, "rouge_l": round(1 - d, 4), "semantic": round(1 - d / 2, 4),
-                "exact_match": 0.0},
+        scores=scores,
     )
 
 
@@ -403,6 +411,8 @@ def test_label_triage_and_export(gw, page, tmp_path):
         assert driver.find_elements(By.CSS_SELECTOR, "#student-answer span.diff-teacher") == []
         scores = text(driver, "scores")
         assert "rouge_l" in scores and "disagreement" in scores
+        assert "format_agreement" in scores and "field_agreement_normalized" in scores
+        assert "json_schema" in text(driver, "params")  # the request's response_format
         assert "qwen2.5-7b" in text(driver, "pair") and "smollm2-135m" in text(driver, "pair")
         assert hash_params(driver)["pair"] == first
 
