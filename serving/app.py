@@ -804,7 +804,6 @@ class _Call:
                 created_at=self.created_at, store_prompt=plan.store_prompt, labels=plan.labels,
             ))
 
-
     def _check_format(self) -> None:
         """Count each choice as valid, invalid or truncated against the response_format."""
         for index, reason in sorted(self.finish_reasons.items()):
