@@ -37,6 +37,25 @@ def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def json_type(value: object) -> str:
+    """How a message names the JSON type of a client value: "an integer", "an object", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
 class OpenAIError(Exception):
     """An error answer: HTTP status plus OpenAI's `{"error": {message, type, param, code}}`."""
 

@@ -36,7 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from serving.defaults import SamplingDefaults
 from serving.engines.base import GenerationRequest, Message, SamplingParams
-from serving.errors import MAX_ECHO, OpenAIError, clip
+from serving.errors import MAX_ECHO, OpenAIError, clip, json_type
 from serving.structured import FormatError, ResponseFormat, parse_response_format
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -59,24 +59,6 @@ def _show(value: Any) -> str:
     except (TypeError, ValueError):
         text = repr(value)
     return clip(text, MAX_ECHO)
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _is_int(annotation: Any) -> bool:
@@ -162,14 +144,14 @@ def _parse_stop(value: Any) -> tuple[str, ...]:
                 raise _fail(
                     f"stop[{i}]",
                     f"Invalid type for 'stop[{i}]': expected a string, but got "
-                    f"{_json_type(s)} instead.",
+                    f"{json_type(s)} instead.",
                 )
         items = value
     else:
         raise _fail(
             "stop",
             "Invalid type for 'stop': expected a string or an array of strings, but got "
-            f"{_json_type(value)} instead.",
+            f"{json_type(value)} instead.",
         )
     # An empty stop string would end every answer before it starts: it asks for nothing.
     return tuple(dict.fromkeys(s for s in items if s))
@@ -254,7 +236,7 @@ def _parse_content(value: Any, role: str, where: str) -> str:
         raise _fail(
             f"{where}.content",
             f"Invalid type for '{where}.content': expected a string or an array of text parts, "
-            f"but got {_json_type(value)} instead.",
+            f"but got {json_type(value)} instead.",
         )
     if not value:
         raise _fail(
@@ -268,7 +250,7 @@ def _parse_content(value: Any, role: str, where: str) -> str:
         if not isinstance(part, dict):
             raise _fail(
                 at,
-                f"Invalid type for '{at}': expected an object, but got {_json_type(part)} instead.",
+                f"Invalid type for '{at}': expected an object, but got {json_type(part)} instead.",
             )
         kind = part.get("type")
         field = "text"
@@ -285,7 +267,7 @@ def _parse_content(value: Any, role: str, where: str) -> str:
             raise _fail(
                 f"{at}.{field}",
                 f"Invalid type for '{at}.{field}': expected a string, but got "
-                f"{_json_type(text)} instead.",
+                f"{json_type(text)} instead.",
             )
         texts.append(text)
     return "\n".join(texts)
@@ -296,7 +278,7 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
         raise _fail(
             "messages",
             f"Invalid type for 'messages': expected an array of messages, but got "
-            f"{_json_type(value)} instead.",
+            f"{json_type(value)} instead.",
         )
     if not value:
         raise _fail(
@@ -309,7 +291,7 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
         if not isinstance(m, dict):
             raise _fail(
                 where,
-                f"Invalid type for '{where}': expected an object, but got {_json_type(m)} instead.",
+                f"Invalid type for '{where}': expected an object, but got {json_type(m)} instead.",
             )
         role = m.get("role")
         if role not in _ROLES:
@@ -326,7 +308,7 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
             raise _fail(
                 f"{where}.name",
                 f"Invalid type for '{where}.name': expected a string, but got "
-                f"{_json_type(name)} instead.",
+                f"{json_type(name)} instead.",
             )
         out.append(
             ChatMessage(role=role, content=_parse_content(m.get("content"), role, where), name=name)
@@ -339,10 +321,10 @@ def _check_calls(name: str, declared: Any, choice_name: str, choice: Any) -> Non
     client forbids calls (`tool_choice: "none"`), or declares nothing to call."""
     if declared is not None and not isinstance(declared, list):
         raise _fail(name, f"Invalid type for '{name}': expected an array, but got "
-                    f"{_json_type(declared)} instead.")
+                    f"{json_type(declared)} instead.")
     if choice is not None and not isinstance(choice, str | dict):
         raise _fail(choice_name, f"Invalid type for '{choice_name}': expected a string or an "
-                    f"object, but got {_json_type(choice)} instead.")
+                    f"object, but got {json_type(choice)} instead.")
     if choice not in (None, "none") and not declared:
         raise _fail(choice_name, f"Invalid '{choice_name}': it is only allowed when '{name}' "
                     "are specified.")
@@ -518,7 +500,7 @@ def _parse_prompt(value: Any) -> str:
         )
     raise _fail(
         "prompt",
-        f"Invalid type for 'prompt': expected a string, but got {_json_type(value)} instead.",
+        f"Invalid type for 'prompt': expected a string, but got {json_type(value)} instead.",
     )
 
 
@@ -674,7 +656,7 @@ def _to_openai_error(err: dict) -> OpenAIError:
     if kind == "json_invalid":
         return OpenAIError.invalid_json(ctx.get("error"))
     if param is None and kind in ("model_type", "model_attributes_type", "dict_type"):
-        return OpenAIError.not_json_object(_json_type(value))
+        return OpenAIError.not_json_object(json_type(value))
     if kind == "missing":
         return OpenAIError.invalid_value(
             param, f"Missing required parameter: '{param}'.", "missing_required_parameter"
@@ -683,7 +665,7 @@ def _to_openai_error(err: dict) -> OpenAIError:
         return OpenAIError.invalid_value(
             param,
             f"Invalid type for '{param}': expected {_TYPE_NAMES[kind]}, but got "
-            f"{_json_type(value)} instead.",
+            f"{json_type(value)} instead.",
             "invalid_type",
         )
     if kind in _BOUNDS:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
+from serving.errors import json_type
+
 CACHE_SIZE = 256  # distinct schemas whose grammar and validator stay compiled
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for `json_schema.name`
 # Whitespace the grammar lets a model put between JSON tokens: nothing, a space, or a newline
@@ -68,15 +70,9 @@ class ResponseFormat:
             spec["description"] = self.description
         return {"type": "json_schema", "json_schema": spec}
 
-
     def stored(self) -> dict[str, Any]:
         """As a pair or a dataset keeps it: OpenAI's form, or the labels of a choice."""
         return self.openai() or {"type": "choice", "labels": list(self.labels)}
-
-
-def _kind(value: Any) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), "a number")
 
 
 def choice_of(labels: Sequence[str]) -> ResponseFormat:
@@ -90,7 +86,7 @@ def parse_response_format(value: Any) -> ResponseFormat | None:
         return None
     if not isinstance(value, dict):
         raise FormatError("response_format", "Invalid type for 'response_format': expected an "
-                          f"object, but got {_kind(value)} instead.")
+                          f"object, but got {json_type(value)} instead.")
     kind = value.get("type")
     if kind == "text":
         return None
@@ -113,14 +109,14 @@ def parse_response_format(value: Any) -> ResponseFormat | None:
     strict, description = spec.get("strict"), spec.get("description")
     if strict is not None and not isinstance(strict, bool):
         raise FormatError(f"{where}.strict", f"Invalid type for '{where}.strict': expected a "
-                          f"boolean, but got {_kind(strict)} instead.")
+                          f"boolean, but got {json_type(strict)} instead.")
     if description is not None and not isinstance(description, str):
         raise FormatError(f"{where}.description", f"Invalid type for '{where}.description': "
-                          f"expected a string, but got {_kind(description)} instead.")
+                          f"expected a string, but got {json_type(description)} instead.")
     schema = spec.get("schema", {})
     if not isinstance(schema, dict):
         raise FormatError(f"{where}.schema", f"Invalid type for '{where}.schema': expected an "
-                          f"object (a JSON Schema), but got {_kind(schema)} instead.")
+                          f"object (a JSON Schema), but got {json_type(schema)} instead.")
     text = json.dumps(schema, sort_keys=True, ensure_ascii=False)
     problem = _schema_problem(text)
     if problem:
