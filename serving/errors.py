@@ -15,7 +15,8 @@
 
 One class, no subclasses: handlers catch `OpenAIError` and answer
 `JSONResponse(err.body(), err.status, headers=err.headers)`. Messages never carry internals (paths,
-hosts, keys, tracebacks); the body is bounded in size whatever the client sent.
+hosts, keys, tracebacks); the body is bounded in size whatever the client sent. `clip` and
+`json_type` ("an integer", "an object", ...) are how messages quote what the client sent.
 """
 
 from __future__ import annotations
