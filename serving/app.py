@@ -710,14 +710,13 @@ class _Call:
         self.prompt: object = None  # the prompt as logged, with log_prompts only
         self.mirror: tuple[ShadowPlan, GenerationRequest] | None = None  # sampled for shadowing
         self.answers: dict[int, str] | None = None  # each choice's text: mirrored or logged only
-        self.finish_reason: str | None = None
         self.created_at = ""  # when the request arrived (ISO 8601 UTC), set only when mirrored
         self.version = arm.version  # the configured version until the replica says which served
         self.format = response_format  # what the answers must be; each is checked at the end
         if response_format is not None:
             self.answers = {}
         self.format_valid = True
-        self.finish_reasons: dict[int, str] = {}
+        self.finish_reasons: dict[int, str] = {}  # choice index -> why it ended
         self.done = False
 
     def served_by(self, versions) -> str:
@@ -742,8 +741,6 @@ class _Call:
                 self.answers[index] = self.answers.get(index, "") + delta.text
         if delta.finish_reason is not None:
             self.finish_reasons[index] = delta.finish_reason
-            if index == 0:
-                self.finish_reason = delta.finish_reason
         if delta.prompt_tokens is not None:
             self.prompt_tokens = delta.prompt_tokens
         if delta.completion_tokens is not None:
@@ -793,7 +790,7 @@ class _Call:
             plan, request = self.mirror
             student = Answer(
                 model=self.arm.variant, version=self.version, text=self.answers.get(0, ""),
-                finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
+                finish_reason=self.finish_reasons.get(0), prompt_tokens=self.prompt_tokens,
                 completion_tokens=self.completion_tokens.get(0),
                 ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
                 latency_ms=round((now - self.started) * 1000, 3),

@@ -115,7 +115,7 @@ class OpenAIBaseModel(BaseModel):
         return tuple(clip(n, 64) for n in names)
 
     def ignored_fields(self) -> tuple[str, ...]:
-        """Known OpenAI fields sent with a value we do not honour (e.g. `tools`, `logit_bias`)."""
+        """Known OpenAI fields sent with a value we do not honour (e.g. `logit_bias`)."""
         return tuple(f for f in self.IGNORED if not _is_noop(getattr(self, f)))
 
     def sampling_values(self, defaults: SamplingDefaults | None) -> tuple[float, float]:

@@ -133,9 +133,8 @@ def _schema_problem(schema: str) -> str:
     try:
         Draft202012Validator.check_schema(json.loads(schema))
     except SchemaError as e:
-        at = "/".join(str(p) for p in e.absolute_path) or "(root)"
-        return f"not a valid JSON Schema at {at}: {e.message[:200]}"
-    error = LLMatcher.validate_grammar(_compile(schema))
+        return f"not a valid JSON Schema at {_where(e.absolute_path)}: {e.message[:200]}"
+    error = LLMatcher.validate_grammar(_grammar(schema))
     unimplemented = re.search(r"Unimplemented keys: \[(.*?)\]", error)
     if unimplemented:
         keys = ", ".join(f"'{k.strip().strip(chr(34))}'" for k in unimplemented.group(1).split(","))
@@ -144,16 +143,12 @@ def _schema_problem(schema: str) -> str:
     return f"this schema cannot be compiled to a grammar: {error[:300]}" if error else ""
 
 
-def _compile(schema: str) -> str:
+@lru_cache(maxsize=CACHE_SIZE)
+def _grammar(schema: str) -> str:
     from llguidance import LLMatcher
 
     return LLMatcher.grammar_from_json_schema(
         schema, defaults={"whitespace_pattern": WHITESPACE, "lenient": False})
-
-
-@lru_cache(maxsize=CACHE_SIZE)
-def _grammar(schema: str) -> str:
-    return _compile(schema)
 
 
 @lru_cache(maxsize=CACHE_SIZE)
@@ -188,6 +183,10 @@ def check_answer(fmt: ResponseFormat, text: str) -> str | None:
         return f"not JSON: {e}"
     error = next(iter(_validator(fmt.schema).iter_errors(value)), None)
     if error is not None:
-        at = "/".join(str(p) for p in error.absolute_path) or "(root)"
-        return f"does not match the schema at {at}: {error.message[:200]}"
+        return f"does not match the schema at {_where(error.absolute_path)}: {error.message[:200]}"
     return None
+
+
+def _where(path: Any) -> str:
+    """A JSON Schema error's location, e.g. `items/0/name`; `(root)` for the whole value."""
+    return "/".join(str(p) for p in path) or "(root)"

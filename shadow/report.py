@@ -29,9 +29,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[rank - 1]
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _stats(values: list[float]) -> dict[str, float | None]:
-    mean = sum(values) / len(values) if values else None
-    return {"mean": mean, "p50": percentile(values, 50), "p90": percentile(values, 90),
+    return {"mean": _mean(values), "p50": percentile(values, 50), "p90": percentile(values, 90),
             "p99": percentile(values, 99)}
 
 
@@ -102,10 +105,6 @@ def summarize(pairs: Iterable[PairRecord], feedback: Iterable[FeedbackRecord], *
     return {"pairs": total, "scored": scored, "routes": routes,
             "worst": [row for _, _, row in sorted(heap, reverse=True)],
             "feedback": feedback_rows}
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:

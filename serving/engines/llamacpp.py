@@ -8,8 +8,9 @@ and a closed iterator sets an event the loop checks at every token.
 
 Sampling is OpenAI's: temperature (0 is greedy) and top_p only; llama.cpp's own top_k, min_p
 and repeat penalty are switched off. A `response_format` is enforced by sampling here, from the
-logits its grammar allows (`serving.engines.constrain`); llama.cpp then only evaluates. Logprobs are the log-softmax of the raw logits of the
-position that produced each token (read from the context, so `logits_all` is not needed).
+logits its grammar allows (`serving.engines.constrain`); llama.cpp then only evaluates. Logprobs
+are the log-softmax of the raw logits of the position that produced each token (read from the
+context, so `logits_all` is not needed).
 """
 
 from __future__ import annotations
