@@ -429,10 +429,12 @@ class Ingress:
             target = self.p.routes.get(req.model)
             if target is None:
                 raise OpenAIError.not_found_model(req.model)
-            if target.choice is not None and getattr(req, "response_format", None) is not None:
-                raise OpenAIError.invalid_value("response_format", (
-                    f"Invalid 'response_format': the route {target.route!r} answers with exactly "
-                    "one of its labels; omit 'response_format'."))
+            for field in ("response_format", "tool_use"):
+                if target.choice is not None and getattr(req, field, None) is not None:
+                    param = "tools" if field == "tool_use" else field
+                    raise OpenAIError.invalid_value(param, (
+                        f"Invalid '{param}': the route {target.route!r} answers with exactly "
+                        f"one of its labels; omit '{param}'."))
         except OpenAIError as e:  # refused before a route was known: counted under route "-"
             self.metrics.requests.labels(route="-", variant="-", status=str(e.status)).inc()
             self.log.info(
@@ -484,9 +486,10 @@ class Ingress:
                 version = call.served_by(c.model_version for c in choices)
                 meta = replace(meta, system_fingerprint=f"{arm.variant}:{version}")
                 headers["x-protege-version"] = version
-                body_out = (responses.chat_completion if kind == "chat" else responses.completion)(
-                    meta, choices
-                )
+                if kind == "chat":
+                    body_out = responses.chat_completion(meta, choices, _tool_names(req))
+                else:
+                    body_out = responses.completion(meta, choices)
                 call.finish(200, choices)
                 if call.format is not None:  # does every choice conform? (a remote may not)
                     headers["x-protege-format-valid"] = str(call.format_valid).lower()
@@ -549,7 +552,8 @@ class Ingress:
         status = 200
         try:
             async for chunk in responses.sse_stream(
-                kind, meta, batches(), req.n, req.include_usage, on_delta=call.on_delta
+                kind, meta, batches(), req.n, req.include_usage, on_delta=call.on_delta,
+                tool_names=_tool_names(req),
             ):
                 yield chunk
         except TimeoutError:
@@ -814,6 +818,12 @@ class _Call:
                                        choice=index)
             self.format_valid = self.format_valid and outcome == "valid"
             self.i.metrics.structured.labels(**self.labels, outcome=outcome).inc()
+
+
+def _tool_names(req) -> tuple[str, ...] | None:
+    """The functions a chat request lets the model call; None when it may call none."""
+    use = getattr(req, "tool_use", None)
+    return None if use is None else tuple(t.name for t in use.tools)
 
 
 async def _await(response):

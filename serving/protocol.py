@@ -28,6 +28,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -38,13 +39,14 @@ from serving.defaults import SamplingDefaults
 from serving.engines.base import GenerationRequest, Message, SamplingParams
 from serving.errors import MAX_ECHO, OpenAIError, clip, json_type
 from serving.structured import FormatError, ResponseFormat, parse_response_format
+from serving.tools import ToolCall, ToolUse, parse_tools
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOKENS_LIMIT = 2**31 - 1
 MAX_STOP = 4
 MAX_UNKNOWN_REPORTED = 16  # `unknown_fields()` names at most this many, each at most 64 chars
 
-ChatRole = Literal["system", "developer", "user", "assistant"]
+ChatRole = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 def _fail(param: str, message: str) -> PydanticCustomError:
@@ -217,14 +219,16 @@ class ChatMessage(BaseModel):
     role: ChatRole
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
-_ROLES = ("system", "developer", "user", "assistant")
+_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _parse_content(value: Any, role: str, where: str) -> str:
     if value is None:
-        if role == "assistant":  # an assistant turn that only called tools
+        if role == "assistant":  # an assistant turn that only called tools, or refused
             return ""
         raise _fail(
             f"{where}.content",
@@ -300,7 +304,7 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
             else:
                 msg = (
                     f"Invalid value for '{where}.role': {_show(role)}. Supported roles are "
-                    "'system', 'developer', 'user' and 'assistant'."
+                    "'system', 'developer', 'user', 'assistant' and 'tool'."
                 )
             raise _fail(f"{where}.role", msg)
         name = m.get("name")
@@ -310,28 +314,51 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
                 f"Invalid type for '{where}.name': expected a string, but got "
                 f"{json_type(name)} instead.",
             )
+        calls = _parse_tool_calls(m.get("tool_calls"), role, where)
+        call_id = m.get("tool_call_id")
+        if role == "tool" and not isinstance(call_id, str):
+            raise _fail(f"{where}.tool_call_id", f"Missing required parameter: "
+                        f"'{where}.tool_call_id' (a string: the id of the call it answers).")
         out.append(
-            ChatMessage(role=role, content=_parse_content(m.get("content"), role, where), name=name)
+            ChatMessage(role=role, content=_parse_content(m.get("content"), role, where),
+                        name=name, tool_calls=calls,
+                        tool_call_id=call_id if role == "tool" else None)
         )
     return out
 
 
-def _check_calls(name: str, declared: Any, choice_name: str, choice: Any) -> None:
-    """Function calling is refused, never ignored: an answer in text is honoured only when the
-    client forbids calls (`tool_choice: "none"`), or declares nothing to call."""
-    if declared is not None and not isinstance(declared, list):
-        raise _fail(name, f"Invalid type for '{name}': expected an array, but got "
-                    f"{json_type(declared)} instead.")
-    if choice is not None and not isinstance(choice, str | dict):
-        raise _fail(choice_name, f"Invalid type for '{choice_name}': expected a string or an "
-                    f"object, but got {json_type(choice)} instead.")
-    if choice not in (None, "none") and not declared:
-        raise _fail(choice_name, f"Invalid '{choice_name}': it is only allowed when '{name}' "
-                    "are specified.")
-    if declared and choice != "none":
-        raise _fail(name, f"Invalid '{name}': function calling is not supported by this server "
-                    f"yet; omit '{name}', or set '{choice_name}' to 'none' for an answer in "
-                    "text.")
+def _parse_tool_calls(value: Any, role: str, where: str) -> tuple[ToolCall, ...]:
+    """An assistant turn's `tool_calls`: `[{id, type: "function", function: {name, arguments}}]`."""
+    if value is None:
+        return ()
+    at = f"{where}.tool_calls"
+    if role != "assistant":
+        raise _fail(at, f"Invalid '{at}': only assistant messages carry tool calls.")
+    if not isinstance(value, list):
+        raise _fail(at, f"Invalid type for '{at}': expected an array, but got "
+                    f"{json_type(value)} instead.")
+    calls = []
+    for k, c in enumerate(value):
+        fn = c.get("function") if isinstance(c, dict) else None
+        fields = (c.get("id"), *(fn.get(f) for f in ("name", "arguments"))) if fn else ()
+        if not fields or not all(isinstance(x, str) for x in fields):
+            raise _fail(f"{at}[{k}]", f"Invalid '{at}[{k}]': expected {{\"id\": string, "
+                        "\"type\": \"function\", \"function\": {\"name\": string, "
+                        "\"arguments\": string}}.")
+        calls.append(ToolCall(*fields))
+    return tuple(calls)
+
+
+def _check_functions(functions: Any, function_call: Any) -> None:
+    """The legacy function-calling fields are refused, never ignored: `tools` replaces them."""
+    if functions and function_call != "none":
+        raise _fail("functions", "Invalid 'functions': the legacy 'functions' and "
+                    "'function_call' are not supported by this server; send the same functions "
+                    "as 'tools' (each {\"type\": \"function\", \"function\": {...}}) and "
+                    "'tool_choice' instead.")
+    if function_call not in (None, "none") and not functions:
+        raise _fail("function_call", "Invalid 'function_call': it is only allowed when "
+                    "'functions' are specified.")
 
 
 # Field types shared by both requests, each with its own check.
@@ -359,15 +386,19 @@ class ChatCompletionRequest(OpenAIBaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)  # deprecated by OpenAI
     n: int = Field(1, ge=1, le=128)
+    parallel_tool_calls: Any = None
     response_format: ResponseFormat | None = None
     seed: Seed = None
     stop: Stop = ()
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
+    tool_choice: Any = None
+    tools: Any = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     top_p: float = Field(1.0, ge=0.0, le=1.0)
     user: str | None = None
+    _tool_use: ToolUse | None = PrivateAttr(None)  # tools, tool_choice, parallel_tool_calls
 
     # Accepted and ignored (see IGNORED): loose types, checked only where OpenAI's range is simple.
     audio: Any = None
@@ -378,7 +409,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
     metadata: dict[str, Any] | None = None
     modalities: Any = None
     moderation: Any = None
-    parallel_tool_calls: bool | None = None
     prediction: Any = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     prompt_cache_key: Any = None
@@ -388,8 +418,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
     safety_identifier: Any = None
     service_tier: Any = None
     store: bool | None = None
-    tool_choice: Any = None
-    tools: Any = None
     verbosity: Any = None
     web_search_options: Any = None
 
@@ -418,9 +446,21 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 "top_logprobs",
                 "Invalid 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is set.",
             )
-        _check_calls("tools", self.tools, "tool_choice", self.tool_choice)
-        _check_calls("functions", self.functions, "function_call", self.function_call)
+        _check_functions(self.functions, self.function_call)
+        try:
+            self._tool_use = parse_tools(self.tools, self.tool_choice, self.parallel_tool_calls)
+        except FormatError as e:
+            raise _fail(e.param, e.message) from None
+        if self._tool_use is not None and self.response_format is not None:
+            raise _fail("response_format", "Invalid 'response_format': it cannot be combined "
+                        "with 'tools' the model may call; set 'tool_choice' to 'none' or omit "
+                        "one of them.")
         return self
+
+    @property
+    def tool_use(self) -> ToolUse | None:
+        """The tools the model may call, and how; None: an answer in text."""
+        return self._tool_use
 
     @property
     def max_output_tokens(self) -> int | None:
@@ -446,7 +486,9 @@ class ChatCompletionRequest(OpenAIBaseModel):
 
     def engine_messages(self) -> tuple[Message, ...]:
         return tuple(
-            Message("system" if m.role == "developer" else m.role, m.content) for m in self.messages
+            Message("system" if m.role == "developer" else m.role, m.content, m.tool_calls,
+                    m.tool_call_id)
+            for m in self.messages
         )
 
     def to_generation_requests(
@@ -455,7 +497,8 @@ class ChatCompletionRequest(OpenAIBaseModel):
     ) -> list[GenerationRequest]:
         messages = self.engine_messages()
         temperature, top_p = self.sampling_values(defaults)
-        fmt = constraint or self.response_format
+        use = self.tool_use
+        fmt = constraint or self.response_format or (use.format() if use else None)
         return [
             GenerationRequest(
                 request_id=request_id,
@@ -471,6 +514,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
                 ),
                 messages=messages,
                 choice=i,
+                tools=use,
             )
             for i in range(self.n)
         ]

@@ -5,6 +5,10 @@ into the JSON object of a non-streamed answer. `sse_stream` turns batches of `(c
 into `data: {chunk}\\n\\n` events ending with `data: [DONE]\\n\\n`; `sse_error` is the event for an
 error after the response headers were sent. `models_list` / `model_card` answer `/v1/models`.
 
+A request with tools (`tool_names`) has each answer read for calls (`serving.tools`): they become
+`message.tool_calls` (streamed: one `delta.tool_calls` entry per whole call) with finish reason
+`tool_calls`; text beside them stays `content`.
+
 Usage counts the prompt once (the `n` choices share it) and sums completion tokens over choices.
 Logprobs that JSON cannot carry (-inf, NaN) become -9999.0, OpenAI's "very unlikely".
 
@@ -21,6 +25,7 @@ from typing import Any, Literal
 
 from serving.engines.base import Delta, TokenLogprob
 from serving.errors import OpenAIError
+from serving.tools import CallStream, ToolCall, read_calls
 
 DONE = b"data: [DONE]\n\n"
 VERY_UNLIKELY = -9999.0
@@ -126,18 +131,28 @@ def _prompt_tokens(choices: Iterable[Delta]) -> int | None:
     return next((d.prompt_tokens for d in choices if d.prompt_tokens is not None), None)
 
 
-def chat_completion(meta: ResponseMeta, choices: list[Delta]) -> dict[str, Any]:
+def _message(meta: ResponseMeta, i: int, d: Delta, tool_names: tuple[str, ...] | None
+             ) -> tuple[dict[str, Any], str]:
+    """A whole choice's message and finish reason."""
+    finish = d.finish_reason or "stop"
+    if tool_names is None:
+        return {"role": "assistant", "content": d.text, "refusal": None}, finish
+    content, calls = read_calls(d.text, tool_names, meta.id, i)
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if calls:
+        message["tool_calls"] = [c.openai() for c in calls]
+    return message, "tool_calls" if calls and finish == "stop" else finish
+
+
+def chat_completion(meta: ResponseMeta, choices: list[Delta],
+                    tool_names: tuple[str, ...] | None = None) -> dict[str, Any]:
     """`CreateChatCompletionResponse` from whole choices, choice i at `choices[i]`."""
     body = _head(meta, "chat.completion")
-    body["choices"] = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": d.text, "refusal": None},
-            "logprobs": chat_logprobs(d.logprobs),
-            "finish_reason": d.finish_reason or "stop",
-        }
-        for i, d in enumerate(choices)
-    ]
+    body["choices"] = []
+    for i, d in enumerate(choices):
+        message, finish = _message(meta, i, d, tool_names)
+        body["choices"].append({"index": i, "message": message,
+                                "logprobs": chat_logprobs(d.logprobs), "finish_reason": finish})
     body["usage"] = usage(_prompt_tokens(choices), map(_completion_tokens, choices))
     return body
 
@@ -166,9 +181,10 @@ def sse_error(err: OpenAIError) -> bytes:
 class _Choice:
     """What the stream remembers about one choice."""
 
-    __slots__ = ("started", "finished", "tokens", "final_tokens", "offset")
+    __slots__ = ("started", "finished", "tokens", "final_tokens", "offset", "calls")
 
-    def __init__(self) -> None:
+    def __init__(self, calls: CallStream | None = None) -> None:
+        self.calls = calls  # reads tool calls out of the text (requests with tools)
         self.started = False
         self.finished = False
         self.tokens = 0  # token ids seen so far
@@ -187,6 +203,7 @@ async def sse_stream(
     n: int,
     include_usage: bool,
     on_delta: Callable[[int, Delta], None] | None = None,
+    tool_names: tuple[str, ...] | None = None,
 ) -> AsyncIterator[bytes]:
     """SSE bytes for a streamed answer; one `bytes` per batch (one event per choice in it).
 
@@ -200,13 +217,16 @@ async def sse_stream(
     that reaches the caller from the first `__anext__` (it can still answer with a JSON error). An
     `OpenAIError` raised later becomes an `sse_error` event and ends the stream; any other exception
     propagates. `batches` is closed when the stream stops early, so the engine aborts at once.
-    `on_delta(index, delta)` sees every delta as it arrives (for metrics).
+    `on_delta(index, delta)` sees every delta as it arrives (for metrics). With `tool_names`,
+    text that may open a call is held until the call closes; each call is then one chunk, and
+    the choice ends with an empty delta and finish reason `tool_calls`.
     """
     chat = kind == "chat"
     head = dumps(_head(meta, "chat.completion.chunk" if chat else "text_completion"))[:-1]
     prefix = b"data: " + head + b',"choices":['
     suffix = b'],"usage":null}\n\n' if include_usage else b"]}\n\n"
-    state = [_Choice() for _ in range(n)]
+    state = [_Choice(CallStream(tool_names, meta.id, i) if chat and tool_names is not None
+                     else None) for i in range(n)]
     prompt_tokens: int | None = None
 
     def event(choice: dict[str, Any]) -> bytes:
@@ -233,6 +253,30 @@ async def sse_stream(
             }
         c.offset += len(text)
         return event(body)
+
+    def call_chunk(i: int, k: int, call: ToolCall) -> bytes:
+        entry = {"index": k, **call.openai()}
+        return event({"index": i, "delta": {"tool_calls": [entry]}, "logprobs": None,
+                      "finish_reason": None})
+
+    def with_calls(i: int, piece: Delta, finish: str | None) -> bytes:
+        """A tool-use choice's chunks: content and calls in order, then the finish."""
+        c, out = state[i], bytearray()
+        made = c.calls.calls
+        items = c.calls.push(piece.text) + (c.calls.flush() if finish is not None else [])
+        lps = piece.logprobs
+        for item in items:
+            if isinstance(item, str):
+                out += chunk(i, Delta(item, logprobs=lps), None)
+            else:
+                out += call_chunk(i, made, item)
+                made += 1
+            lps = None
+        if lps:
+            out += chunk(i, Delta("", logprobs=lps), None)
+        if finish is not None:
+            out += chunk(i, None, "tool_calls" if made and finish == "stop" else finish)
+        return bytes(out)
 
     def opening(i: int) -> bytes:
         state[i].started = True
@@ -268,7 +312,10 @@ async def sse_stream(
             piece = Delta(text, logprobs=tuple(lps) if lps else None)
             if not c.started:
                 out += opening(i)
-            if last.finish_reason is not None:
+            if c.calls is not None:
+                c.finished = last.finish_reason is not None
+                out += with_calls(i, piece, last.finish_reason)
+            elif last.finish_reason is not None:
                 c.finished = True
                 out += chunk(i, piece, last.finish_reason)
             elif text or lps:
@@ -298,7 +345,10 @@ async def sse_stream(
             tail += opening(i)
         if not c.finished:
             c.finished = True
-            tail += chunk(i, None, "stop")
+            if c.calls is not None:
+                tail += with_calls(i, Delta(""), "stop")
+            else:
+                tail += chunk(i, None, "stop")
     if include_usage:
         totals = usage(prompt_tokens, (c.completion_tokens for c in state))
         tail += b"data: " + head + b',"choices":[],"usage":' + dumps(totals) + b"}\n\n"

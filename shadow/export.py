@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.engines.base import Message
+from serving.tools import ToolCall, parse_tools, prompt_messages
 from shadow.labels import Label, StudentBetter, target_of
 from shadow.records import FeedbackRecord, PairRecord
 
@@ -26,12 +28,23 @@ FORMATS = ("jsonl", "parquet")
 
 
 def messages_of(pair: PairRecord) -> list[dict[str, str]] | None:
-    """The request as chat messages (a completion prompt becomes one user message)."""
+    """The request as plain chat messages (a completion prompt becomes one user message). Tools
+    and tool turns are written in as a model without a tool template sees them
+    (`serving.tools.prompt_messages`), so a student learns its calls under the same prompt."""
     if pair.request.get("messages"):
-        return [{"role": m["role"], "content": m["content"]} for m in pair.request["messages"]]
+        stored = pair.request.get("tools")
+        use = parse_tools(stored["tools"], stored["tool_choice"],
+                          stored["parallel_tool_calls"]) if stored else None
+        return prompt_messages([_message(m) for m in pair.request["messages"]], use, False)[0]
     if pair.request.get("prompt"):
         return [{"role": "user", "content": pair.request["prompt"]}]
     return None
+
+
+def _message(m: dict[str, Any]) -> Message:
+    calls = tuple(ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+                  for c in m.get("tool_calls") or ())
+    return Message(m["role"], m["content"], calls, m.get("tool_call_id"))
 
 
 def to_example(pair: PairRecord, label: Label | None = None,
@@ -62,12 +75,18 @@ def to_example(pair: PairRecord, label: Label | None = None,
         # the request's response_format (JSON text; None: free text), so training and
         # evaluation can put the student under the same conditions
         "response_format": _response_format(pair),
+        # the tools it offered, as the client sent them (JSON text; None: no tools); the
+        # messages above already show them to the student
+        "tools": _json_text(pair.request.get("tools")),
     }
 
 
 def _response_format(pair: PairRecord) -> str | None:
-    fmt = (pair.request.get("params") or {}).get("response_format")
-    return None if fmt is None else json.dumps(fmt, ensure_ascii=False, sort_keys=True)
+    return _json_text((pair.request.get("params") or {}).get("response_format"))
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False, sort_keys=True)
 
 
 def content_key(messages: list[dict[str, str]]) -> str:
@@ -173,7 +192,8 @@ def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
         ("student_version", pa.string()), ("student_answer", pa.string()),
         ("teacher_model", pa.string()), ("teacher_finish_reason", pa.string()),
         ("disagreement", pa.float64()), ("teacher_logprobs", pa.string()), ("label", pa.string()),
-        ("target", pa.string()), ("split", pa.string()),
+        ("target", pa.string()), ("split", pa.string()), ("response_format", pa.string()),
+        ("tools", pa.string()),
     ])
     columns = {name: [r[name] for r in rows] for name in schema.names}
     columns["teacher_logprobs"] = [  # nested and ragged: kept as JSON text

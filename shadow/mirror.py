@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, replace
 
-from serving.engines.base import Delta, GenerationRequest, TokenLogprob, merge_deltas
+from serving.engines.base import Delta, GenerationRequest, Message, TokenLogprob, merge_deltas
 from shadow.records import Answer, PairRecord
 
 MARKER_HEADER = "x-protege-shadow"  # sent to remote teachers: this request is a mirror
@@ -35,15 +35,27 @@ class MirrorJob:
 
 
 def request_dict(request: GenerationRequest) -> dict:
-    """The request as stored with the pair: messages or prompt, plus the sampling parameters."""
+    """The request as stored with the pair: messages (with their tool calls) or prompt, the
+    tools it offered, and the sampling parameters."""
     out: dict = {"params": asdict(request.params)}
     fmt = request.params.response_format
     out["params"]["response_format"] = None if fmt is None else fmt.stored()
     if request.messages is not None:
-        out["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        out["messages"] = [_message(m) for m in request.messages]
+        if request.tools is not None:  # as the client sent them
+            out["tools"] = request.tools.openai()
     else:
         out["prompt"] = request.prompt
     out["params"]["stop"] = list(request.params.stop)
+    return out
+
+
+def _message(m: Message) -> dict:
+    out: dict = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [c.openai() for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
     return out
 
 

@@ -17,7 +17,7 @@ from shadow.records import FeedbackRecord, PairRecord
 CLIP = 160  # characters of a prompt or answer shown in the worst-pairs table
 # Scores of pairs whose request had a response_format (`shadow.scoring.format_scores`).
 STRUCTURED = ("student_format_valid", "teacher_format_valid", "field_agreement",
-              "field_agreement_normalized")
+              "field_agreement_normalized", "tool_name_agreement", "tool_args_agreement")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -134,10 +134,12 @@ def render(summary: dict[str, Any]):
     out += [t, lat]
     structured = [r for r in summary["routes"] if r["structured"]["pairs"]]
     if structured:
-        st = Table(title="Structured outputs (requests with a response_format): share of "
-                         "answers that conform, and of JSON keys whose values agree")
+        st = Table(title="Structured outputs (requests with a response_format or tools): share "
+                         "of answers that conform, of JSON keys whose values agree, and of "
+                         "tool calls both answers make")
         for col in ("route", "student version", "pairs", "student valid", "teacher valid",
-                    "fields equal", "fields equal (normalised)"):
+                    "fields equal", "fields equal (normalised)", "same tools",
+                    "same calls (arguments too)"):
             st.add_column(col, justify="left" if col in ("route", "student version") else "right")
         for r in structured:
             x = r["structured"]

@@ -24,6 +24,10 @@ to the pair; `combine` turns the available ones into `disagreement` = 1 - their 
 |                   | values are equal JSON                               | or not both objects   |
 | `field_agreement_normalized` | the same, strings compared after         | as above              |
 |                   | `normalize` (case, spacing, edge punctuation)       |                       |
+| `tool_name_agreement` | share of calls (of the answer with more) that   | neither answer calls  |
+|                   | the other answer also makes to the same function    | a tool                |
+| `tool_args_agreement` | the same, with equal arguments too (canonical   | as above              |
+|                   | JSON)                                               |                       |
 
 With a response format, `student_format_valid` and `teacher_format_valid` (1 / 0) say which
 answers conform: facts beside the scores, not similarities, so `combine` leaves them out (as it
@@ -45,6 +49,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.structured import split_calls
 
 MAX_EDIT_CHARS = 1000  # edit similarity compares the first N characters: O(N²) Python steps
 MAX_ROUGE_TOKENS = 500  # ROUGE-L compares the first N word tokens: O(N²) Python steps
@@ -253,6 +259,37 @@ def format_scores(student: str, teacher: str, conforms: Callable[[str], bool]
     }
 
 
+def _calls(text: str) -> list[tuple[str, str]]:
+    """An answer's tool calls as (name, canonical arguments), sorted; unreadable ones skipped."""
+    out = []
+    for call in split_calls(text)[1]:
+        if isinstance(call, dict) and isinstance(call.get("name"), str):
+            out.append((call["name"], canonical_json(call.get("arguments"))))
+    return sorted(out)
+
+
+def tool_scores(student: str, teacher: str) -> dict[str, float | None]:
+    """How far two answers make the same tool calls, in any order: the share of the calls (of
+    the answer with more) matched one to one by function name, and by name and arguments.
+    Both None when neither answer calls a tool."""
+    a, b = _calls(student), _calls(teacher)
+    if not a and not b:
+        return {"tool_name_agreement": None, "tool_args_agreement": None}
+
+    def matched(x: list, y: list) -> int:
+        left = list(y)
+        hits = 0
+        for item in x:
+            if item in left:
+                left.remove(item)
+                hits += 1
+        return hits
+
+    most = max(len(a), len(b))
+    return {"tool_name_agreement": matched([n for n, _ in a], [n for n, _ in b]) / most,
+            "tool_args_agreement": matched(a, b) / most}
+
+
 # --- labels --------------------------------------------------------------------------------------
 
 
@@ -313,6 +350,8 @@ class ScoreWeights(BaseModel):
     semantic: Weight = Field(2.0, description="embedding cosine (when an embedder runs)")
     format_agreement: Weight = Field(1.0, description="both answers conform to the request's "
                                      "response_format (when either does)")
+    tool_name_agreement: Weight = Field(2.0, description="same functions called (tool calls)")
+    tool_args_agreement: Weight = Field(2.0, description="same calls, arguments included")
     field_agreement_normalized: Weight = Field(
         2.0, description="share of JSON keys with the same value (structured requests)")
 
@@ -378,6 +417,7 @@ def score_pair(
     }
     if conforms is not None:
         scores.update(format_scores(student, teacher, conforms))
+    scores.update(tool_scores(student, teacher))
     if embed is not None:
         vectors = embed([student, teacher])
         if len(vectors) != 2:

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from serving.structured import ResponseFormat
+from serving.tools import ToolCall, ToolUse
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length"]
 
 
@@ -25,6 +26,8 @@ FinishReason = Literal["stop", "length"]
 class Message:
     role: Role
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +49,16 @@ class GenerationRequest:
     """One choice to generate: exactly one of `messages` (chat) or `prompt` (completion).
 
     `choice` is its index among the request's `n`: choices share `request_id`, and unseeded
-    sampling must still tell them apart."""
+    sampling must still tell them apart. `tools` are the functions the model may call (chat
+    only; `serving.tools` writes them into the prompt, and `params.response_format` is then
+    their call format)."""
 
     request_id: str
     params: SamplingParams
     messages: tuple[Message, ...] | None = None
     prompt: str | None = None
     choice: int = 0
+    tools: ToolUse | None = None
 
 
 @dataclass(frozen=True, slots=True)

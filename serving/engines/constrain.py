@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from serving.engines.base import EngineError
-from serving.structured import ResponseFormat, grammar_for
+from serving.structured import CALL_CLOSE, CALL_OPEN, ResponseFormat, grammar_for
 
 
 def vocabulary_from_llamacpp(vocab: Any) -> Any:
@@ -31,11 +31,23 @@ def vocabulary_from_hf(tokenizer: Any, eos: set[int]) -> Any:
     return from_tokenizer(tokenizer, eos_token=sorted(eos) or None)
 
 
+def special_tags(vocabulary: Any) -> tuple[str, ...]:
+    """The call tags (`<tool_call>`, `</tool_call>`) that are one special token of the vocabulary
+    (Qwen's are): a call may open with that token, as the model was taught."""
+    tags = []
+    for tag in (CALL_OPEN.strip(), CALL_CLOSE.strip()):
+        ids = vocabulary.tokenize_str(tag)
+        if len(ids) == 1 and vocabulary.is_special_token(ids[0]):
+            tags.append(tag)
+    return tuple(tags)
+
+
 class TokenConstraint:
     def __init__(self, vocabulary: Any, fmt: ResponseFormat):
         from llguidance import LLMatcher
 
-        self.matcher = LLMatcher(vocabulary, grammar_for(fmt), log_level=0)
+        self.matcher = LLMatcher(vocabulary, grammar_for(fmt, special_tags(vocabulary)),
+                                 log_level=0)
         self._check()
         words = (vocabulary.vocab_size + 31) // 32
         self._bits = np.zeros(words, dtype=np.int32)

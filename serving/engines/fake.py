@@ -8,7 +8,7 @@ on the prompt only; above 0 on the prompt and `seed` (or the request id and choi
 
 Prompt tokens are the whitespace-separated words of the prompt; chat messages are first rendered
 as ChatML. Logprobs are fake but well formed: the chosen token first, alternatives below it.
-A `response_format` is refused (`Unsupported`): words drawn at random cannot honour a schema.
+A `response_format` or `tools` is refused (`Unsupported`): words drawn at random cannot honour a schema.
 """
 
 from __future__ import annotations
@@ -92,6 +92,10 @@ class FakeEngine(Engine):
         if prompt is None:
             raise ValueError("GenerationRequest needs `messages` or `prompt`")
         p = request.params
+        if request.tools is not None:
+            raise Unsupported("tools", "Invalid 'tools': this model (the fake engine, which has "
+                              "no vocabulary to constrain) cannot call tools; omit 'tools' or "
+                              "set 'tool_choice' to 'none'.")
         if p.response_format is not None:
             raise Unsupported("response_format", "Invalid 'response_format': this model (the "
                               "fake engine, which has no vocabulary to constrain) answers in "

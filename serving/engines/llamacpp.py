@@ -1,7 +1,7 @@
 """A GGUF model through llama-cpp-python: the CPU default engine.
 
 Owns the `Llama` object, its chat template (the GGUF's `tokenizer.chat_template`, rendered here
-so the prompt tokens are known before generation) and a token loop over `Llama.generate` that
+with the request's tools, `serving.tools`, so the prompt tokens are known before generation) and a token loop over `Llama.generate` that
 runs in one worker thread: one generation at a time per model, later requests wait their turn.
 Each sampled token is checked against end-of-generation tokens, stop strings and the budget,
 and a closed iterator sets an event the loop checks at every token.
@@ -30,13 +30,13 @@ from serving.engines.base import (
     EngineError,
     EngineInfo,
     GenerationRequest,
-    Message,
     SamplingParams,
     StopMatcher,
     TokenLogprob,
 )
 from serving.engines.constrain import TokenConstraint, sample, vocabulary_from_llamacpp
 from serving.engines.threaded import WorkerThreadEngine
+from serving.tools import prompt_messages, renders_tools
 
 
 class LlamaCppEngine(WorkerThreadEngine):
@@ -52,6 +52,7 @@ class LlamaCppEngine(WorkerThreadEngine):
         )
         self._llm = None
         self._chat = None  # Jinja2ChatFormatter, or None when the GGUF has no chat template
+        self._native_tools = False  # the template renders tools itself (`serving.tools`)
         self._vocabulary = None  # llguidance's view of the vocabulary, made at the first need
 
     async def start(self) -> None:
@@ -86,6 +87,7 @@ class LlamaCppEngine(WorkerThreadEngine):
                 bos_token=model.token_get_text(bos) if bos != -1 else "",
                 add_generation_prompt=True,
             )
+            self._native_tools = renders_tools(template)
         self._llm = llm
 
     async def close(self) -> None:
@@ -104,7 +106,9 @@ class LlamaCppEngine(WorkerThreadEngine):
                     f"{self.path.name} has no chat template (tokenizer.chat_template); "
                     "use completions with a prompt instead"
                 )
-            rendered = self._chat(messages=[_as_dict(m) for m in request.messages])
+            messages, tools = prompt_messages(request.messages, request.tools,
+                                              self._native_tools)
+            rendered = self._chat(messages=messages, tools=tools)
             return self._llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
         if request.prompt is None:
             raise ValueError("GenerationRequest needs `messages` or `prompt`")
@@ -190,6 +194,3 @@ class LlamaCppEngine(WorkerThreadEngine):
     def _piece(self, token: int) -> str:
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
-
-def _as_dict(message: Message) -> dict[str, str]:
-    return {"role": message.role, "content": message.content}

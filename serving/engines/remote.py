@@ -4,6 +4,8 @@ Chat requests go to `/chat/completions`, prompts to `/completions`, always strea
 (`stream_options.include_usage`). Server-sent events become deltas: text, logprobs when the
 upstream returns them (no token ids: the upstream does not give them), and a last delta with the
 finish reason and the upstream's token counts. Closing the iterator closes the HTTP stream.
+A request's tools are passed through; the upstream's `tool_calls` come back as the call text every
+engine writes (`serving.tools`), on the last delta, so the gateway reads them like any other.
 
 Errors: an upstream HTTP error becomes `UpstreamError` (an `EngineError` with the status and a
 bounded message), or `PromptTooLong` when it is a 400 about the context length whose numbers can
@@ -27,9 +29,11 @@ from serving.engines.base import (
     EngineError,
     EngineInfo,
     GenerationRequest,
+    Message,
     PromptTooLong,
     TokenLogprob,
 )
+from serving.tools import call_text
 
 MAX_ERROR_CHARS = 500
 _CONTEXT = re.compile(
@@ -118,7 +122,9 @@ class RemoteEngine(Engine):
         if p.seed is not None:
             body["seed"] = p.seed
         if request.messages is not None:
-            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+            body["messages"] = [_message(m) for m in request.messages]
+            if request.tools is not None:  # passed through; calls come back as text (below)
+                body.update(request.tools.openai())
             upstream_format = p.response_format and p.response_format.openai()
             if upstream_format:  # passed through; the gateway checks the answer
                 body["response_format"] = upstream_format
@@ -135,6 +141,7 @@ class RemoteEngine(Engine):
         path, body = self._body(request)
         chat = request.messages is not None
         finish, usage, pieces = None, None, 0
+        calls: dict[int, dict[str, str]] = {}  # streamed tool calls by index: name, arguments
         try:
             async with self._client.stream("POST", path, json=body, headers=self._headers) as resp:
                 if resp.status_code >= 400:
@@ -145,6 +152,7 @@ class RemoteEngine(Engine):
                     if event.get("usage"):
                         usage = event["usage"]
                     for choice in event.get("choices") or ():
+                        _gather_calls(choice, calls)
                         text, logprobs = _choice_delta(choice, chat)
                         if text or logprobs:
                             pieces += 1
@@ -161,11 +169,31 @@ class RemoteEngine(Engine):
             raise EngineError("upstream stream ended without a finish_reason")
         usage = usage or {}
         yield Delta(
-            "",
+            "\n".join(call_text(c["name"], c["arguments"]) for _, c in sorted(calls.items())),
             finish_reason="length" if finish == "length" else "stop",
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens", pieces),
         )
+
+
+def _message(m: Message) -> dict[str, Any]:
+    """A history message as OpenAI's API takes it."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [c.openai() for c in m.tool_calls]
+        out["content"] = m.content or None
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _gather_calls(choice: dict[str, Any], calls: dict[int, dict[str, str]]) -> None:
+    """Accumulate a streamed choice's `delta.tool_calls` pieces, as the OpenAI SDK does."""
+    for piece in (choice.get("delta") or {}).get("tool_calls") or ():
+        call = calls.setdefault(piece.get("index", len(calls)), {"name": "", "arguments": ""})
+        fn = piece.get("function") or {}
+        call["name"] += fn.get("name") or ""
+        call["arguments"] += fn.get("arguments") or ""
 
 
 async def _sse_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:

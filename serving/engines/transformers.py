@@ -1,6 +1,6 @@
 """Any Hugging Face causal LM through transformers, decoded token by token with a KV cache.
 
-Owns the model, its tokenizer and chat template, and a decode loop written here (a forward pass
+Owns the model, its tokenizer and chat template (with the request's tools, `serving.tools`), and a decode loop written here (a forward pass
 with `past_key_values` per token) that runs in one worker thread: one generation at a time, later
 requests wait their turn. Writing the loop ourselves gives streaming, token ids, logprobs,
 OpenAI sampling (temperature, top_p, a seeded `torch.Generator`), stop strings, end-of-sequence
@@ -35,6 +35,7 @@ from serving.engines.base import (
 )
 from serving.engines.constrain import TokenConstraint, vocabulary_from_hf
 from serving.engines.threaded import WorkerThreadEngine
+from serving.tools import prompt_messages, renders_tools
 
 
 class IncrementalDetokenizer:
@@ -143,11 +144,10 @@ class TransformersEngine(WorkerThreadEngine):
                 raise EngineError(
                     f"{self.info.model} has no chat template; use completions with a prompt"
                 )
+            messages, tools = prompt_messages(
+                request.messages, request.tools, renders_tools(self.tokenizer.chat_template))
             text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in request.messages],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
+                messages, tools=tools, tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if request.prompt is None:
             raise ValueError("GenerationRequest needs `messages` or `prompt`")

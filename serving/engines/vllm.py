@@ -5,7 +5,8 @@ tokenizer. Prompts are tokenized here, chat messages with the tokenizer's chat t
 token count is known before anything is queued; vLLM gets the token ids, samples, applies stop
 strings and detokenizes, and streams `RequestOutputKind.DELTA` outputs. Closing the iterator
 aborts the request inside vLLM. Logprobs are vLLM's defaults: raw model logprobs. A
-`response_format` becomes vLLM's own structured outputs (its grammar backend enforces it).
+`response_format` becomes vLLM's own structured outputs (its grammar backend enforces it; tool
+calls are a Lark grammar, which needs vLLM's `guidance` backend).
 
 vLLM is an optional extra (`protege[vllm]`): it is imported only when the engine starts.
 """
@@ -27,6 +28,8 @@ from serving.engines.base import (
     SamplingParams,
     TokenLogprob,
 )
+from serving.structured import ResponseFormat, calls_lark
+from serving.tools import prompt_messages, renders_tools
 
 
 class VllmEngine(Engine):
@@ -90,11 +93,10 @@ class VllmEngine(Engine):
         if request.messages is not None:
             if not getattr(self.tokenizer, "chat_template", None):
                 raise EngineError(f"{self.info.model} has no chat template; use a prompt")
+            messages, tools = prompt_messages(
+                request.messages, request.tools, renders_tools(self.tokenizer.chat_template))
             text = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in request.messages],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
+                messages, tools=tools, tokenize=False, add_generation_prompt=True)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if request.prompt is None:
             raise ValueError("GenerationRequest needs `messages` or `prompt`")
@@ -111,7 +113,7 @@ class VllmEngine(Engine):
 
         extra: dict[str, Any] = {}
         if p.response_format is not None:
-            extra = _structured(json.loads(p.response_format.schema))
+            extra = _structured(p.response_format)
         return VllmSamplingParams(
             **extra,
             max_tokens=budget,
@@ -181,12 +183,19 @@ class VllmEngine(Engine):
         return self.tokenizer.decode([token_id])
 
 
-def _structured(schema: dict[str, Any]) -> dict[str, Any]:
-    """vLLM's structured-output argument for a JSON schema (renamed in vLLM 0.11)."""
+def _structured(fmt: ResponseFormat) -> dict[str, Any]:
+    """vLLM's structured-output argument for a response format (renamed in vLLM 0.11): a JSON
+    schema, a choice of labels, or tool calls as a Lark grammar (vLLM's `guidance` backend)."""
+    if fmt.type == "choice":
+        spec: dict[str, Any] = {"choice": list(fmt.labels)}
+    elif fmt.type == "tool_calls":
+        spec = {"grammar": calls_lark(fmt)}
+    else:
+        spec = {"json": json.loads(fmt.schema)}
     try:
         from vllm.sampling_params import StructuredOutputsParams
     except ImportError:
         from vllm.sampling_params import GuidedDecodingParams
 
-        return {"guided_decoding": GuidedDecodingParams(json=schema)}
-    return {"structured_outputs": StructuredOutputsParams(json=schema)}
+        return {"guided_decoding": GuidedDecodingParams(**spec)}
+    return {"structured_outputs": StructuredOutputsParams(**spec)}

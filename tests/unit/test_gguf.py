@@ -85,7 +85,8 @@ def tiny_model(arch: str, tokenizer: PreTrainedTokenizerFast, **extra) -> torch.
     fields = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **extra)
+                  pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    fields.update(extra)
     torch.manual_seed(0)
     model = (LlamaForCausalLM(LlamaConfig(**fields)) if arch == "llama"
              else Qwen2ForCausalLM(Qwen2Config(**fields)))

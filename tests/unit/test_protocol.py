@@ -8,6 +8,7 @@ import pytest
 
 from serving.engines.base import Message
 from serving.errors import MAX_MESSAGE, OpenAIError
+from serving.tools import ToolCall
 from serving.protocol import (
     INT64_MAX,
     INT64_MIN,
@@ -97,7 +98,9 @@ def test_roles_and_text_parts():
             "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
         },
         {"role": "user", "content": [{"type": "text", "text": "q", "prompt_cache_breakpoint": {}}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "t"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "t", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "42", "tool_call_id": "t"},
         {"role": "assistant", "content": [{"type": "refusal", "refusal": "no"}], "name": "bot"},
         {"role": "user", "content": ""},
     ]
@@ -107,7 +110,8 @@ def test_roles_and_text_parts():
         Message("system", "be brief"),
         Message("system", "a\nb"),
         Message("user", "q"),
-        Message("assistant", ""),
+        Message("assistant", "", (ToolCall("t", "f", "{}"),)),
+        Message("tool", "42", tool_call_id="t"),
         Message("assistant", "no"),
         Message("user", ""),
     )
@@ -250,17 +254,17 @@ TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "ob
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"tools": [TOOL]}, "tools"),
-    ({"tools": [TOOL], "tool_choice": "auto"}, "tools"),
-    ({"tools": [TOOL], "tool_choice": "required"}, "tools"),
-    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice"),
+    ({"tools": [TOOL], "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"tools": [TOOL], "response_format": {"type": "json_object"}}, "response_format"),
     ({"tools": "f"}, "tools"),
     ({"tools": [TOOL], "tool_choice": 3}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"function_call": "auto"}, "function_call"),
 ])
-def test_function_calling_is_refused_not_ignored(fields, param):
+def test_bad_function_calling_fields_are_refused_naming_them(fields, param):
     with pytest.raises(OpenAIError) as e:
         parse_request("chat", chat(**fields))
     assert e.value.status == 400 and e.value.param == param
@@ -370,7 +374,11 @@ def test_chat_bad_values(fields, param):
         ({"role": "user"}, "messages"),
         (["hi"], "messages[0]"),
         ([{"content": "x"}], "messages[0].role"),
-        ([{"role": "tool", "content": "x", "tool_call_id": "t"}], "messages[0].role"),
+        ([{"role": "function", "content": "x", "name": "f"}], "messages[0].role"),
+        ([{"role": "tool", "content": "x"}], "messages[0].tool_call_id"),
+        ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls"),
+        ([{"role": "assistant", "content": "x", "tool_calls": [{"id": "a"}]}],
+         "messages[0].tool_calls[0]"),
         ([{"role": "function", "content": "x", "name": "f"}], "messages[0].role"),
         ([{"role": "robot", "content": "x"}], "messages[0].role"),
         ([{"role": "user"}], "messages[0].content"),
