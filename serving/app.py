@@ -515,7 +515,9 @@ class Ingress:
             raise
         except PromptTooLong as e:
             call.finish(400)
-            raise OpenAIError.context_length_exceeded(str(e), req.PROMPT_PARAM) from None
+            # from the fields: a replica's error, re-raised by Ray, also carries its traceback
+            message = PromptTooLong(e.prompt_tokens, e.max_tokens, e.context_window).args[0]
+            raise OpenAIError.context_length_exceeded(message, req.PROMPT_PARAM) from None
         except Unsupported as e:
             call.finish(400)
             raise OpenAIError.invalid_value(e.param, e.message) from None

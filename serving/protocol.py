@@ -339,8 +339,11 @@ def _parse_tool_calls(value: Any, role: str, where: str) -> tuple[ToolCall, ...]
                     f"{json_type(value)} instead.")
     calls = []
     for k, c in enumerate(value):
+        if isinstance(c, dict) and c.get("type") not in (None, "function"):
+            raise _fail(f"{at}[{k}].type", f"Invalid value for '{at}[{k}].type': "
+                        f"{_show(c.get('type'))}. Only 'function' tool calls are supported.")
         fn = c.get("function") if isinstance(c, dict) else None
-        fields = (c.get("id"), *(fn.get(f) for f in ("name", "arguments"))) if fn else ()
+        fields = (c.get("id"), fn.get("name"), fn.get("arguments")) if isinstance(fn, dict) else ()
         if not fields or not all(isinstance(x, str) for x in fields):
             raise _fail(f"{at}[{k}]", f"Invalid '{at}[{k}]': expected {{\"id\": string, "
                         "\"type\": \"function\", \"function\": {\"name\": string, "

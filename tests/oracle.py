@@ -23,7 +23,8 @@ from distill.tasks import load_suite
 
 
 class Oracle:
-    """Answers each suite case with its reference (model "oracle") or a shrug ("dunce")."""
+    """Answers each suite case with its reference (model "oracle") or a shrug ("dunce"); a
+    request with tools gets a streamed call to its first tool."""
 
     def __init__(self):
         cases = load_suite(DEFAULT_SUITE)
@@ -43,6 +44,19 @@ class Oracle:
         text = known if body["model"] == "oracle" else "Sorry, no idea."
 
         async def events():
+            if body.get("tools"):  # call the first tool, its arguments streamed in pieces
+                name = body["tools"][0]["function"]["name"]
+                first = {"index": 0, "id": "call_up", "type": "function",
+                         "function": {"name": name, "arguments": ""}}
+                pieces = [first, *({"index": 0, "function": {"arguments": a}}
+                                   for a in ('{"city": ', '"Rome"}'))]
+                for piece in pieces:
+                    chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [piece]}}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                end = {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+                yield f"data: {json.dumps(end)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
             for piece in re.findall(r"\s*\S+", text):
                 chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
                 yield f"data: {json.dumps(chunk)}\n\n"

@@ -14,8 +14,8 @@ schemathesis cannot validate `text/event-stream` (streaming has its own tests in
 test_openai_api.py). Positive cases only: most `/models/{model}` lookups, non-string completion
 prompts, `max_tokens: 0`, `best_of` other than `n` and tool-calling turns are mended, so that
 more of them reach a 200 whose body is checked. Most declared tools get `tool_choice: "none"`
-(function calling is refused otherwise), and most `response_format`s are dropped: the fake
-engine refuses them (structured outputs have their own tests in test_structured_outputs.py).
+and most `response_format`s are dropped: the fake engine refuses both (structured outputs and
+tool calls have their own tests in test_structured_outputs.py).
 
 Exclusions, per case and per check, with the reason counted in the summary:
 - `positive_data_acceptance`, where a schema-valid request is rejected on purpose (DELIBERATE:
@@ -96,8 +96,8 @@ def _out_of_range(v: Any) -> bool:
 DELIBERATE: list[tuple[str, Callable[[Any, dict], bool], str]] = [
     (r"model", lambda v, b: v == "",
      "an empty model name is a 400, as OpenAI's 'you must provide a model parameter'"),
-    (r"messages\[\d+\]\.role", lambda v, b: v in TOOLS,
-     "no tool calling here: tool and function turns are rejected"),
+    (r"messages\[\d+\]\.role", lambda v, b: v == "function",
+     "legacy function turns are rejected: tool turns replace them"),
     (r"messages\[\d+\]\.content\[\d+\]\.type", lambda v, b: v != "text",
      "a text-only server: other content parts (image, audio, file) are a 400"),
     (r"top_logprobs", lambda v, b: b.get("logprobs") is not True,
@@ -113,11 +113,20 @@ DELIBERATE: list[tuple[str, Callable[[Any, dict], bool], str]] = [
      "a seed beyond int64, the spec's `format: int64`, which schemathesis does not enforce"),
     (r"best_of", lambda v, b: v not in (None, b.get("n") or 1),
      "no ranking of candidates: best_of must equal n"),
-    (r"tools|functions", lambda v, b: isinstance(v, list) and v,
-     "function calling is refused, not ignored, until it is supported (tool_choice 'none' "
+    (r"tools", lambda v, b: isinstance(v, list) and v,
+     "the fake engine has no vocabulary to constrain: it refuses tools (tool_choice 'none' "
      "answers in text)"),
+    (r"tools\[\d+\]\.(type|function\.parameters|function\.name)",
+     lambda v, b: v is not None,
+     "a generated tool that is not a function, or whose parameters are no JSON Schema that "
+     "decoding can enforce, or a name declared twice"),
+    (r"messages\[\d+\]\.tool_calls\[\d+\]\.type", lambda v, b: v != "function",
+     "only function tool calls: custom (free-form) calls in the history are a 400"),
+    (r"functions", lambda v, b: isinstance(v, list) and v,
+     "the legacy functions are refused, not ignored: tools replace them"),
     (r"tool_choice|function_call", lambda v, b: v not in (None, "none"),
-     "a tool_choice with nothing declared to call, as at OpenAI"),
+     "a tool_choice with nothing declared to call, or naming an undeclared function, as at "
+     "OpenAI"),
     (r"response_format", lambda v, b: isinstance(v, dict) and v.get("type") != "text",
      "the fake engine has no vocabulary to constrain: it refuses a response_format"),
     (r"response_format\.json_schema\.schema", lambda v, b: isinstance(v, dict),
@@ -142,7 +151,7 @@ READ = {
     "/completions": frozenset(_READ + "prompt best_of echo suffix".split()),
 }
 
-TOOLS = ("tool", "function")  # roles of tool-calling turns, which we reject
+TOOLS = ("tool", "function")  # roles of tool-calling turns (function: rejected)
 
 COUNTS: collections.Counter[tuple[str, str, int]] = collections.Counter()
 EXCUSED: collections.Counter[str] = collections.Counter()

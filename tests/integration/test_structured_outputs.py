@@ -2,8 +2,8 @@
 
 The gateway serves a tiny random llama GGUF (llama.cpp, built in code), the fake engine, and a
 remote upstream that ignores `response_format` (the test oracle). The random model answers
-valid JSON only because decoding is constrained; the SDK's `parse()` and `stream()` rebuild a
-validated Pydantic object from it.
+valid JSON and valid tool calls only because decoding is constrained; the SDK's `parse()` and
+`stream()` rebuild a validated Pydantic object (or the calls) from it.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ def gw(tmp_path_factory, oracle):
             "shadow": {"store_path": str(tmp / "pairs.sqlite"), "spill_dir": str(tmp / "spill"),
                        "semantic_model": None},
             "variants": {
-                "tiny": {"engine": {"engine": "llamacpp", "path": str(gguf), "n_ctx": 256,
+                "tiny": {"engine": {"engine": "llamacpp", "path": str(gguf), "n_ctx": 2048,
                                     "n_threads": 1}, "num_cpus": 0},
                 "tiny-teacher": {"engine": {"engine": "llamacpp", "path": str(teacher),
-                                            "n_ctx": 256, "n_threads": 1}, "num_cpus": 0},
+                                            "n_ctx": 2048, "n_threads": 1}, "num_cpus": 0},
                 "fake": {"engine": {"engine": "fake"}, "num_cpus": 0},
                 "upstream": {"engine": {"engine": "remote", "base_url": upstream,
                                         "model": "dunce", "timeout_s": 10}, "num_cpus": 0},
@@ -201,3 +201,102 @@ def test_a_mirrored_structured_request_is_scored_for_its_structure(gw):
     assert Ticket.model_validate_json(pair.teacher.text)
     route = next(x for x in summarize([pair], [])["routes"] if x["route"] == "shadowed")
     assert route["structured"]["pairs"] == 1
+
+
+# -- tools ----------------------------------------------------------------------------------------
+
+
+class GetWeather(BaseModel):
+    city: Literal["Paris", "Rome"]
+    celsius: bool
+
+
+WEATHER_MSG = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def test_a_tool_call_comes_back_whole_and_streamed_as_the_sdk_accumulates_it(gw):
+    client = gw.client()
+    tools = [openai.pydantic_function_tool(GetWeather)]  # strict: additionalProperties false
+    whole = client.chat.completions.create(model="tiny", messages=WEATHER_MSG, tools=tools,
+                                           tool_choice="required", parallel_tool_calls=False,
+                                           seed=5, max_completion_tokens=300)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "GetWeather" and call.id.startswith("call_")
+    GetWeather.model_validate_json(call.function.arguments)
+    with client.chat.completions.stream(model="tiny", messages=WEATHER_MSG, tools=tools,
+                                        tool_choice="required", parallel_tool_calls=False,
+                                        seed=5, max_completion_tokens=300) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert len(done) == 1 and isinstance(done[0].parsed_arguments, GetWeather)
+    streamed = final.choices[0]
+    assert streamed.finish_reason == "tool_calls"
+    got = streamed.message.tool_calls[0].function
+    assert (got.name, got.arguments) == (call.function.name, call.function.arguments)  # seeded
+    named = client.chat.completions.create(
+        model="tiny", messages=WEATHER_MSG, tools=tools, seed=1, max_completion_tokens=300,
+        tool_choice={"type": "function", "function": {"name": "GetWeather"}})
+    assert named.choices[0].message.tool_calls[0].function.name == "GetWeather"
+
+
+def test_a_tool_result_turn_is_answered(gw):
+    history = [*WEATHER_MSG, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "GetWeather", "arguments": '{"city": "Paris", "celsius": true}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21 C and sunny"}]
+    tools = [openai.pydantic_function_tool(GetWeather)]
+    r = gw.client().chat.completions.create(model="tiny", messages=history, tools=tools,
+                                            tool_choice="none", max_completion_tokens=5)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.choices[0].message.tool_calls is None
+
+
+def test_tools_refused_where_they_cannot_be_honoured(gw):
+    tools = [openai.pydantic_function_tool(GetWeather)]
+    for model, param in (("fake", "tools"), ("triage", "tools")):
+        with pytest.raises(openai.BadRequestError) as e:
+            gw.client().chat.completions.create(model=model, messages=WEATHER_MSG, tools=tools)
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        gw.client().chat.completions.create(model="tiny", messages=WEATHER_MSG,
+                                            functions=[{"name": "f"}])
+    assert e.value.body["param"] == "functions" and "'tools'" in e.value.body["message"]
+
+
+def test_a_remote_upstream_gets_the_tools_and_its_calls_come_back(gw, oracle):
+    tools = [openai.pydantic_function_tool(GetWeather)]
+    r = gw.client().chat.completions.create(model="upstream", messages=WEATHER_MSG, tools=tools,
+                                            tool_choice="required")
+    assert oracle.bodies[-1]["tools"][0]["function"]["name"] == "GetWeather"
+    assert oracle.bodies[-1]["tool_choice"] == "required"
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "GetWeather", {"city": "Rome"})
+
+
+def test_a_mirrored_tool_call_is_scored_for_its_calls(gw):
+    from shadow.report import summarize
+    from shadow.store import SqliteStore
+
+    tools = [openai.pydantic_function_tool(GetWeather)]
+    r = gw.client().chat.completions.create(model="shadowed", messages=WEATHER_MSG, tools=tools,
+                                            tool_choice="required", seed=2,
+                                            parallel_tool_calls=False,  # one call: no runaway
+                                            max_completion_tokens=300)
+    deadline = time.monotonic() + 60
+    pair = None
+    while pair is None and time.monotonic() < deadline:
+        if gw.store_path.exists():
+            pair = SqliteStore(gw.store_path).get(r.id)
+        time.sleep(0.5)
+    assert pair is not None, gw.logs()
+    assert pair.request["tools"]["tools"][0]["function"]["name"] == "GetWeather"
+    assert pair.scores["student_format_valid"] == pair.scores["teacher_format_valid"] == 1.0, (
+        pair.teacher)
+    assert pair.scores["tool_name_agreement"] == 1.0  # one function: both call it
+    assert pair.scores["tool_args_agreement"] in (0.0, 1.0)
+    route = next(x for x in summarize([pair], [])["routes"] if x["route"] == "shadowed")
+    assert route["structured"]["tool_name_agreement"] == 1.0

@@ -379,6 +379,8 @@ def test_chat_bad_values(fields, param):
         ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls"),
         ([{"role": "assistant", "content": "x", "tool_calls": [{"id": "a"}]}],
          "messages[0].tool_calls[0]"),
+        ([{"role": "assistant", "content": "x", "tool_calls": [{"id": "a", "function": [1]}]}],
+         "messages[0].tool_calls[0]"),
         ([{"role": "function", "content": "x", "name": "f"}], "messages[0].role"),
         ([{"role": "robot", "content": "x"}], "messages[0].role"),
         ([{"role": "user"}], "messages[0].content"),
