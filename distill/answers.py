@@ -37,9 +37,13 @@ from serving.engines import (
     Engine,
     GenerationRequest,
     Message,
+    ResponseFormat,
     SamplingParams,
+    ToolUse,
+    Unsupported,
     build_engine,
 )
+from serving.engines.remote import UpstreamError
 
 Prompt = str | Sequence[dict[str, str]]  # a user message, or chat messages ending before the answer
 REMOTE_KEY_ENV = "PROTEGE_REMOTE_API_KEY"
@@ -100,34 +104,51 @@ async def open_engine(model: str | EngineConfig, **options: Any) -> AsyncIterato
 
 
 def request_for(prompt: Prompt, *, max_tokens: int, temperature: float = 0.0, seed: int = 0,
-                logprobs: bool = False) -> GenerationRequest:
-    """A chat request for `prompt`: a string is one user message."""
+                logprobs: bool = False, response_format: ResponseFormat | None = None,
+                tools: ToolUse | None = None) -> GenerationRequest:
+    """A chat request for `prompt`: a string is one user message. A `response_format` or
+    `tools` constrain the answer as they do a client's request."""
     messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+    fmt = response_format or (tools.format() if tools is not None else None)
     return GenerationRequest(
         request_id=f"distill-{uuid.uuid4().hex[:12]}",
         params=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
-                              logprobs=0 if logprobs else None),
+                              logprobs=0 if logprobs else None, response_format=fmt),
         messages=tuple(Message(m["role"], m["content"]) for m in messages),
+        tools=tools,
     )
 
 
 async def answer_one(engine: Engine, prompt: Prompt, *, max_tokens: int,
-                     temperature: float = 0.0, seed: int = 0, logprobs: bool = False) -> Answer:
-    """Generate one answer to `prompt`, timing the first token and the whole answer."""
+                     temperature: float = 0.0, seed: int = 0, logprobs: bool = False,
+                     response_format: ResponseFormat | None = None,
+                     tools: ToolUse | None = None) -> Answer:
+    """Generate one answer to `prompt`, timing the first token and the whole answer. A model
+    that refuses the `response_format` or `tools` (an engine that cannot constrain, an endpoint
+    answering 400) gives an empty answer whose `finish_reason` says so: it fails that case."""
     request = request_for(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                          logprobs=logprobs)
+                          logprobs=logprobs, response_format=response_format, tools=tools)
     started = time.perf_counter()
     first: float | None = None
     text: list[str] = []
     lps: list[float] = []
     last = None
-    async for delta in engine.generate(request):
-        if first is None and (delta.text or delta.token_ids):
-            first = time.perf_counter()
-        text.append(delta.text)
-        if delta.logprobs:
-            lps.extend(lp.logprob for lp in delta.logprobs)
-        last = delta
+    try:
+        async for delta in engine.generate(request):
+            if first is None and (delta.text or delta.token_ids):
+                first = time.perf_counter()
+            text.append(delta.text)
+            if delta.logprobs:
+                lps.extend(lp.logprob for lp in delta.logprobs)
+            last = delta
+    except (Unsupported, UpstreamError) as e:
+        status = getattr(e, "status", 400)
+        if request.params.response_format is None or status != 400:
+            raise
+        why = e.message if isinstance(e, Unsupported) else e.detail
+        return Answer(text="", token_logprobs=(), prompt_tokens=0, completion_tokens=0,
+                      finish_reason=f"refused: {why[:200]}", ttft_s=None,
+                      latency_s=time.perf_counter() - started)
     done = time.perf_counter()
     return Answer(
         text="".join(text), token_logprobs=tuple(lps),

@@ -3,7 +3,8 @@
 A model is anything `distill.answers` can run: a `.gguf` file (llama.cpp), a Hugging Face
 folder (transformers), or an OpenAI-compatible endpoint (`http(s)://host/v1`, our gateway
 included; `#MODEL` picks the model, else the endpoint's first listed model). Answers are
-greedy, one per case with the case's own token budget; the checks and the summary are
+greedy, one per case with the case's own token budget and conditions (a structured case's
+`response_format` or tools; a model that refuses them fails the case); the checks and the summary are
 `distill.tasks`. Owns: resolving an endpoint's model name, answering the cases, the report.
 """
 
@@ -57,8 +58,10 @@ def answer_cases(model: str, cases: Sequence[TaskCase], *, n_ctx: int = 2048,
 
         async def one(case: TaskCase) -> Answer:
             nonlocal done
+            fmt, tools = case.conditions()
             async with slots:
-                answer = await answer_one(engine, case.messages, max_tokens=case.max_tokens)
+                answer = await answer_one(engine, case.messages, max_tokens=case.max_tokens,
+                                          response_format=fmt, tools=tools)
             done += 1
             if done % 25 == 0 or done == len(cases):
                 say(f"{done}/{len(cases)} answered")

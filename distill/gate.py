@@ -348,8 +348,10 @@ class _Plan:
         async def run() -> list[Answer]:
             out = []
             async with open_engine(cfg) as engine:
-                for m, k in items:
-                    out.append(await answer_one(engine, m, max_tokens=k))
+                for m, k, *conditions in items:  # conditions: (response_format, tools)
+                    fmt, tools = conditions[0] if conditions else (None, None)
+                    out.append(await answer_one(engine, m, max_tokens=k, response_format=fmt,
+                                                tools=tools))
                     if what and (len(out) % 50 == 0 or len(out) == len(items)):
                         self.say(f"{what}: {len(out)}/{len(items)} answered")
             return out
@@ -753,7 +755,7 @@ async def _cell(engine: Any, prompts: list[Messages], batch: int, clients: int,
 def _tasks(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     cfg = plan.config.tasks
     cases = plan.tasks or []
-    items = [(c.messages, c.max_tokens) for c in cases]
+    items = [(c.messages, c.max_tokens, c.conditions()) for c in cases]
     sides = {"student": plan.answers(plan.student, items, "tasks: student")}
     if plan.champion is not None:
         sides["champion"] = plan.answers(plan.champion, items, "tasks: champion")

@@ -28,11 +28,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.engines import split_calls
 from shadow.records import FeedbackRecord
 from shadow.report import percentile
 from shadow.scoring import normalize, parse_json
 
-KINDS = ("exact", "contains", "aliases", "regex", "json_schema", "json_fields", "label", "refuse")
+KINDS = ("exact", "contains", "aliases", "regex", "json_schema", "json_fields", "label",
+         "tool_call", "refuse")
 # Case-insensitive regexes; an answer matching any of them is a refusal. Apostrophes are
 # normalised to ' before matching.
 DEFAULT_REFUSALS = (
@@ -63,6 +65,8 @@ class Expect(BaseModel):
     fields: dict[str, Any] | None = Field(None, description="json_fields: key -> the expected "
                                           "value (compared as normalised text)")
     label: str | None = Field(None, description="label: the expected label")
+    function: str | None = Field(None, description="tool_call: the function the first call "
+                                 "names (its arguments: `fields`)")
     labels: list[str] | None = Field(None, description="label: every allowed label")
     strict: bool = Field(False, description="exact: compare stripped text, not normalised")
     case_sensitive: bool = Field(False, description="contains: match case")
@@ -75,7 +79,8 @@ class Expect(BaseModel):
     def _complete(self) -> Expect:
         need = {"exact": ("value",), "contains": ("value",), "aliases": ("value",),
                 "regex": ("pattern",), "json_schema": ("json_schema",),
-                "json_fields": ("fields",), "label": ("label", "labels")}
+                "json_fields": ("fields",), "label": ("label", "labels"),
+                "tool_call": ("function",)}
         missing = [n for n in need.get(self.kind, ()) if getattr(self, n) in (None, [], "")]
         if missing:
             name = "schema" if missing[0] == "json_schema" else missing[0]
@@ -162,12 +167,17 @@ def check_answer(answer: str, expect: Expect,
         ok, value = parse_any_json(answer)
         if not ok or not isinstance(value, dict):
             return False, "not a JSON object"
-        for key, want in expect.fields.items():
-            if key not in value:
-                return False, f"no field {key!r}"
-            if normalize(str(value[key])) != normalize(str(want)):
-                return False, f"{key}: {value[key]!r} is not {want!r}"
-        return True, ""
+        return _fields_match(value, expect.fields or {})
+    if kind == "tool_call":
+        calls = [c for c in split_calls(answer)[1] if isinstance(c, dict)]
+        if not calls:
+            return False, "no tool call"
+        if calls[0].get("name") != expect.function:
+            return False, f"calls {calls[0].get('name')!r}, not {expect.function!r}"
+        arguments = calls[0].get("arguments")
+        if not isinstance(arguments, dict):
+            return False, "arguments are not a JSON object"
+        return _fields_match(arguments, expect.fields or {})
     if kind == "regex":
         found = (re.fullmatch(expect.pattern, answer.strip()) if expect.fullmatch
                  else re.search(expect.pattern, answer))
@@ -188,6 +198,15 @@ def check_answer(answer: str, expect: Expect,
         return ok, "" if ok else (f"names {', '.join(named)}" if named else "names no label")
     refused = is_refusal(answer, refusals)
     return refused, "" if refused else "not a refusal"
+
+
+def _fields_match(value: dict, fields: dict) -> tuple[bool, str]:
+    for key, want in fields.items():
+        if key not in value:
+            return False, f"no field {key!r}"
+        if normalize(str(value[key])) != normalize(str(want)):
+            return False, f"{key}: {value[key]!r} is not {want!r}"
+    return True, ""
 
 
 # --- calibration ---------------------------------------------------------------------------------

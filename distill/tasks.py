@@ -1,8 +1,9 @@
 """The task suite: enterprise task cases with automatic checks, and how a model scores on them.
 
 A suite file (JSONL, written by `examples/tasks/generate.py`) holds one `TaskCase` per line: a
-family (classify, extract, qa, format, summarize), a split (`dev` for tuning, `gate` for the
-gate, `train` for a prompt pool), chat messages, a check (`distill.gate_checks.Expect`) and a
+family (classify, extract, qa, format, summarize, structured), a split (`dev` for tuning, `gate` for the
+gate, `train` for a prompt pool), chat messages (and, for structured cases, the request's
+`response_format` or `tools`, which constrain the answer as a client's would), a check (`distill.gate_checks.Expect`) and a
 reference answer that passes it. `score` turns answers into per-case outcomes; `summary` gives
 the pass rate overall and per family with Wilson intervals. Pure: `distill.evaluate` runs the
 models.
@@ -15,9 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill.gate_checks import Expect, check_answer, wilson_interval
+from serving.engines import ResponseFormat, ToolUse, parse_response_format, parse_tools
 
 SPLITS = ("dev", "gate", "train")
 
@@ -36,6 +38,24 @@ class TaskCase(BaseModel):
     check: Expect
     reference: str = Field(description="an answer that passes the check")
     max_tokens: int = Field(64, ge=1, le=4096)
+    response_format: dict[str, Any] | None = Field(
+        None, description="the request's response_format, as a client sends it (structured)")
+    tools: list[dict[str, Any]] | None = Field(None, description="the request's tools")
+    tool_choice: str | dict[str, Any] | None = Field(None, description="the request's tool_choice")
+
+    @model_validator(mode="after")
+    def _conditions_parse(self) -> TaskCase:
+        self.conditions()  # a response_format or tools the engines could not honour: refused
+        return self
+
+    def conditions(self) -> tuple[ResponseFormat | None, ToolUse | None]:
+        """What constrains the answer besides the messages, parsed as the gateway parses it."""
+        try:
+            fmt = parse_response_format(self.response_format)
+            tools = parse_tools(self.tools, self.tool_choice) if self.tools else None
+        except ValueError as e:
+            raise ValueError(f"case {self.id}: {e}") from None
+        return fmt, tools
 
 
 def load_suite(path: str | Path, *, splits: Sequence[str] | None = None,

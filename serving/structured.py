@@ -16,7 +16,9 @@ token mask (`serving.engines.constrain`), so a finished answer always parses and
 A `tool_calls` format (built by `serving.tools`) is one or more calls, each written
 `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (Hermes's form, Qwen's template's):
 `schema` is one call's JSON Schema, `parallel` allows several, `text_allowed` lets an answer in
-plain text (without `<tool_call>`) stand instead, optionally before the calls (`tool_choice: auto`).
+plain text stand instead, optionally before the calls (`tool_choice: auto`). There, an answer that
+is one bare JSON object (small models often drop the tags) is read as a call too, and so it must
+be a valid one: plain text is what neither opens a `<tool_call>` nor begins with `{`.
 
 Pure: no I/O, no clock. The compiled grammars and validators are cached by the schema's
 canonical JSON text (its hash keys the cache), so a schema sent with every request compiles once.
@@ -191,12 +193,15 @@ def calls_lark(fmt: ResponseFormat, special: Sequence[str] = ()) -> str:
     call = json.loads(fmt.schema)
     call["x-guidance"] = {"whitespace_pattern": WHITESPACE, "lenient": False}
     return "\n".join([
-        "start: TEXT | TEXT? calls" if fmt.text_allowed else "start: calls",
+        "start: TEXT | TEXT? calls | bare" if fmt.text_allowed else "start: calls",
+        f"bare: %json {json.dumps(call)}",
         'calls: call ("\\n" call)*' if fmt.parallel else "calls: call",
         f'call: {tag(CALL_OPEN.strip())} "\\n" %json {json.dumps(call)} "\\n" '
         f"{tag(CALL_CLOSE.strip())}",
-        # Plain text is anything that does not open a call: a call, once begun, is constrained.
-        f"TEXT: /(?s:.+)/ & ~/(?s:.*{re.escape(CALL_OPEN.strip())}.*)/",
+        # Plain text is anything that neither opens a call nor begins with `{` (a bare call):
+        # a call, once begun, is constrained.
+        f"TEXT: /(?s:.+)/ & ~/(?s:.*{re.escape(CALL_OPEN.strip())}.*)/"
+        r" & ~/(?s:[ \t\n]*\{.*)/",
     ])
 
 
@@ -245,7 +250,9 @@ def _check_calls(fmt: ResponseFormat, text: str) -> str | None:
     if not calls:
         if not fmt.text_allowed:
             return "no tool call"
-        return "an unfinished tool call" if CALL_OPEN.strip() in text else None
+        if CALL_OPEN.strip() in text:
+            return "an unfinished tool call"
+        return "a JSON object that is not a call" if text.lstrip().startswith("{") else None
     if len(calls) > 1 and not fmt.parallel:
         return f"{len(calls)} tool calls where one is allowed"
     if content and not fmt.text_allowed:
@@ -262,13 +269,21 @@ def _check_calls(fmt: ResponseFormat, text: str) -> str | None:
 
 def split_calls(text: str) -> tuple[str, list[dict | None]]:
     """The text outside `<tool_call>` blocks (stripped), and each block's JSON value (None where
-    it is not JSON); text after an unclosed `<tool_call>` stays in the content."""
+    it is not JSON); text after an unclosed `<tool_call>` stays in the content. An answer with
+    no block that is one bare JSON object with `name` and `arguments` is that one call."""
     calls: list[dict | None] = []
     for block in _CALL.findall(text):
         try:
             calls.append(json.loads(block))
         except ValueError:
             calls.append(None)
+    if not calls and text.lstrip().startswith("{"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, dict) and {"name", "arguments"} <= value.keys():
+            return "", [value]
     return _CALL.sub("", text).strip(), calls
 
 

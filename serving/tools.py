@@ -300,15 +300,21 @@ class CallStream:
     """Splits one streamed answer into content and whole calls, in order: `push(text)` returns
     the content strings and `ToolCall`s now complete; `flush()` what is left at the end (an
     unclosed call stays content). Text that may begin a call is held back until it is clear;
-    whitespace between calls is dropped."""
+    whitespace between calls is dropped. An answer that begins with `{` may be a bare call
+    (`serving.structured.split_calls`): it is held whole and read at the end."""
 
     def __init__(self, names: Sequence[str], response_id: str, choice: int):
         self.names, self.response_id, self.choice = tuple(names), response_id, choice
         self.buffer, self.calls = "", 0
+        self.bare: bool | None = None  # does the answer begin with `{` (a bare call)? None: unsaid
 
     def push(self, text: str) -> list[str | ToolCall]:
         self.buffer += text
         out: list[str | ToolCall] = []
+        if self.bare is None and self.buffer.strip():
+            self.bare = self.buffer.lstrip().startswith("{")
+        if self.bare is not False:  # held whole: read at the end, like `read_calls`
+            return out
         while True:
             start = self.buffer.find(OPEN)
             if start < 0:
@@ -337,4 +343,7 @@ class CallStream:
 
     def flush(self) -> list[str | ToolCall]:
         rest, self.buffer = self.buffer, ""
+        if self.bare:
+            content, calls = read_calls(rest, self.names, self.response_id, self.choice)
+            return calls or [rest]
         return [rest] if rest and not (self.calls and rest.isspace()) else []

@@ -23,8 +23,9 @@ from distill.tasks import load_suite
 
 
 class Oracle:
-    """Answers each suite case with its reference (model "oracle") or a shrug ("dunce"); a
-    request with tools gets a streamed call to its first tool."""
+    """Answers each suite case with its reference (model "oracle") or a shrug ("dunce"). A
+    request with tools gets a streamed call: the reference's for "oracle", else one to the
+    first tool with `{"city": "Rome"}`."""
 
     def __init__(self):
         cases = load_suite(DEFAULT_SUITE)
@@ -44,12 +45,14 @@ class Oracle:
         text = known if body["model"] == "oracle" else "Sorry, no idea."
 
         async def events():
-            if body.get("tools"):  # call the first tool, its arguments streamed in pieces
-                name = body["tools"][0]["function"]["name"]
+            if body.get("tools"):  # a call, its arguments streamed in pieces
+                name, arguments = _call(text) if text.startswith("<tool_call>") else (
+                    body["tools"][0]["function"]["name"], {"city": "Rome"})
                 first = {"index": 0, "id": "call_up", "type": "function",
                          "function": {"name": name, "arguments": ""}}
+                args = json.dumps(arguments)
                 pieces = [first, *({"index": 0, "function": {"arguments": a}}
-                                   for a in ('{"city": ', '"Rome"}'))]
+                                   for a in (args[:5], args[5:]))]
                 for piece in pieces:
                     chunk = {"choices": [{"index": 0, "delta": {"tool_calls": [piece]}}]}
                     yield f"data: {json.dumps(chunk)}\n\n"
@@ -65,6 +68,12 @@ class Oracle:
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _call(reference: str) -> tuple[str, dict]:
+    """The function and arguments of a reference answer that is a tool call."""
+    call = json.loads(reference.removeprefix("<tool_call>").removesuffix("</tool_call>"))
+    return call["name"], call["arguments"]
 
 
 @contextmanager

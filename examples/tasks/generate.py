@@ -8,13 +8,17 @@ for, each case with an automatic check and a reference answer that passes it. Fi
 - qa: short factual answers (capitals, science, arithmetic, unit conversions), with aliases;
 - format: following output instructions (casing, numbered and comma lists, word limits,
   JSON shape);
-- summarize: one sentence within a word limit that keeps the facts it is asked to keep.
+- summarize: one sentence within a word limit that keeps the facts it is asked to keep;
+- structured: the same kind of extraction asked with a `response_format` (json_schema), and
+  requests that offer tools (`tool_choice` required or auto), checked by the call they make.
 
 Every suite case is in one split: `dev` (for tuning recipes) or `gate` (scored by the gate,
 never trained on, never used to pick hyper-parameters). `pool.jsonl` holds `train` prompts of
 the same families for the loop to send to the teacher. The splits share no prompt, and the
 factual questions (capitals, science) are partitioned so that no fact asked in one split is
-asked in another. Deterministic (`random.Random(SEED)`); standard library only. Rerun it to
+asked in another. Deterministic (`random.Random(SEED)`; the structured family, added later, draws
+from its own `random.Random(SEED + 1)` so the other families' cases stay as they were, and has
+no `train` prompts); standard library only. Rerun it to
 rewrite both files (a test checks they are what this script writes):
 
     python examples/tasks/generate.py [OUT_DIR]
@@ -33,6 +37,7 @@ SUITE = "protege-tasks/1"
 SEED = 13
 FAMILIES = ("classify", "extract", "qa", "format", "summarize")
 SIZES = {"dev": 40, "gate": 60, "train": 160}  # cases per family and split
+STRUCTURED_SIZES = {"dev": 20, "gate": 40}
 SYSTEM = "You are a precise assistant for business tasks. Follow the output instructions exactly."
 OUT = Path(__file__).parent
 
@@ -363,6 +368,79 @@ def summarize(rng: random.Random) -> dict:
                                            "max_words": limit}, reference, max_tokens=64)
 
 
+# --- structured ----------------------------------------------------------------------------------
+
+TICKETS = {
+    "billing": ["I was charged twice for the {product} this month.",
+                "The invoice for the {product} shows the wrong amount."],
+    "network": ["The VPN in our {city} office keeps dropping.",
+                "Nobody in {city} can reach the Wi-Fi since {weekday}."],
+    "account": ["I am locked out of my account after a password reset.",
+                "Please give {first} admin rights on our account."],
+}
+URGENCY = {True: ["It is urgent, the whole team is blocked.", "We need this fixed today."],
+           False: ["No rush, whenever you have time.", "It can wait until next week."]}
+
+
+def _function(name: str, description: str, properties: dict, required: list[str]) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": description, "parameters": {
+            "type": "object", "properties": properties, "required": required,
+            "additionalProperties": False}}}
+
+
+TOOLS = [
+    _function("create_ticket", "Open a support ticket for the right team",
+              {"team": {"enum": list(TICKETS)}, "urgent": {"type": "boolean"}},
+              ["team", "urgent"]),
+    _function("lookup_order", "Find the status of a purchase order",
+              {"order_id": {"type": "string"}}, ["order_id"]),
+    _function("schedule_meeting", "Book a meeting with a person on a weekday",
+              {"person": {"type": "string"}, "day": {"enum": WEEKDAYS}}, ["person", "day"]),
+]
+
+
+def structured(rng: random.Random) -> dict:
+    kind = rng.randrange(3)
+    if kind == 0:  # extraction under a json_schema response_format
+        base = extract(rng)
+        fields = base["check"]["fields"]
+        text = base["messages"][-1]["content"].split("Message: ", 1)[1]
+        schema = {"type": "object", "properties": {
+            k: {"type": "integer" if isinstance(v, int) else "string"} for k, v in fields.items()},
+            "required": list(fields), "additionalProperties": False}
+        case = _case("structured", "json_schema", f"Extract the details of this message.\n\n"
+                     f"Message: {text}", {"kind": "json_fields", "fields": fields},
+                     json.dumps(fields), max_tokens=64)
+        case["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "details", "strict": True, "schema": schema}}
+        return case
+    what = rng.randrange(3)
+    if what == 0:
+        team, urgent = rng.choice(list(TICKETS)), rng.random() < 0.5
+        user = " ".join([rng.choice(TICKETS[team]).format(**_slots(rng)),
+                         rng.choice(URGENCY[urgent])])
+        name, arguments = "create_ticket", {"team": team, "urgent": urgent}
+    elif what == 1:
+        order = f"PO-{rng.randint(1000, 9999)}"
+        user = rng.choice(["Where is my order {order}? It is late.",
+                           "Can you check the status of purchase order {order}?"]).format(order=order)
+        name, arguments = "lookup_order", {"order_id": order}
+    else:
+        person, day = _person(rng)[0], rng.choice(WEEKDAYS)
+        user = rng.choice(["Book a meeting with {person} on {day}.",
+                           "Please set up time with {person} this {day}."]).format(person=person,
+                                                                                  day=day)
+        name, arguments = "schedule_meeting", {"person": person, "day": day}
+    choice = "required" if kind == 1 else "auto"
+    call = json.dumps({"name": name, "arguments": arguments})
+    case = _case("structured", f"tool_{choice}", user,
+                 {"kind": "tool_call", "function": name, "fields": arguments},
+                 f"<tool_call>\n{call}\n</tool_call>", max_tokens=64)
+    case["tools"], case["tool_choice"] = TOOLS, choice
+    return case
+
+
 # --- the files -----------------------------------------------------------------------------------
 
 
@@ -401,6 +479,22 @@ def generate() -> dict[str, list[dict]]:
             else:
                 raise RuntimeError(f"{split}/{family}: only {made} distinct prompts")
         out[split] = rows
+    rng = random.Random(SEED + 1)  # the structured family: its own draws, after the others
+    for split, size in STRUCTURED_SIZES.items():
+        made = 0
+        for _ in range(size * 200):
+            case = structured(rng)
+            prompt = case["messages"][-1]["content"]
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+            made += 1
+            out[split].append({"id": f"{split}-structured-{made:03d}", "suite": SUITE,
+                               "split": split, **case})
+            if made == size:
+                break
+        else:
+            raise RuntimeError(f"{split}/structured: only {made} distinct prompts")
     return out
 
 

@@ -2,6 +2,8 @@
 
 Heavy libraries (llama_cpp, torch/transformers, vllm, httpx) are imported only by the engine
 module that needs them, when `build_engine` is called, so importing this package stays cheap.
+What conditions a request besides its messages (a `response_format`, tools) is parsed by the
+pure helpers re-exported here, so callers outside serving (distill) need nothing else of it.
 """
 
 from __future__ import annotations
@@ -26,11 +28,18 @@ from serving.engines.base import (
     Unsupported,
     merge_deltas,
 )
+from serving.structured import ResponseFormat, parse_response_format, split_calls
+from serving.tools import ToolUse, parse_tools
 
 if TYPE_CHECKING:
     from serving.config import EngineConfig
 
 __all__ = [
+    "ResponseFormat",
+    "ToolUse",
+    "parse_response_format",
+    "parse_tools",
+    "split_calls",
     "Delta",
     "Engine",
     "EngineError",

@@ -32,8 +32,11 @@ def test_eval_scores_the_gateways_answers(gateway):
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     cases = load_suite(DEFAULT_SUITE, splits=["gate"], limit=2)
-    assert report["model"] == f"{gateway.base}/v1#fake" and report["cases"] == 10
+    assert report["model"] == f"{gateway.base}/v1#fake" and report["cases"] == 12
     assert [r["id"] for r in report["rows"]] == [c.id for c in cases]
+    structured = [r for r in report["rows"] if r["family"] == "structured"]
+    assert structured and all(not r["passed"] and r["finish_reason"].startswith("refused: ")
+                              for r in structured)  # the fake engine cannot constrain
     client = gateway.client()
     for row, case in list(zip(report["rows"], cases))[:3]:
         direct = client.chat.completions.create(model="fake", messages=case.messages,

@@ -311,7 +311,7 @@ def test_validate_fake_passes_and_writes_escaped_html(gate_files):
     assert ab["candidate"]["interval"] == "wilson"
     assert ab["candidate"]["low"] == pytest.approx(gc.wilson_interval(36, 40)[0])
     assert any("latency: batch 2 x concurrency 2" in s for s in seen)
-    assert "tasks: student: 10/10 answered" in seen
+    assert "tasks: student: 12/12 answered" in seen
     data = json.loads((tmp_path / "out" / "gate.json").read_text())
     assert data["passed"] is True and data == report.to_json()
     page = (tmp_path / "out" / "gate.html").read_text()
@@ -426,10 +426,10 @@ def test_a_better_challenger_passes_with_the_paired_table(oracle, tmp_path):
     rows = {r["metric"]: r for r in champion["rows"]}
     assert set(rows) == {"tasks.pass_rate", "latency.p95_ttft_s",
                          *(f"tasks.{f}.pass_rate" for f in
-                           ("classify", "extract", "qa", "format", "summarize"))}
+                           ("classify", "extract", "qa", "format", "summarize", "structured"))}
     main = rows["tasks.pass_rate"]
     assert (main["champion"], main["challenger"], main["primary"]) == (0.0, 1.0, True)
-    assert main["mcnemar"]["challenger_only"] == 30 and main["mcnemar"]["p_value"] < 1e-8
+    assert main["mcnemar"]["challenger_only"] == 36 and main["mcnemar"]["p_value"] < 1e-8
     assert main["decision"] == "better" and champion["status"] == "passed"
     assert report.checks["tasks"]["pass_rate"]["champion"]["overall"]["passed"] == 0
     page = (tmp_path / "gate.html").read_text()
@@ -444,7 +444,7 @@ def test_a_worse_challenger_is_refused_with_the_reason(oracle):
     assert "challenger 0.000 vs champion 1.000" in reason and "below the margin" in reason
     families = [f for f in report.failures if f.startswith("champion: tasks.") and
                 ".pass_rate:" in f and not f.startswith("champion: tasks.pass_rate")]
-    assert len(families) == 5
+    assert len(families) == 6
 
 
 def test_no_better_is_not_enough(oracle):
@@ -548,7 +548,7 @@ def test_cli_champion_option(runner, oracle, tmp_path):
                                  "--config", str(config), "--out", str(tmp_path / "a"),
                                  "--quiet"])
     assert better.exit_code == 0, better.output
-    assert "champion" in better.output and "promote: 7 metrics compared" in better.output
+    assert "champion" in better.output and "promote: 8 metrics compared" in better.output
     worse = runner.invoke(app, ["validate", f"{oracle}#dunce", "--champion", f"{oracle}#oracle",
                                 "--config", str(config), "--out", str(tmp_path / "b"), "--quiet"])
     assert worse.exit_code == 1 and "  - champion: tasks.pass_rate: challenger 0.000" in worse.output

@@ -17,7 +17,7 @@ from tests.oracle import serve_oracle
 
 ROOT = Path(__file__).resolve().parents[2]
 TASKS = ROOT / "examples" / "tasks"
-FAMILIES = {"classify", "extract", "qa", "format", "summarize"}
+FAMILIES = {"classify", "extract", "qa", "format", "summarize", "structured"}
 
 
 def _generator():
@@ -47,7 +47,10 @@ def test_suite_size_splits_and_families():
     for split in ("dev", "gate"):
         part = [c for c in cases if c.split == split]
         assert {c.family for c in part} == FAMILIES
-        assert min(sum(c.family == f for c in part) for f in FAMILIES) >= 40
+        assert min(sum(c.family == f for c in part) for f in FAMILIES) >= 20
+    structured = [c for c in cases if c.family == "structured"]
+    assert {c.kind for c in structured} == {"json_schema", "tool_required", "tool_auto"}
+    assert all(c.conditions() != (None, None) for c in structured)
     assert {c.split for c in load_suite(TASKS / "pool.jsonl")} == {"train"}
 
 
@@ -140,7 +143,7 @@ def test_load_suite_errors_name_the_line(tmp_path):
 
 def test_limit_spreads_per_family():
     cases = load_suite(DEFAULT_SUITE, splits=["dev"], limit=3)
-    assert len(cases) == 15
+    assert len(cases) == 3 * len(FAMILIES)
     assert all(sum(c.family == f for c in cases) == 3 for f in FAMILIES)
 
 
@@ -169,7 +172,7 @@ def test_eval_scores_an_endpoint_per_family(oracle):
     report = evaluate(oracle, cases, concurrency=4)  # no #MODEL: the first listed, "oracle"
     assert report["model"] == f"{oracle}#oracle"
     assert report["summary"]["overall"] | {"low": 0, "high": 0} == {
-        "n": 20, "passed": 20, "rate": 1.0, "low": 0, "high": 0}
+        "n": 24, "passed": 24, "rate": 1.0, "low": 0, "high": 0}
     assert [r["answer"] for r in report["rows"]] == [c.reference for c in cases]
     dunce = evaluate(f"{oracle}#dunce", cases)
     assert dunce["summary"]["overall"]["passed"] == 0
@@ -182,8 +185,8 @@ def test_eval_cli_table_json_and_errors(oracle, tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split() == ["family", f"{oracle}#oracle"]
-    assert {ln.split()[0] for ln in lines[1:6]} == FAMILIES
-    assert lines[6].startswith("overall") and "1.000" in lines[6] and "(10/10)" in lines[6]
+    assert {ln.split()[0] for ln in lines[1:7]} == FAMILIES
+    assert lines[7].startswith("overall") and "1.000" in lines[7] and "(12/12)" in lines[7]
     out = tmp_path / "r.json"
     result = runner.invoke(app, ["eval", f"{oracle}#dunce", "--split", "dev", "--family", "qa",
                                  "--limit", "3", "--json", "--quiet", "--out", str(out)])

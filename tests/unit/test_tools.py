@@ -109,6 +109,10 @@ def test_the_call_format_accepts_exactly_valid_calls():
     assert check_answer(auto, "It is sunny.") is None
     assert check_answer(auto, "Let me look.\n" + CALL) is None
     assert check_answer(auto, "<tool_call>\n{\"name\": ") == "an unfinished tool call"
+    bare = '{"name": "get_time", "arguments": {"city": "Oslo"}}'  # a small model drops the tags
+    assert check_answer(auto, bare) is None
+    assert check_answer(auto, bare.replace("Oslo", "Bergen")) is not None
+    assert check_answer(auto, '{"answer": 42}') is not None  # `{` begins a call in auto mode
 
 
 # -- the prompt -----------------------------------------------------------------------------------
@@ -184,11 +188,16 @@ def test_read_calls_gives_ids_content_and_arguments_as_text():
     wrong = CALL.replace("get_weather", "launch")
     assert read_calls(wrong, NAMES, "r", 0) == (wrong, [])  # not a declared tool: all content
     assert read_calls("plain", NAMES, "r", 0) == ("plain", [])
+    content, (bare,) = read_calls(' {"name": "get_time", "arguments": {"city": "Oslo"}}',
+                                  NAMES, "r", 0)
+    assert content is None and (bare.name, bare.arguments) == ("get_time", '{"city": "Oslo"}')
+    assert read_calls('{"city": "Oslo"}', NAMES, "r", 0) == ('{"city": "Oslo"}', [])
 
 
 @pytest.mark.parametrize("text", [
     CALL + "\n" + CALL2, "Checking.\n" + CALL, "No call here, only <b>text</b>.",
-    CALL + "\n<tool_call>\n{\"name\": \"get_t", "<tool_ca"])
+    CALL + "\n<tool_call>\n{\"name\": \"get_t", "<tool_ca",
+    '  {"name": "get_time", "arguments": {"city": "Oslo"}}', '{"not": "a call"}'])
 def test_a_streamed_answer_splits_like_the_whole(text):
     for size in (1, 3, 17):
         stream = CallStream(NAMES, "r", 0)
