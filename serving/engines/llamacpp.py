@@ -166,8 +166,7 @@ class LlamaCppEngine(WorkerThreadEngine):
         """Tokens sampled here, from the logits the grammar allows (llama.cpp only evaluates)."""
         llm = self._llm
         rng = np.random.default_rng(seed)
-        llm.reset()
-        llm.eval(prompt)
+        self._prefill(prompt)
         while True:
             logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
             logits = np.where(constraint.allowed(len(logits)), logits, -np.inf)
@@ -175,6 +174,24 @@ class LlamaCppEngine(WorkerThreadEngine):
             constraint.accept(token)
             yield token
             llm.eval([token])
+
+    def _prefill(self, prompt: list[int]) -> None:
+        """Evaluate `prompt`, keeping the KV cache of the longest prefix it shares with what the
+        context holds (as `Llama.generate` does): a long system or tool prompt sent with every
+        request is evaluated once. At least one token is evaluated, for fresh logits."""
+        llm = self._llm
+        keep = 0
+        for held, token in zip(llm.input_ids[:llm.n_tokens], prompt):
+            if held != token:
+                break
+            keep += 1
+        keep = min(keep, len(prompt) - 1)
+        if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+            llm.n_tokens = keep
+        else:
+            keep = 0
+            llm.reset()
+        llm.eval(prompt[keep:])
 
     def _logprobs(self, token: int, k: int) -> TokenLogprob:
         """The chosen token's logprob and the `k` best, from the logits that sampled it."""
