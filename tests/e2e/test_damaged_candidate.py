@@ -46,7 +46,7 @@ def test_a_damaged_candidate_is_refused_and_the_champion_keeps_serving(tmp_path)
         "eval_every": 100, "save_every": 100}))  # no checkpoint: 4 steps
     (tmp_path / "gate.yaml").write_text(yaml.safe_dump({
         "n_threads": 1,
-        "tasks": {"limit": 4},  # 20 cases of the gate split, 4 a family
+        "tasks": {"limit": 3},  # 18 cases of the gate split, 3 a family
         "edge_cases": {"enabled": False}, "heldout": {"limit": 4, "max_tokens": 24},
         "fidelity": {"min_rouge_l": None, "semantic_model": None},
         "calibration": {"enabled": False},

@@ -81,3 +81,38 @@ def test_chats_are_mirrored_to_the_packaged_teacher_and_reported(gateway):
     report = json.loads(out.stdout)
     assert report["pairs"] >= 1 and report["routes"][0]["route"] == "student"
     assert report["worst"][0]["teacher"]
+
+
+def test_the_student_answers_structured_and_calls_tools_through_the_sdk(gateway):
+    """What the README's examples do, on the packaged student: parse() and a required call,
+    whole and streamed (greedy, so the two agree)."""
+    from typing import Literal
+
+    import openai
+    from pydantic import BaseModel
+
+    class Ticket(BaseModel):
+        urgent: bool
+        team: Literal["billing", "network", "account"]
+
+    class GetWeather(BaseModel):
+        city: str
+
+    client = gateway.client()
+    ticket = client.chat.completions.parse(
+        model="student", response_format=Ticket, temperature=0, max_completion_tokens=60,
+        messages=[{"role": "user", "content": "The VPN is down for everyone. File a ticket."}])
+    assert isinstance(ticket.choices[0].message.parsed, Ticket)
+    ask = dict(model="student", tools=[openai.pydantic_function_tool(GetWeather)],
+               tool_choice="required", parallel_tool_calls=False, temperature=0,
+               max_completion_tokens=60,
+               messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    whole = client.chat.completions.create(**ask)
+    (call,) = whole.choices[0].message.tool_calls
+    assert whole.choices[0].finish_reason == "tool_calls" and call.function.name == "GetWeather"
+    assert GetWeather.model_validate_json(call.function.arguments).city == "Paris"
+    with client.chat.completions.stream(**ask) as stream:
+        final = stream.get_final_completion()
+    (streamed,) = final.choices[0].message.tool_calls
+    assert (streamed.function.name, streamed.function.arguments) == (
+        call.function.name, call.function.arguments)
