@@ -46,7 +46,7 @@ def test_a_damaged_candidate_is_refused_and_the_champion_keeps_serving(tmp_path)
         "eval_every": 100, "save_every": 100}))  # no checkpoint: 4 steps
     (tmp_path / "gate.yaml").write_text(yaml.safe_dump({
         "n_threads": 1,
-        "tasks": {"limit": 3},  # 18 cases of the gate split, 3 a family
+        "tasks": {"limit": 4},  # 24 cases of the gate split, 4 a family
         "edge_cases": {"enabled": False}, "heldout": {"limit": 4, "max_tokens": 24},
         "fidelity": {"min_rouge_l": None, "semantic_model": None},
         "calibration": {"enabled": False},
@@ -82,7 +82,7 @@ def test_a_damaged_candidate_is_refused_and_the_champion_keeps_serving(tmp_path)
         report = json.loads((run_dir / "gate" / "gate.json").read_text())
         rows = {r["metric"]: r for r in report["checks"]["champion"]["rows"]}
         main = rows["tasks.pass_rate"]
-        assert main["n"] == 20 and main["challenger"] < main["champion"]
+        assert main["n"] == 24 and main["challenger"] < main["champion"]
         assert main["decision"] == "worse" and not main["passed"]
         assert any(f.startswith("champion: tasks.pass_rate:") and "below the margin" in f
                    for f in gate["failures"])
