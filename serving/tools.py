@@ -235,21 +235,19 @@ def prompt_messages(messages: Sequence[Any], use: ToolUse | None, native: bool
             out.append(d)
         return out, [t.openai() for t in use.tools] if use else None
     out = []
-    for m in messages:
-        if m.role == "tool":
+    for i, m in enumerate(messages):
+        if m.role == "tool":  # consecutive results share one user turn
             response = f"<tool_response>\n{m.content}\n</tool_response>"
-            if out and out[-1].get("tool_results"):
+            if i and messages[i - 1].role == "tool":
                 out[-1]["content"] += "\n" + response
             else:
-                out.append({"role": "user", "content": response, "tool_results": True})
+                out.append({"role": "user", "content": response})
             continue
         content = m.content
         if m.tool_calls:
             calls = "\n".join(call_text(c.name, c.arguments) for c in m.tool_calls)
             content = f"{content}\n{calls}" if content else calls
         out.append({"role": m.role, "content": content})
-    for d in out:
-        d.pop("tool_results", None)
     if use is not None:
         listing = "\n".join(json.dumps(t.openai(), ensure_ascii=False) for t in use.tools)
         prompt = GENERIC_PROMPT.format(tools=listing)

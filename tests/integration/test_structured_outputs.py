@@ -179,21 +179,28 @@ def test_a_label_route_answers_exactly_one_label(gw):
     assert e.value.body["param"] == "response_format"
 
 
+def stored_pair(gw, pair_id: str):
+    """The pair the shadow stores for `pair_id` (waits up to a minute for it)."""
+    from shadow.store import SqliteStore
+
+    deadline = time.monotonic() + 60
+    pair = None
+    while pair is None and time.monotonic() < deadline:
+        if gw.store_path.exists():
+            pair = SqliteStore(gw.store_path).get(pair_id)
+        time.sleep(0.5)
+    assert pair is not None, gw.logs()
+    return pair
+
+
 def test_a_mirrored_structured_request_is_scored_for_its_structure(gw):
     from shadow.report import summarize
-    from shadow.store import SqliteStore
 
     fmt = {"type": "json_schema", "json_schema": {"name": "ticket", "schema": {
         **Ticket.model_json_schema(), "additionalProperties": False}}}
     r = gw.client().chat.completions.create(model="shadowed", messages=MSG, seed=3,
                                             response_format=fmt, max_completion_tokens=120)
-    deadline = time.monotonic() + 60
-    pair = None
-    while pair is None and time.monotonic() < deadline:
-        if gw.store_path.exists():
-            pair = SqliteStore(gw.store_path).get(r.id)
-        time.sleep(0.5)
-    assert pair is not None, gw.logs()
+    pair = stored_pair(gw, r.id)
     assert pair.request["params"]["response_format"] == fmt  # the teacher had the same format
     assert pair.scores["student_format_valid"] == pair.scores["teacher_format_valid"] == 1.0
     assert pair.scores["format_agreement"] == 1.0
@@ -279,20 +286,13 @@ def test_a_remote_upstream_gets_the_tools_and_its_calls_come_back(gw, oracle):
 
 def test_a_mirrored_tool_call_is_scored_for_its_calls(gw):
     from shadow.report import summarize
-    from shadow.store import SqliteStore
 
     tools = [openai.pydantic_function_tool(GetWeather)]
     r = gw.client().chat.completions.create(model="shadowed", messages=WEATHER_MSG, tools=tools,
                                             tool_choice="required", seed=2,
                                             parallel_tool_calls=False,  # one call: no runaway
                                             max_completion_tokens=300)
-    deadline = time.monotonic() + 60
-    pair = None
-    while pair is None and time.monotonic() < deadline:
-        if gw.store_path.exists():
-            pair = SqliteStore(gw.store_path).get(r.id)
-        time.sleep(0.5)
-    assert pair is not None, gw.logs()
+    pair = stored_pair(gw, r.id)
     assert pair.request["tools"]["tools"][0]["function"]["name"] == "GetWeather"
     assert pair.scores["student_format_valid"] == pair.scores["teacher_format_valid"] == 1.0, (
         pair.teacher)
