@@ -185,7 +185,8 @@ def _choice(value: Any, names: Sequence[str]) -> str | None:
             raise FormatError("tool_choice", "Invalid 'tool_choice': it is only allowed when "
                               "'tools' are specified.")
         return None if value == "none" else value
-    name = value.get("function", {}).get("name") if isinstance(value, dict) else None
+    fn = value.get("function") if isinstance(value, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(value, dict) or value.get("type") != "function" or not isinstance(name, str):
         raise FormatError("tool_choice", "Invalid 'tool_choice': expected 'none', 'auto', "
                           "'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}, "

@@ -77,6 +77,9 @@ def test_tool_choice_defaults_and_modes():
     ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "tool_choice",
      "not one of the declared"),
     ([WEATHER], "sometimes", "tool_choice", "'required'"),
+    ([WEATHER], {"type": "function", "function": "get_weather"}, "tool_choice", "'required'"),
+    ([WEATHER], {"type": "function"}, "tool_choice", "'required'"),
+    ("get_weather", None, "tools", "expected an array"),
     (None, "required", "tool_choice", "only allowed when 'tools'"),
 ])
 def test_refusals_name_the_field(tools, choice, param, words):
