@@ -190,8 +190,10 @@ def _message(m: Message) -> dict[str, Any]:
 def _gather_calls(choice: dict[str, Any], calls: dict[int, dict[str, str]]) -> None:
     """Accumulate a streamed choice's `delta.tool_calls` pieces, as the OpenAI SDK does."""
     for piece in (choice.get("delta") or {}).get("tool_calls") or ():
+        fn = piece.get("function", {}) if isinstance(piece, dict) else None
+        if not isinstance(fn, dict):
+            raise EngineError(f"upstream sent a malformed tool call: {_bounded(piece)}")
         call = calls.setdefault(piece.get("index", len(calls)), {"name": "", "arguments": ""})
-        fn = piece.get("function") or {}
         call["name"] += fn.get("name") or ""
         call["arguments"] += fn.get("arguments") or ""
 
