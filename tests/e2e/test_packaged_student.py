@@ -22,6 +22,7 @@ def gateway(tmp_path_factory):
     config["shadow"].update(store_path=str(tmp / "pairs.sqlite"), spill_dir=str(tmp / "spill"),
                             max_in_flight=8)  # earlier tests' mirrors must not use the budget
     config["routes"]["student"]["shadow"]["sample_rate"] = 1.0  # every chat: no luck involved
+    config["routes"]["unshadowed"] = {"variant": config["routes"]["student"]["variant"]}
     gw = Gateway(config, tmp, startup_s=300)
     gw.config = config
     gw.tmp = tmp
@@ -85,7 +86,8 @@ def test_chats_are_mirrored_to_the_packaged_teacher_and_reported(gateway):
 
 def test_the_student_answers_structured_and_calls_tools_through_the_sdk(gateway):
     """What the README's examples do, on the packaged student: parse() and a required call,
-    whole and streamed (greedy, so the two agree)."""
+    whole and streamed (greedy, so the two agree). Through a route that mirrors nothing, so the
+    teacher has no tool prompts to work through when the gateway stops."""
     from typing import Literal
 
     import openai
@@ -100,10 +102,10 @@ def test_the_student_answers_structured_and_calls_tools_through_the_sdk(gateway)
 
     client = gateway.client()
     ticket = client.chat.completions.parse(
-        model="student", response_format=Ticket, temperature=0, max_completion_tokens=60,
+        model="unshadowed", response_format=Ticket, temperature=0, max_completion_tokens=60,
         messages=[{"role": "user", "content": "The VPN is down for everyone. File a ticket."}])
     assert isinstance(ticket.choices[0].message.parsed, Ticket)
-    ask = dict(model="student", tools=[openai.pydantic_function_tool(GetWeather)],
+    ask = dict(model="unshadowed", tools=[openai.pydantic_function_tool(GetWeather)],
                tool_choice="required", parallel_tool_calls=False, temperature=0,
                max_completion_tokens=60,
                messages=[{"role": "user", "content": "What is the weather in Paris?"}])
