@@ -10,7 +10,9 @@ A request with tools (`tool_names`) has each answer read for calls (`serving.too
 `tool_calls`; text beside them stays `content`.
 
 Usage counts the prompt once (the `n` choices share it) and sums completion tokens over choices.
-Logprobs that JSON cannot carry (-inf, NaN) become -9999.0, OpenAI's "very unlikely".
+Logprobs that JSON cannot carry (-inf, NaN) become -9999.0, OpenAI's "very unlikely". A
+label-constrained choice asked with logprobs also carries `label_probs` (`{label: probability}`,
+an extension field; streamed, on the choice's last chunk).
 
 Pure: no clock, no ids (the caller passes `ResponseMeta`), no I/O beyond the iterator it is given.
 """
@@ -152,7 +154,8 @@ def chat_completion(meta: ResponseMeta, choices: list[Delta],
     for i, d in enumerate(choices):
         message, finish = _message(meta, i, d, tool_names)
         body["choices"].append({"index": i, "message": message,
-                                "logprobs": chat_logprobs(d.logprobs), "finish_reason": finish})
+                                "logprobs": chat_logprobs(d.logprobs), "finish_reason": finish,
+                                **_label_probs(d)})
     body["usage"] = usage(_prompt_tokens(choices), map(_completion_tokens, choices))
     return body
 
@@ -166,11 +169,17 @@ def completion(meta: ResponseMeta, choices: list[Delta]) -> dict[str, Any]:
             "index": i,
             "logprobs": completion_logprobs(d.logprobs),
             "finish_reason": d.finish_reason or "stop",
+            **_label_probs(d),
         }
         for i, d in enumerate(choices)
     ]
     body["usage"] = usage(_prompt_tokens(choices), map(_completion_tokens, choices))
     return body
+
+
+def _label_probs(d: Delta | None) -> dict[str, Any]:
+    """A label-constrained choice's `label_probs` field, when the engine gave them."""
+    return {"label_probs": d.label_probs} if d is not None and d.label_probs else {}
 
 
 def sse_error(err: OpenAIError) -> bytes:
@@ -243,6 +252,7 @@ async def sse_stream(
                 "delta": {"content": text} if text else {},
                 "logprobs": chat_logprobs(lps),
                 "finish_reason": finish,
+                **_label_probs(d),
             }
         else:
             body = {
@@ -250,6 +260,7 @@ async def sse_stream(
                 "index": i,
                 "logprobs": completion_logprobs(lps, c.offset),
                 "finish_reason": finish,
+                **_label_probs(d),
             }
         c.offset += len(text)
         return event(body)
@@ -309,7 +320,8 @@ async def sse_stream(
                 c.final_tokens = last.completion_tokens
             if prompt_tokens is None:
                 prompt_tokens = _prompt_tokens(ds)
-            piece = Delta(text, logprobs=tuple(lps) if lps else None)
+            piece = Delta(text, logprobs=tuple(lps) if lps else None,
+                          label_probs=last.label_probs)
             if not c.started:
                 out += opening(i)
             if c.calls is not None:

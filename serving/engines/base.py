@@ -79,6 +79,9 @@ class Delta:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     model_version: str | None = None  # set by the serving replica on a choice's first delta
+    # A label-constrained answer asked with logprobs: P(label | prompt) over the labels, from
+    # each label's sequence logprob (last delta only; engines with token probabilities).
+    label_probs: dict[str, float] | None = None
 
 
 class PromptTooLong(ValueError):
@@ -175,6 +178,7 @@ def merge_deltas(deltas: Iterable[Delta]) -> Delta:
         last.prompt_tokens,
         last.completion_tokens,
         version,
+        last.label_probs,
     )
 
 

@@ -158,8 +158,26 @@ class LlamaCppEngine(WorkerThreadEngine):
                 if n >= budget:
                     break
         tail = "" if hit else decoder.decode(b"", final=True) + matcher.flush()
-        emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n))
+        emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n,
+                   label_probs=self._label_probs(prompt, p)))
         return True
+
+    def _sequence_logprob(self, prompt: list[int], text: str) -> float:
+        """One token at a time after the prompt (whose KV cache is reused), so only the last
+        position's logits are ever read."""
+        llm = self._llm
+        tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
+        self._prefill(prompt)
+        total = 0.0
+        for k, token in enumerate(tokens):
+            total += _log_softmax(self._last_logits())[token]
+            if k + 1 < len(tokens):
+                llm.eval([token])
+        return float(total)
+
+    def _last_logits(self) -> np.ndarray:
+        llm = self._llm
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
 
     def _constrained(self, prompt: list[int], p: SamplingParams, seed: int,
                      constraint: TokenConstraint) -> Iterator[int]:
@@ -168,7 +186,7 @@ class LlamaCppEngine(WorkerThreadEngine):
         rng = np.random.default_rng(seed)
         self._prefill(prompt)
         while True:
-            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+            logits = self._last_logits()
             logits = np.where(constraint.allowed(len(logits)), logits, -np.inf)
             token = sample(logits, p.temperature, p.top_p, rng)
             constraint.accept(token)
@@ -195,11 +213,7 @@ class LlamaCppEngine(WorkerThreadEngine):
 
     def _logprobs(self, token: int, k: int) -> TokenLogprob:
         """The chosen token's logprob and the `k` best, from the logits that sampled it."""
-        llm = self._llm
-        logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
-        logits = logits.astype(np.float64)
-        shifted = logits - logits.max()
-        logprobs = shifted - np.log(np.exp(shifted).sum())
+        logprobs = _log_softmax(self._last_logits())
         top = np.argpartition(-logprobs, k)[:k] if 0 < k < len(logprobs) else np.arange(0)
         top = top[np.argsort(-logprobs[top])]
         return TokenLogprob(
@@ -211,3 +225,8 @@ class LlamaCppEngine(WorkerThreadEngine):
     def _piece(self, token: int) -> str:
         return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())

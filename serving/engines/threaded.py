@@ -3,6 +3,9 @@
 A subclass implements `tokenize_request` (event-loop thread) and `_decode` (worker thread, emits
 deltas). Generations run one at a time, in order; closing a generation's iterator sets its stop
 event, which `_decode` checks at every token; `close` stops running and queued work.
+
+A label-constrained answer asked with logprobs also gets `label_probs`: each label's sequence
+logprob after the prompt (`_sequence_logprob`, the subclass's), softmaxed over the labels.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 from serving.engines.base import Delta, Engine, EngineError, GenerationRequest, SamplingParams
 
@@ -45,6 +50,20 @@ class WorkerThreadEngine(Engine):
 
         Returns False when `stop` ended it early (no final delta), True otherwise.
         """
+
+    @abc.abstractmethod
+    def _sequence_logprob(self, prompt: list[int], text: str) -> float:
+        """log P(text | prompt) under the model, `text` tokenized on its own (worker thread)."""
+
+    def _label_probs(self, prompt: list[int], p: SamplingParams) -> dict[str, float] | None:
+        """P(label | prompt) over a label-constrained answer's labels when logprobs are asked
+        for (worker thread); None otherwise."""
+        fmt = p.response_format
+        if fmt is None or fmt.type != "choice" or p.logprobs is None:
+            return None
+        scores = np.array([self._sequence_logprob(prompt, label) for label in fmt.labels])
+        probs = np.exp(scores - scores.max())
+        return dict(zip(fmt.labels, (probs / probs.sum()).tolist(), strict=True))
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         tokens = self.tokenize_request(request)

@@ -208,8 +208,20 @@ class TransformersEngine(WorkerThreadEngine):
         if not hit:
             tail, hit = matcher.push(detok.flush())
             tail += "" if hit else matcher.flush()
-        emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n))
+        emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n,
+                   label_probs=self._label_probs(prompt, p)))
         return True
+
+    def _sequence_logprob(self, prompt: list[int], text: str) -> float:
+        import torch
+
+        tokens = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = torch.tensor([prompt + tokens], device=self.config.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = torch.tensor(tokens, device=logprobs.device)
+        return float(logprobs.gather(1, chosen[:, None]).sum())
 
     def _logprobs(self, logits: Any, token: int, k: int) -> TokenLogprob:
         import torch

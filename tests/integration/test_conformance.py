@@ -134,7 +134,7 @@ DELIBERATE: list[tuple[str, Callable[[Any, dict], bool], str]] = [
 ]
 
 # What the gateway reads and validates, as schemathesis names body paths (no array indices).
-# Everything else (the ignored fields: tools, audio, ...; keys of a message or a
+# Everything else (the ignored fields: audio, modalities, ...; keys of a message or a
 # content part other than these) is accepted with a loose type, so a body broken only there is
 # answered, not rejected (serving/protocol.py: "unknown fields are accepted and ignored").
 _READ = """model n seed stop stream stream_options stream_options.include_usage
@@ -144,7 +144,12 @@ READ = {
     "/chat/completions": frozenset(_READ + """messages messages.role messages.name messages.content
         messages.content.type messages.content.text messages.content.refusal
         max_completion_tokens top_logprobs parallel_tool_calls store response_format
-        tool_choice function_call
+        tool_choice function_call functions
+        tools tools.type tools.function tools.function.name tools.function.description
+        tools.function.strict tools.function.parameters
+        messages.tool_calls messages.tool_calls.id messages.tool_calls.type
+        messages.tool_calls.function messages.tool_calls.function.name
+        messages.tool_calls.function.arguments messages.tool_call_id
         response_format.type response_format.json_schema response_format.json_schema.name
         response_format.json_schema.schema response_format.json_schema.strict
         response_format.json_schema.description""".split()),

@@ -179,6 +179,23 @@ def test_a_label_route_answers_exactly_one_label(gw):
     assert e.value.body["param"] == "response_format"
 
 
+def test_a_label_route_gives_label_probabilities_when_asked_for_logprobs(gw):
+    client = gw.client()
+    plain = client.chat.completions.create(model="triage", messages=MSG, seed=1)
+    assert "label_probs" not in (plain.choices[0].model_extra or {})
+    done = client.chat.completions.create(model="triage", messages=MSG, seed=1, logprobs=True, n=2)
+    probs = done.choices[0].model_extra["label_probs"]
+    assert list(probs) == LABELS and sum(probs.values()) == pytest.approx(1.0)
+    assert done.choices[1].model_extra["label_probs"] == pytest.approx(probs)  # one prompt
+    streamed = [c for c in client.chat.completions.create(
+        model="triage", messages=MSG, seed=1, logprobs=True, stream=True) if c.choices]
+    assert streamed[-1].choices[0].finish_reason == "stop"
+    assert streamed[-1].choices[0].model_extra["label_probs"] == pytest.approx(probs)
+    assert all("label_probs" not in (c.choices[0].model_extra or {}) for c in streamed[:-1])
+    legacy = client.completions.create(model="triage", prompt="Ticket: VPN down.", logprobs=1)
+    assert set(legacy.choices[0].model_extra["label_probs"]) == set(LABELS)
+
+
 def stored_pair(gw, pair_id: str):
     """The pair the shadow stores for `pair_id` (waits up to a minute for it)."""
     from shadow.store import SqliteStore

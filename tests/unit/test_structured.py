@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from distill.gate import _GgufScorer, _HfScorer
 from serving.config import LlamaCppEngine as LlamaCppConfig
 from serving.config import TransformersEngine as TransformersConfig
 from serving.engines import (
@@ -191,14 +192,42 @@ async def assert_enforced(engine):
     assert all(check_answer(ticket, out.text) is not None for _, out in free)
 
 
+async def assert_label_probs(engine, scorer):
+    """A label answer asked with logprobs carries P(label | prompt), equal to the gate's own
+    teacher-forced scorer over the whole sequence; without logprobs, none."""
+    from distill import gate_checks as gc
+
+    labels = choice_of(["billing", "network", "account manager"])
+    asked = SamplingParams(20, seed=3, response_format=labels, logprobs=0)
+    for params in (asked, SamplingParams(20, seed=3, response_format=labels)):
+        out = merge_deltas([d async for d in engine.generate(
+            GenerationRequest("r", params, messages=MESSAGES))])
+        assert out.text in labels.labels
+    assert out.label_probs is None
+    got = merge_deltas([d async for d in engine.generate(
+        GenerationRequest("r", asked, messages=MESSAGES))]).label_probs
+    messages = [{"role": "user", "content": MESSAGES[0].content}]
+    scores = []
+    for label in labels.labels:
+        ids, counted = scorer.encode(messages, label, end=False)
+        scores.append(gc.sequence_logprob(scorer.logprobs(ids), ids, counted))
+    expected = dict(zip(labels.labels, gc.softmax(scores)))
+    assert list(got) == list(expected)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert sum(got.values()) == pytest.approx(1.0)
+
+
 async def test_llamacpp_enforces_the_schema(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
     engine = build_engine(LlamaCppConfig(path=str(path), n_ctx=256, n_threads=1),
                           resolve_path=lambda p: p)
     await engine.start()
+    scorer = _GgufScorer(str(path), 256, 1)
     try:
         await assert_enforced(engine)
+        await assert_label_probs(engine, scorer)
     finally:
+        scorer.close()
         await engine.close()
 
 
@@ -209,6 +238,7 @@ async def test_transformers_enforces_the_schema(tmp_path):
     await engine.start()
     try:
         await assert_enforced(engine)
+        await assert_label_probs(engine, _HfScorer(str(folder)))
     finally:
         await engine.close()
 
