@@ -15,6 +15,7 @@ from typing import Literal
 import httpx
 import openai
 import pytest
+from openai.lib.streaming.chat._completions import ChatCompletionStreamState
 from pydantic import BaseModel, Field
 
 from serving.structured import check_answer, parse_response_format
@@ -122,6 +123,35 @@ def test_every_choice_conforms_and_the_gateway_says_so(gw):
         assert "x-protege-format-valid" not in plain.headers
     wait_for_metric(gw, "protege_structured_outputs_total", before + 3, route="tiny",
                     outcome="valid")
+
+
+class Customer(BaseModel):
+    name: str = Field(min_length=1, max_length=8)
+    vip: bool
+
+
+class Line(BaseModel):
+    sku: Literal["A1", "B2", "C3"]
+    qty: int = Field(ge=1, le=9)
+
+
+class Order(BaseModel):  # nested objects, an array, enums; parse() sends it strict (every key
+    # required, additionalProperties: false at every level)
+    customer: Customer
+    lines: list[Line] = Field(min_length=1, max_length=3)
+    status: Literal["new", "paid"]
+
+
+def test_a_nested_schema_is_honoured_streamed_and_not(gw):
+    client = gw.client()
+    for seed in range(2):
+        whole = client.chat.completions.parse(model="tiny", messages=MSG, response_format=Order,
+                                              seed=seed, max_completion_tokens=400)
+        with client.chat.completions.stream(model="tiny", messages=MSG, response_format=Order,
+                                            seed=seed, max_completion_tokens=400) as stream:
+            streamed = stream.get_final_completion()
+        assert isinstance(whole.choices[0].message.parsed, Order)
+        assert streamed.choices[0].message.parsed == whole.choices[0].message.parsed  # seeded
 
 
 @pytest.mark.parametrize("fmt, param, words", [
@@ -263,6 +293,36 @@ def test_a_tool_call_comes_back_whole_and_streamed_as_the_sdk_accumulates_it(gw)
         model="tiny", messages=WEATHER_MSG, tools=tools, seed=1, max_completion_tokens=300,
         tool_choice={"type": "function", "function": {"name": "GetWeather"}})
     assert named.choices[0].message.tool_calls[0].function.name == "GetWeather"
+
+
+class GetTime(BaseModel):
+    zone: Literal["UTC", "CET"]
+
+
+def test_parallel_and_auto_calls_are_valid_and_streamed_as_the_sdk_accumulates_them(gw):
+    client = gw.client()
+    models = {"GetWeather": GetWeather, "GetTime": GetTime}
+    tools = [openai.pydantic_function_tool(m) for m in models.values()]
+    for choice in ("required", "auto"):
+        for seed in range(3):
+            ask = {"model": "tiny", "messages": WEATHER_MSG, "tools": tools, "seed": seed,
+                   "tool_choice": choice, "max_completion_tokens": 200}
+            whole = client.chat.completions.create(**ask).choices[0]
+            state = ChatCompletionStreamState()  # the SDK's accumulator (its stream() would
+            for chunk in client.chat.completions.create(**ask, stream=True):  # raise at length)
+                state.handle_chunk(chunk)
+            streamed = state.current_completion_snapshot.choices[0]
+            calls = whole.message.tool_calls or []
+            assert [(c.function.name, c.function.arguments) for c in calls] == [
+                (c.function.name, c.function.arguments)
+                for c in streamed.message.tool_calls or []]
+            assert whole.finish_reason == streamed.finish_reason
+            if whole.finish_reason == "tool_calls":
+                assert calls and len({c.id for c in calls}) == len(calls)
+                for c in calls:
+                    models[c.function.name].model_validate_json(c.function.arguments)
+            else:  # auto answered in text, or a run of calls hit the budget
+                assert whole.finish_reason == "length" or choice == "auto"
 
 
 def test_a_tool_result_turn_is_answered(gw):
