@@ -736,7 +736,8 @@ def review(
     if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: no API keys (PROTEGE_API_KEYS) and listening on {host}: anyone "
                    "who reaches this port reads the stored prompts and answers", err=True)
-    site = ReviewSite(lambda: store, tuple(settings.api_keys))
+    site = ReviewSite(lambda: store, tuple(settings.api_keys),
+                      settings.shadow.redaction.redactor())
     typer.echo(f"review page on http://{host}:{port}/review")
     uvicorn.run(asgi_app(site), host=host, port=port, log_level="warning")
 

@@ -344,7 +344,8 @@ class Ingress:
         self.review = None
         if params.server.review:
             self.review = ReviewSite(
-                lambda: open_store(params.store, Path(params.repo_root)), params.api_keys)
+                lambda: open_store(params.store, Path(params.repo_root)), params.api_keys,
+                params.store.redaction.redactor())
         self._flusher = None
         if params.feedback and shadow is not None:
             self._flusher = asyncio.get_running_loop().create_task(

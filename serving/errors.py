@@ -21,7 +21,9 @@ hosts, keys, tracebacks); the body is bounded in size whatever the client sent. 
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 MAX_MESSAGE = 1000  # characters of `message` in a body; longer ones end with an ellipsis
 MAX_PARAM = 200  # characters of `param`
@@ -113,6 +115,17 @@ class OpenAIError(Exception):
             None,
             "invalid_json",
         )
+
+    @classmethod
+    def load_json(cls, body: bytes) -> Any:
+        """The JSON value of a request body; an `invalid_json` 400 for anything unparsable,
+        nesting too deep for the parser included (never a 500)."""
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise cls.invalid_json(str(e)) from None
+        except RecursionError:
+            raise cls.invalid_json("nested too deeply") from None
 
     @classmethod
     def not_json_object(cls, got: str) -> OpenAIError:

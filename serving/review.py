@@ -27,7 +27,6 @@ import asyncio
 import hashlib
 import hmac
 import html
-import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,8 +79,10 @@ def login_page(error: str | None = None) -> str:
 class ReviewSite:
     """Answers `/review...` requests from a `PairStore` (opened on first use by `open_store`)."""
 
-    def __init__(self, open_store: Callable[[], object], api_keys: tuple[str, ...]):
+    def __init__(self, open_store: Callable[[], object], api_keys: tuple[str, ...],
+                 redactor=None):
         self._open_store = open_store
+        self._redactor = redactor  # a corrected answer is redacted as pairs are
         self._store = None
         self._keys = tuple(k.encode() for k in api_keys)
         self._tokens = tuple(cookie_token(k).encode() for k in api_keys)
@@ -170,13 +171,10 @@ class ReviewSite:
         return pair_view(pair, self.store.feedback_for(pair_id), self.store.labels_for(pair_id))
 
     async def _label(self, request: Request, pair_id: str) -> Response:
-        body = await _read(request, MAX_LABEL_BODY, "application/json")
+        data = OpenAIError.load_json(await _read(request, MAX_LABEL_BODY, "application/json"))
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise OpenAIError.invalid_json(str(e)) from None
-        try:
-            label = parse_label(data, pair_id, datetime.now(UTC).isoformat(timespec="microseconds"))
+            label = parse_label(data, pair_id, datetime.now(UTC).isoformat(timespec="microseconds"),
+                                self._redactor)
         except LabelError as e:
             raise OpenAIError.invalid_value(e.param, str(e)) from None
         if not await self._call(self.store.add_label, label):

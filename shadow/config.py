@@ -42,8 +42,9 @@ class RedactionSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    builtins: list[Literal["email", "phone", "card", "iban", "ip"]] = Field(
-        ["email", "phone", "card", "iban", "ip"], description="built-in detectors that run")
+    builtins: list[Literal["email", "phone", "card", "iban", "ip", "ssn", "secret"]] = Field(
+        ["email", "phone", "card", "iban", "ip", "ssn", "secret"],
+        description="built-in detectors that run (secret: API keys, tokens, JWTs, private keys)")
     patterns: dict[str, str] = Field(
         {}, description="extra detectors: name -> regex; a hit becomes [NAME]")
 

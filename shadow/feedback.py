@@ -9,13 +9,13 @@ Prometheus aggregates belong to the shadow worker.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from serving.errors import OpenAIError
 from shadow.config import FeedbackMetric
+from shadow.records import unstorable
 
 MAX_COMMENT = 4096  # characters
 MAX_ID = 256
@@ -30,10 +30,7 @@ class FeedbackPost:
 
 
 def parse_feedback(body: bytes, metrics: Mapping[str, FeedbackMetric]) -> FeedbackPost:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise OpenAIError.invalid_json(str(e)) from None
+    data = OpenAIError.load_json(body)
     if not isinstance(data, dict):
         raise OpenAIError.not_json_object(type(data).__name__)
     unknown = sorted(set(data) - {"response_id", "metric", "value"})
@@ -41,7 +38,8 @@ def parse_feedback(body: bytes, metrics: Mapping[str, FeedbackMetric]) -> Feedba
         raise OpenAIError.invalid_value(unknown[0], "Unknown field; feedback takes "
                                         "response_id, metric and value.", code="unknown_field")
     response_id, name = data.get("response_id"), data.get("metric")
-    if not isinstance(response_id, str) or not 0 < len(response_id) <= MAX_ID:
+    if (not isinstance(response_id, str) or not 0 < len(response_id) <= MAX_ID
+            or unstorable(response_id)):
         raise OpenAIError.invalid_value(
             "response_id", "response_id must be the id of a response this gateway answered.")
     if not isinstance(name, str) or name not in metrics:
@@ -70,4 +68,7 @@ def parse_feedback(body: bytes, metrics: Mapping[str, FeedbackMetric]) -> Feedba
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_COMMENT:
         raise OpenAIError.invalid_value("value", f"{name} is a comment: send non-empty text of "
                                         f"at most {MAX_COMMENT} characters.")
+    if problem := unstorable(value):
+        raise OpenAIError.invalid_value("value", f"{name}: the comment must not contain "
+                                        f"{problem}.")
     return FeedbackPost(response_id, name, None, value)

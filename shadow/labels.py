@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from shadow.records import unstorable
+
 VERDICTS = ("student", "teacher", "both_fine", "both_wrong")
 MAX_REVIEWER = 100
 MAX_CORRECTED = 100_000
@@ -61,8 +63,9 @@ class LabelError(ValueError):
         self.param = param
 
 
-def parse_label(body: Any, pair_id: str, now: str) -> Label:
-    """A `Label` from the review page's JSON body `{"verdict", "corrected", "reviewer"}`."""
+def parse_label(body: Any, pair_id: str, now: str, redactor=None) -> Label:
+    """A `Label` from the review page's JSON body `{"verdict", "corrected", "reviewer"}`; the
+    corrected answer passes `redactor` (a `shadow.redact.Redactor`) when one is given."""
     if not isinstance(body, Mapping):
         raise LabelError("the body must be a JSON object", "body")
     verdict = body.get("verdict")
@@ -72,6 +75,8 @@ def parse_label(body: Any, pair_id: str, now: str) -> Label:
     if not isinstance(reviewer, str) or not reviewer.strip():
         raise LabelError("reviewer: the reviewer's name is required", "reviewer")
     reviewer = reviewer.strip()
+    if problem := unstorable(reviewer):
+        raise LabelError(f"reviewer must not contain {problem}", "reviewer")
     if len(reviewer) > MAX_REVIEWER:
         raise LabelError(f"reviewer: at most {MAX_REVIEWER} characters", "reviewer")
     corrected = body.get("corrected")
@@ -79,9 +84,11 @@ def parse_label(body: Any, pair_id: str, now: str) -> Label:
         raise LabelError("corrected must be a string or null", "corrected")
     if corrected is not None and len(corrected) > MAX_CORRECTED:
         raise LabelError(f"corrected: at most {MAX_CORRECTED} characters", "corrected")
-    if corrected is not None and "\x00" in corrected:
-        raise LabelError("corrected must not contain NUL characters", "corrected")
+    if corrected is not None and (problem := unstorable(corrected)):
+        raise LabelError(f"corrected must not contain {problem}", "corrected")
     corrected = corrected if corrected and corrected.strip() else None
+    if corrected is not None and redactor is not None:
+        corrected, _ = redactor.redact(corrected)
     return Label(f"lbl-{uuid.uuid4().hex}", pair_id, verdict, corrected, reviewer, now)
 
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, replace
 
 from serving.engines.base import Delta, GenerationRequest, Message, TokenLogprob, merge_deltas
-from shadow.records import Answer, PairRecord
+from shadow.records import Answer, PairRecord, clean_json, clean_text
 
 MARKER_HEADER = "x-protege-shadow"  # sent to remote teachers: this request is a mirror
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
@@ -102,14 +102,21 @@ def make_record(job: MirrorJob, teacher: Answer, logprobs: list[dict] | None,
                 scores: dict[str, float | None], redactor=None) -> tuple[PairRecord, dict]:
     """The pair as stored, and what `redactor` (a `shadow.redact.Redactor`) replaced by kind.
 
-    The prompt (when the route stores it) and both answers are redacted; scores were computed
-    on the original text by then. Without `store_prompt` only the parameters are kept."""
-    request = request_dict(job.request)
+    The prompt (when the route stores it), both answers and the teacher's logprobs (cut before
+    the first redacted span, `Redactor.redact_logprobs`) are redacted; scores were computed on
+    the original text by then. Without `store_prompt` only the parameters are kept. Text no
+    store can hold (lone surrogates, NUL) is replaced first (`clean_json`)."""
+    request = clean_json(request_dict(job.request))
     if not job.store_prompt:
         request = {"params": request["params"]}
-    student, counts = job.student, {}
+    logprobs = clean_json(logprobs)
+    student, counts = replace(job.student, text=clean_text(job.student.text)), {}
+    teacher = replace(teacher, text=clean_text(teacher.text))
     if redactor is not None:
         request, counts = redactor.redact_json(request)
+        logprobs, found = redactor.redact_logprobs(teacher.text, logprobs)
+        for kind, n in found.items():
+            counts[kind] = counts.get(kind, 0) + n
         student, teacher = (_redacted(a, redactor, counts) for a in (student, teacher))
     record = PairRecord(
         pair_id=job.pair_id, request_id=job.pair_id, route=job.route, variant=job.variant,

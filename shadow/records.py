@@ -13,6 +13,9 @@ A record is frozen, but `request`, `scores` and `teacher_logprobs` are plain JSO
 `with_scores` to attach scores. Numbers must be finite (JSON has no NaN or infinity, and
 neither has PostgreSQL's jsonb): clamp a `-inf` logprob to a floor such as -9999.0 first.
 
+Text from outside (prompts, upstream answers) may hold what no store can keep: `clean_json`
+replaces lone surrogates (not UTF-8) and NUL (PostgreSQL text cannot hold it) with U+FFFD.
+
 `created_at` is an ISO 8601 UTC timestamp chosen by the caller, always in one format (the store
 filters on it as text), e.g. `2026-11-28T21:43:08.123456+00:00`.
 """
@@ -22,10 +25,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 SCHEMA_VERSION = 1  # bump when a field changes meaning; `from_dict` refuses newer records
 
 # The columns a store keeps beside the full JSON record, to filter and index on.
@@ -133,6 +138,32 @@ class PairRecord:
     def from_row(cls, row: Mapping[str, Any]) -> PairRecord:
         """The record back from a row; only the `record` column is read (it holds everything)."""
         return cls.from_json(row["record"])
+
+
+def clean_text(text: str) -> str:
+    """`text` with lone surrogates and NUL replaced by U+FFFD; the same object when clean."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def unstorable(text: str) -> str | None:
+    """What no store can keep in `text` (for a 400 on what a client sent), or None."""
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    return ("a NUL character" if found.group() == "\x00"
+            else f"a lone surrogate (U+{ord(found.group()):04X}), which is not UTF-8")
+
+
+def clean_json(value: Any) -> Any:
+    """Every str in nested dicts/lists (keys too) through `clean_text`, as new objects."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(k) if isinstance(k, str) else k: clean_json(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean_json(v) for v in value]
+    return value
 
 
 def _check_keys(data: Mapping[str, Any], known: set[str], what: str) -> None:

@@ -1,9 +1,12 @@
 """PII redaction of text before it is stored: built-in detectors plus named regexes from config.
 
 Owns finding e-mail addresses, phone numbers, payment cards (Luhn-checked), IBANs (mod-97
-checked), IP addresses and configured patterns in a text or a JSON-like value, and replacing
-each hit with `[NAME]`. Does not own where redaction is applied (callers redact shadow pair
-records before they reach the store) nor where the patterns are configured. Pure: `re` only.
+checked), IP addresses, US social security numbers, secrets (API keys such as `sk-...`, AWS
+access key ids, GitHub and Slack tokens, JWTs, private-key blocks) and configured patterns in a
+text or a JSON-like value, and replacing each hit with `[NAME]`; and cutting a token list
+(logprobs) so that no token of a redacted span survives (`redact_logprobs`). Does not own where
+redaction is applied (callers redact shadow pair records before they reach the store) nor where
+the patterns are configured. Pure: `re` only.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-BUILTINS = ("email", "phone", "card", "iban", "ip")
-# Run order: cards and IBANs before phones (a card is a card, not a phone), IPs before phones.
-_ORDER = ("email", "iban", "card", "ip", "phone")
+BUILTINS = ("email", "phone", "card", "iban", "ip", "ssn", "secret")
+# Run order: secrets first (a JWT or key holds digit runs), cards and IBANs before phones (a card
+# is a card, not a phone), IPs and SSNs before phones.
+_ORDER = ("secret", "email", "iban", "card", "ip", "ssn", "phone")
 
 _EMAIL = (r"(?<![\w.%+-])[\w.%+-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+"
           r"[A-Za-z]{2,63}(?![\w-])")
@@ -38,6 +42,18 @@ _PHONE = (  # international: + and 7-15 digits, at most two of ` .()-` between t
     r"|(?<![\w.])(?:\(0[1-9][0-9]{1,4}\) ?|0[1-9][0-9]{1,4}[ /-])[0-9]{3,4}[ -]?[0-9]{3,5}"
     r"(?![0-9])"
 )
+# Area 001-899 but 666, group 01-99, serial 0001-9999, written 123-45-6789.
+_SSN = r"(?<![\w-])(?!000|666|9)[0-9]{3}-(?!00)[0-9]{2}-(?!0000)[0-9]{4}(?![\w-])"
+_SECRET = "|".join([
+    r"(?<![\w-])sk-(?:[a-z]+-)?[A-Za-z0-9_-]{20,}",  # OpenAI-style and other sk- keys
+    r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])",  # AWS access key ids
+    r"(?<![\w])gh[pousr]_[A-Za-z0-9]{36,}",  # GitHub tokens
+    r"(?<![\w])xox[abprs]-[A-Za-z0-9-]{10,}",  # Slack tokens
+    r"(?<![\w-])eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*",  # JWTs
+    # A PEM private key, to its END line, or to the end of a text cut before it.
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"
+    r"|.*\Z)",
+])
 _NAME = re.compile(r"[a-z0-9_]+")
 
 
@@ -92,6 +108,8 @@ _BUILTIN: dict[str, tuple[re.Pattern, _Replace | None]] = {
     "card": (re.compile(_DIGIT_RUN, re.ASCII), _cards),
     "ip": (re.compile(f"{_IPV6}|{_IPV4}", re.ASCII), None),
     "phone": (re.compile(_PHONE, re.ASCII), None),
+    "ssn": (re.compile(_SSN, re.ASCII), None),
+    "secret": (re.compile(_SECRET, re.ASCII | re.DOTALL), None),
 }
 
 
@@ -122,6 +140,7 @@ class Redactor:
     patterns: Mapping[str, str] = field(default_factory=dict)
     _detectors: tuple = field(init=False, repr=False, compare=False)
     _placeholder: re.Pattern = field(init=False, repr=False, compare=False)
+    _longest: int = field(init=False, repr=False, compare=False)  # longest `[NAME]`
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.builtins) - set(BUILTINS))
@@ -135,6 +154,7 @@ class Redactor:
         setattr_(self, "builtins", tuple(self.builtins))
         setattr_(self, "patterns", MappingProxyType(dict(self.patterns)))
         setattr_(self, "_detectors", tuple(detectors))
+        setattr_(self, "_longest", max(len(n) for n in names) + 2)
         setattr_(self, "_placeholder",
                  re.compile(r"(\[(?:" + "|".join(n.upper() for n in names) + r")\])"))
 
@@ -169,6 +189,33 @@ class Redactor:
             return v
 
         return walk(value), counts
+
+    def redact_logprobs(self, text: str, logprobs: list[dict] | None
+                        ) -> tuple[list[dict] | None, dict[str, int]]:
+        """Logprob entries (`{"token", "logprob", "top": [[token, logprob], ...]}`) of an answer
+        whose original text is `text`, cut before the first token that reaches into a redacted
+        span (or that does not continue `text`: it cannot be placed), each kept token and
+        alternative redacted on its own; the counts of what was redacted in the alternatives.
+        The kept tokens spell a prefix of the redacted text, so no redacted value survives."""
+        if not logprobs:
+            return logprobs, {}
+        redacted, _ = self.redact(text)
+        clean = next((i for i, (a, b) in enumerate(zip(text, redacted)) if a != b),
+                     min(len(text), len(redacted)))
+        if redacted != text:  # the first span starts at a placeholder at most `clean`
+            first = self._placeholder.search(redacted, max(0, clean - self._longest))
+            clean = min(clean, first.start()) if first else max(0, clean - self._longest)
+        kept, end = [], 0
+        for entry in logprobs:
+            token = entry.get("token")
+            if not isinstance(token, str) or not text.startswith(token, end):
+                break
+            end += len(token)
+            if end > clean and redacted != text:
+                break
+            kept.append(entry)
+        out, counts = self.redact_json(kept)
+        return out, counts
 
 
 def _sub(rx: re.Pattern, name: str, replace: _Replace | None, text: str,

@@ -595,13 +595,33 @@ class PairWriter:
     def _write_sync(self, batch: list[Record]) -> None:
         try:
             self.store.write_batch(batch)
-        except Exception as e:  # noqa: BLE001 - any store failure: the batch spills
+        except Exception as e:  # noqa: BLE001 - any store failure: what fails alone spills
             log.warning("shadow.store.write_failed", records=len(batch), error=repr(e))
-            self._spill_sync(batch)
+            stored, failed = self._one_by_one(batch)
+            self._count("records", "stored", stored)
+            self._spill_sync(failed)
             return
         self._count("records", "stored", batch)
         if self._spill_pending:
             self._replay_sync()
+
+    def _one_by_one(self, batch: list[Record]) -> tuple[list[Record], list[Record]]:
+        """After `batch` failed as a whole: each record alone, so that a poison record costs
+        only itself; (stored, failed). When the first two fail alone as well, the store is
+        down, and the rest are not tried."""
+        stored: list[Record] = []
+        failed: list[Record] = []
+        for record in batch if len(batch) > 1 else ():
+            if len(failed) >= 2 and not stored:
+                failed.append(record)
+                continue
+            try:
+                self.store.write_batch([record])
+                stored.append(record)
+            except Exception as e:  # noqa: BLE001 - this record (or the store) failed
+                log.warning("shadow.store.record_failed", id=_id(record), error=repr(e)[:300])
+                failed.append(record)
+        return stored, failed if len(batch) > 1 else list(batch)
 
     def _count(self, metric: str, label: str, items: Sequence[Record]) -> None:
         kinds = collections.Counter(map(_kind, items))
@@ -616,7 +636,9 @@ class PairWriter:
         lines, kept = [], []
         for record in batch:
             try:
-                lines.append(spill_line(record) + "\n")
+                line = spill_line(record) + "\n"
+                line.encode("utf-8")  # a record that cannot be written fails here, alone
+                lines.append(line)
                 kept.append(record)
             except (TypeError, ValueError) as e:
                 self._count("dropped", "invalid", [record])
@@ -674,18 +696,33 @@ class PairWriter:
                 try:
                     batch.append(from_spill_line(line))
                 except (ValueError, TypeError, KeyError):
-                    corrupt += 1
-                    log.error("shadow.spill.corrupt_line", path=str(path), line=line[:200])
+                    corrupt += 1  # the line is not logged: it holds prompt and answer text
+                    log.error("shadow.spill.corrupt_line", path=str(path), length=len(line))
                     continue
                 if len(batch) == self.batch_size:
-                    self.store.write_batch(batch)
-                    replayed, batch = replayed + batch, []
-            self.store.write_batch(batch)
-            replayed += batch
+                    replayed, batch = replayed + self._replay_batch(batch), []
+            replayed += self._replay_batch(batch)
         # Counted once the whole file is stored: a retried file is not counted twice. A torn
         # line cannot say what it was; it counts as a pair (responses are the cheaper loss).
         self._count("records", "replayed", replayed)
         self.metrics.dropped.labels(kind="pair", reason="spill_corrupt").inc(corrupt)
+
+
+    def _replay_batch(self, batch: list[Record]) -> list[Record]:
+        """Store a batch read back from a spill file; what is stored. A record that fails
+        alone while others are stored is dropped (counted as invalid) so that it cannot hold
+        up the file; when none can be stored, the store is down: raise, the file stays."""
+        try:
+            self.store.write_batch(batch)
+            return batch
+        except Exception:
+            stored, failed = self._one_by_one(batch)
+            if not stored:
+                raise
+        self._count("dropped", "invalid", failed)
+        for record in failed:
+            log.error("shadow.record.dropped", id=_id(record), reason="invalid")
+        return stored
 
 
 def _kind(record: Record) -> str:

@@ -192,7 +192,9 @@ def _gather_calls(choice: dict[str, Any], calls: dict[int, dict[str, str]]) -> N
     for piece in (choice.get("delta") or {}).get("tool_calls") or ():
         fn = piece.get("function", {}) if isinstance(piece, dict) else None
         if not isinstance(fn, dict):
-            raise EngineError(f"upstream sent a malformed tool call: {_bounded(piece)}")
+            raise EngineError("upstream sent a malformed tool call: `function` is "
+                              f"{type(fn).__name__ if piece is not None else 'missing'}, not "
+                              "an object")  # no arguments: they may be an answer
         call = calls.setdefault(piece.get("index", len(calls)), {"name": "", "arguments": ""})
         call["name"] += fn.get("name") or ""
         call["arguments"] += fn.get("arguments") or ""
@@ -211,7 +213,8 @@ async def _sse_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         try:
             yield json.loads(data)
         except json.JSONDecodeError as e:
-            raise EngineError(f"upstream sent invalid JSON in an event: {data[:200]!r}") from e
+            raise EngineError(f"upstream sent invalid JSON in an event ({len(data)} characters; "
+                              f"{e.msg} at {e.pos})") from e  # no text: it may be an answer
 
 
 def _choice_delta(

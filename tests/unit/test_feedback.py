@@ -78,3 +78,21 @@ def test_float_bounds_only_for_float_metrics():
         FeedbackMetric(type="boolean", min=0)
     with pytest.raises(ValueError, match="greater than max"):
         FeedbackMetric(type="float", min=5, max=1)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"response_id": "r", "metric": "note", "value": "a\\ud800b"}', "value"),  # lone surrogate
+    (b'{"response_id": "r", "metric": "note", "value": "a\\u0000b"}', "value"),  # NUL
+    (b'{"response_id": "r\\udfff", "metric": "note", "value": "ok"}', "response_id"),
+])
+def test_text_no_store_can_keep_is_a_400_naming_the_field(body, param):
+    with pytest.raises(OpenAIError) as e:
+        parse_feedback(body, METRICS)
+    assert (e.value.status, e.value.param) == (400, param)
+
+
+def test_json_nested_too_deeply_is_a_400_not_a_500():
+    body = b'{"response_id": "r", "metric": "note", "value": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    with pytest.raises(OpenAIError) as e:
+        parse_feedback(body, METRICS)
+    assert e.value.status == 400 and "nested too deeply" in e.value.message

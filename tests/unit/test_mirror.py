@@ -107,6 +107,34 @@ def test_make_record_redacts_prompt_and_answers_and_can_drop_the_prompt():
     assert RedactionSettings(enabled=False).redactor() is None
 
 
+def test_make_record_redacts_teacher_logprobs_and_cleans_unstorable_text():
+    from shadow.config import RedactionSettings
+
+    redactor = RedactionSettings().redactor()
+    request = GenerationRequest("r1", SamplingParams(16), messages=(
+        Message("user", "hi \ud800 there\x00"),))
+    student = Answer("student", "s1", "ok \udfff", "stop", 3, 1, 1.0, 2.0)
+    text = "Reach jane.doe@example.com or card 4111 1111 1111 1111"
+    tokens = ["Reach", " jane", ".doe", "@example", ".com", " or", " card", " 4111", " 1111",
+              " 1111", " 1111"]
+    logprobs = [{"token": t, "logprob": -0.1, "top": [[t, -0.1], ["\ud83d", -2.0]]}
+                for t in tokens]
+    teacher = Answer("teacher", "t1", text, "stop", 3, len(tokens), 3.0, 4.0)
+    job = MirrorJob("chatcmpl-1", "route", "student", "teacher", request, True, student,
+                    "2026-11-28T21:00:00+00:00")
+    record, redacted = make_record(job, teacher, logprobs, {}, redactor)
+    stored = record.to_json()
+    assert record.teacher.text == "Reach [EMAIL] or card [CARD]"
+    assert [e["token"] for e in record.teacher_logprobs] == ["Reach"]  # cut before the e-mail
+    for raw in ("jane", "doe", "4111"):
+        assert raw not in stored
+    assert record.request["messages"][0]["content"] == "hi \ufffd there\ufffd"
+    assert record.student.text == "ok \ufffd"
+    assert record.teacher_logprobs[0]["top"][1][0] == "\ufffd"
+    stored.encode("utf-8")  # storable: no lone surrogate left
+    assert redacted == {"email": 1, "card": 1}
+
+
 def test_redaction_config_errors_name_the_pattern():
     with pytest.raises(ConfigError, match=r"shadow\.redaction\.patterns.*'id'.*bad regex"):
         load_settings(None, variants={"v": {"engine": {"engine": "fake"}}},

@@ -1,6 +1,7 @@
 """shadow.redact: each built-in detector's hits and misses, counts, custom patterns, idempotence."""
 
 import copy
+import json
 import re
 
 import pytest
@@ -158,8 +159,67 @@ def test_only_chosen_builtins_run():
 
 
 def test_unknown_builtin_is_refused():
-    with pytest.raises(ValueError, match="ssn"):
-        Redactor(builtins=("email", "ssn"))
+    with pytest.raises(ValueError, match="passport"):
+        Redactor(builtins=("email", "passport"))
+
+
+JWT = ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
+       "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U")
+
+
+@pytest.mark.parametrize("text, out, kind", [
+    ("ssn 123-45-6789.", "ssn [SSN].", "ssn"),
+    ("key sk-proj-AbCdEfGhIjKlMnOpQrStUvWx12 ok", "key [SECRET] ok", "secret"),
+    ("OPENAI_API_KEY=sk-abcdefghijklmnopqrstuvwxyz0123", "OPENAI_API_KEY=[SECRET]", "secret"),
+    ("aws AKIAIOSFODNN7EXAMPLE,", "aws [SECRET],", "secret"),
+    ("gh ghp_" + "a1" * 18 + " done", "gh [SECRET] done", "secret"),
+    ("slack xoxb-1234567890-abcdef", "slack [SECRET]", "secret"),
+    (f"Bearer {JWT}", "Bearer [SECRET]", "secret"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----\nbye",
+     "[SECRET]\nbye", "secret"),
+    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNza (cut)", "[SECRET]", "secret"),
+])
+def test_ssns_and_secrets(text, out, kind):
+    assert R.redact(text) == (out, {kind: 1})
+
+
+@pytest.mark.parametrize("text", [
+    "000-12-3456", "666-12-3456", "912-34-5678", "123-00-4567", "123-45-0000",  # not issued
+    "ids 12-345-6789", "sk-short", "AKIA123",
+    "the sky-blue sk-is", "eyJ alone", "-----BEGIN PUBLIC KEY-----\nMIIB",
+])
+def test_ssn_and_secret_look_alikes_stay(text):
+    assert R.redact(text) == (text, {})
+
+
+def lp(*tokens, top=()):
+    return [{"token": t, "logprob": -0.5, "top": [[t, -0.5], *top]} for t in tokens]
+
+
+def test_logprobs_are_cut_before_the_first_redacted_span():
+    text = "Reach jane.doe@example.com or card 4111 1111 1111 1111."
+    tokens = ["Reach", " jane", ".doe", "@example", ".com", " or", " card", " 4111", " 1111",
+              " 1111", " 1111", "."]
+    assert "".join(tokens) == text
+    out, counts = R.redact_logprobs(text, lp(*tokens))
+    assert out == lp("Reach") and counts == {}
+    stored = json.dumps(R.redact_logprobs(text, lp(*tokens))[0])
+    assert "jane" not in stored and "4111" not in stored
+
+
+def test_logprobs_of_a_clean_answer_are_kept_and_alternatives_redacted():
+    text = "Hello there"
+    alternative = [" sk-abcdefghijklmnopqrstuvwxyz0123", -3.0]
+    out, counts = R.redact_logprobs(text, lp("Hello", " there", top=[alternative]))
+    assert [e["token"] for e in out] == ["Hello", " there"]
+    assert out[0]["top"][1] == [" [SECRET]", -3.0] and counts == {"secret": 2}
+    assert R.redact_logprobs(text, None) == (None, {})
+
+
+def test_logprobs_that_do_not_spell_the_answer_are_cut_where_they_stop():
+    text = "ab cd"
+    out, _ = R.redact_logprobs(text, lp("ab", " x", " cd"))
+    assert [e["token"] for e in out] == ["ab"]
 
 
 def test_custom_pattern_runs_after_builtins():

@@ -77,10 +77,23 @@ def test_label_parsing_names_the_bad_field():
                         ({"verdict": "student", "reviewer": "a" * 101}, "reviewer"),
                         ({"verdict": "student", "reviewer": "a", "corrected": 3}, "corrected"),
                         ({"verdict": "student", "reviewer": "a", "corrected": "a\x00"},
-                         "corrected")):
+                         "corrected"),
+                        ({"verdict": "student", "reviewer": "a", "corrected": "a\ud800"},
+                         "corrected"),
+                        ({"verdict": "student", "reviewer": "\udc00"}, "reviewer")):
         with pytest.raises(LabelError) as e:
             parse_label(body, "p1", NOW)
         assert e.value.param == param
+
+
+def test_a_corrected_answer_is_redacted():
+    from shadow.redact import Redactor
+
+    body = {"verdict": "both_wrong", "reviewer": "a",
+            "corrected": "Write to ann@example.com, SSN 123-45-6789."}
+    label = parse_label(body, "p1", NOW, Redactor())
+    assert label.corrected == "Write to [EMAIL], SSN [SSN]."
+    assert parse_label(body, "p1", NOW).corrected == body["corrected"]  # no redactor: as sent
 
 
 # --- the store's review reads, on both backends ------------------------------------------------------

@@ -246,12 +246,55 @@ async def test_an_unserialisable_record_is_dropped_alone(tmp_path):
     bad = make_record(1, request={"messages": {"not", "json"}})  # a set: JSON cannot hold it
     for r in (make_record(0), bad, make_record(2)):
         writer.offer(r)
-    await until(lambda: counts(m)["spilled"] == 2)
+    await until(lambda: counts(m)["stored"] == 2)  # the batch failed; alone, the others pass
     assert dropped(m, "invalid") == 1
-    await until(lambda: counts(m)["replayed"] == 2)  # the store is fine: the idle retry works
     await writer.close()
     assert store.count() == 2
     assert_nothing_lost(m, 3)
+
+
+def refuse(db, pair_id: str) -> None:
+    """Make the store refuse one record (as a poison row would be refused), and only it."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"CREATE TRIGGER refuse BEFORE INSERT ON pairs WHEN NEW.pair_id = "
+                     f"'{pair_id}' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+
+
+async def test_a_poison_record_costs_only_itself(tmp_path):
+    db = tmp_path / "pairs.db"
+    store, m = SqliteStore(db), ShadowMetrics()
+    store.count()
+    refuse(db, "chatcmpl-00002")
+    writer = PairWriter(store, m, tmp_path / "spill", batch_size=5, flush_interval_s=0.02)
+    writer.start()
+    unstorable = make_record(7, request={"prompt": "lone \ud800 surrogate"})  # not UTF-8
+    for r in [*records(0, 5), unstorable]:
+        writer.offer(r)
+    await until(lambda: counts(m)["stored"] == 4 and dropped(m, "invalid") == 1)
+    assert counts(m)["spilled"] == 1  # the refused one waits in the spill file
+    assert store.count() == 4 and store.get("chatcmpl-00002") is None
+    with sqlite3.connect(db) as conn:
+        conn.execute("DROP TRIGGER refuse")
+    await until(lambda: counts(m)["replayed"] == 1)  # refused alone: it stayed for the retry
+    await writer.close()
+    assert store.count() == 5
+    assert_nothing_lost(m, 6)
+
+
+async def test_a_spilled_record_the_store_refuses_alone_does_not_hold_up_the_file(tmp_path):
+    db = tmp_path / "pairs.db"
+    store, m = SqliteStore(db), ShadowMetrics()
+    store.count()
+    refuse(db, "chatcmpl-00001")
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    (spill / "pairs.spill.jsonl").write_text("".join(r.to_json() + "\n" for r in records(0, 3)))
+    writer = PairWriter(store, m, spill, batch_size=3, flush_interval_s=0.01)
+    writer.start()
+    await until(lambda: counts(m)["replayed"] == 2)
+    await writer.close()
+    assert dropped(m, "invalid") == 1 and store.count() == 2
+    assert not any(spill.glob("*.jsonl"))
 
 
 async def test_close_spills_what_it_cannot_write_and_a_new_writer_replays_it(tmp_path):
