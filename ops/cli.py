@@ -75,14 +75,22 @@ def serve(
     config: ConfigOption,
     host: Annotated[str | None, typer.Option(help="listen address (overrides server.host)")] = None,
     port: Annotated[int | None, typer.Option(help="listen port (overrides server.port)")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="serve a non-loopback address without API keys: anyone who "
+        "reaches it may call the API and read /review (server.insecure_no_auth)")] = False,
 ) -> None:
-    """Start (or attach to, with RAY_ADDRESS) Ray, deploy the gateway and serve until stopped."""
+    """Start (or attach to, with RAY_ADDRESS) Ray, deploy the gateway and serve until stopped.
+
+    Without API keys it listens on loopback only, unless told otherwise (exit 2)."""
     server: dict[str, Any] = {}
     if host is not None:
         server["host"] = host
     if port is not None:
         server["port"] = port
+    if insecure_no_auth:
+        server["insecure_no_auth"] = True
     settings = _load(config, **({"server": server} if server else {}))
+    _refuse_exposure(settings.server.host, settings)
 
     from ops.logging import configure_logging
 
@@ -439,6 +447,18 @@ def _promoted_variant(settings: Settings, variant: str | None) -> str:
     return promotable[0]
 
 
+def _refuse_exposure(host: str, settings: Settings) -> None:
+    """Exit 2 when `host` would serve the network without API keys, not on purpose."""
+    from serving.auth import exposure_problem, is_loopback
+
+    problem = exposure_problem(host, bool(settings.api_keys), settings.server.insecure_no_auth)
+    if problem:
+        typer.echo(f"protege: refusing to serve: {problem}", err=True)
+        raise typer.Exit(2)
+    if not settings.api_keys and not is_loopback(host):
+        typer.echo(f"warning: serving {host} without API keys (--insecure-no-auth)", err=True)
+
+
 def _wait_served(settings: Settings, variant: str, version: str, timeout_s: float) -> None:
     """Poll the gateway's /metrics until every replica of `variant` serves `version`."""
     import re
@@ -724,22 +744,25 @@ def review(
     config: ConfigOption,
     host: Annotated[str, typer.Option(help="listen address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="listen port")] = 8001,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        "--insecure-no-auth", help="serve a non-loopback address without API keys")] = False,
 ) -> None:
     """The pair review page on its own port, without Ray (`protege serve` serves it at /review
     too): the store and the API keys come from the settings."""
     import uvicorn
 
+    from serving.auth import checked_hosts
     from serving.review import ReviewSite, asgi_app
 
-    settings = _load(config)
+    settings = _load(config, **({"server": {"insecure_no_auth": True}} if insecure_no_auth
+                                else {}))
+    _refuse_exposure(host, settings)
     store = _store(settings)
-    if not settings.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: no API keys (PROTEGE_API_KEYS) and listening on {host}: anyone "
-                   "who reaches this port reads the stored prompts and answers", err=True)
     site = ReviewSite(lambda: store, tuple(settings.api_keys),
                       settings.shadow.redaction.redactor())
     typer.echo(f"review page on http://{host}:{port}/review")
-    uvicorn.run(asgi_app(site), host=host, port=port, log_level="warning")
+    hosts = checked_hosts(host, bool(settings.api_keys), settings.server.allowed_hosts)
+    uvicorn.run(asgi_app(site, hosts), host=host, port=port, log_level="warning")
 
 
 @app.command()

@@ -29,7 +29,7 @@ from ops.logging import configure_logging, get_logger
 from ops.metrics import GatewayMetrics, MetricsReporter, VariantMetrics
 from ops.priority import lower_priority
 from serving import protocol, responses
-from serving.auth import bearer_key_ok
+from serving.auth import bearer_key_ok, checked_hosts, host_allowed, host_error
 from serving.config import ServerConfig, VariantConfig
 from serving.defaults import SamplingDefaults, sampling_defaults
 from serving.engines import build_engine
@@ -337,6 +337,9 @@ class Ingress:
         )
         self.reporter.start()
         self._keys = tuple(k.encode() for k in params.api_keys)
+        # Key-less on loopback: only loopback or allowed Host names (`serving.auth`).
+        self._hosts = checked_hosts(params.server.host, bool(params.api_keys),
+                                    params.server.allowed_hosts)
         self._unknown_logged: set[str] = set()
         self.ledger = (Ledger(params.ledger_dir, params.run, f"ingress-{os.getpid()}-"
                               f"{uuid.uuid4().hex[:6]}") if params.shadows else None)
@@ -354,6 +357,10 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/") or "/", request.method
         try:
+            if self._hosts is not None and not host_allowed(request.headers.get("host"),
+                                                            self._hosts):
+                raise OpenAIError(*host_error(request.headers.get("host")),
+                                  "invalid_request_error", code="invalid_host")
             if path == "/health":
                 return JSONResponse({"status": "ok"})
             if path == "/metrics":

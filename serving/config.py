@@ -221,6 +221,12 @@ class ServerConfig(Section):
     drain_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight grace on stop")
     review: bool = Field(True, description="serve the pair review page at /review (behind the "
                          "API keys when they are set)")
+    insecure_no_auth: bool = Field(False, description="listen on a non-loopback address without "
+                                   "API keys (refused otherwise): anyone who reaches it may call "
+                                   "the API and read /review")
+    allowed_hosts: list[str] = Field([], description="without API keys, Host header names "
+                                     "answered besides loopback ones (others get 400: no DNS "
+                                     "rebinding); with keys or a non-loopback host, unused")
     ingress: IngressConfig = IngressConfig()
 
 

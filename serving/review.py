@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from ops.logging import get_logger
-from serving.auth import bearer_key_ok
+from serving.auth import bearer_key_ok, host_allowed, host_error
 from serving.errors import OpenAIError, clip
 from shadow.labels import LabelError, parse_label
 from shadow.review import ReviewError, ReviewQuery, pair_view
@@ -233,8 +233,9 @@ async def _read(request: Request, limit: int, content_type: str) -> bytes:
     return bytes(body)
 
 
-def asgi_app(site: ReviewSite):
-    """`site` as an ASGI app (for `protege review`): every path goes to `ReviewSite.handle`."""
+def asgi_app(site: ReviewSite, hosts: frozenset[str] | None = None):
+    """`site` as an ASGI app (for `protege review`): every path goes to `ReviewSite.handle`;
+    with `hosts` (`serving.auth.checked_hosts`), only requests addressed to them or loopback."""
 
     async def app(scope, receive, send):
         if scope["type"] == "lifespan":
@@ -245,8 +246,13 @@ def asgi_app(site: ReviewSite):
         if scope["type"] != "http":
             return
         request = Request(scope, receive)
-        if not request.url.path.startswith("/review"):
-            response: Response = RedirectResponse("/review", 307)
+        if hosts is not None and not host_allowed(request.headers.get("host"), hosts):
+            status, message = host_error(request.headers.get("host"))
+            response: Response = JSONResponse(
+                OpenAIError(status, message, "invalid_request_error", code="invalid_host").body(),
+                status, headers=HEADERS)
+        elif not request.url.path.startswith("/review"):
+            response = RedirectResponse("/review", 307)
         else:
             response = await site.handle(request)
         await response(scope, receive, send)

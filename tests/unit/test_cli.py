@@ -59,11 +59,11 @@ def fake_serving(monkeypatch):
 
 
 def test_config_check_prints_resolved_yaml_with_keys_masked(runner, monkeypatch):
-    monkeypatch.setenv("PROTEGE_API_KEYS", "sk-secret-one,sk-secret-two")
+    monkeypatch.setenv("PROTEGE_API_KEYS", "sk-hidden-one,sk-hidden-two")
     monkeypatch.setenv("PROTEGE_SERVER__PORT", "9005")
     result = runner.invoke(app, ["config", "check", "--config", str(FAKE)])
     assert result.exit_code == 0, result.output
-    assert "secret" not in result.output
+    assert "hidden" not in result.output
     data = yaml.safe_load(result.stdout)
     assert data["api_keys"] == ["****", "****"]
     assert data["server"]["port"] == 9005
@@ -115,6 +115,26 @@ def test_serve_passes_settings_with_host_and_port(runner, fake_serving):
     (settings,) = fake_serving
     assert (settings.server.host, settings.server.port) == ("127.0.0.1", 8123)
     assert set(settings.routes) == {"fake", "fake-slow"}
+
+
+def test_a_public_bind_without_keys_is_refused_unless_asked_for(runner, fake_serving,
+                                                                 monkeypatch):
+    monkeypatch.delenv("PROTEGE_API_KEYS", raising=False)
+    for command in (["serve"], ["review"]):
+        result = runner.invoke(app, [*command, "--config", str(FAKE), "--host", "0.0.0.0"])
+        assert result.exit_code == 2, result.output
+        assert "refusing to serve: no API keys" in result.stderr
+        assert "--insecure-no-auth" in result.stderr
+    assert fake_serving == []
+    result = runner.invoke(app, ["serve", "--config", str(FAKE), "--host", "0.0.0.0",
+                                 "--insecure-no-auth"])
+    assert result.exit_code == 0, result.output
+    assert "without API keys" in result.stderr
+    assert fake_serving[-1].server.insecure_no_auth
+    monkeypatch.setenv("PROTEGE_API_KEYS", "k1")
+    result = runner.invoke(app, ["serve", "--config", str(FAKE), "--host", "0.0.0.0"])
+    assert result.exit_code == 0, result.output
+    assert len(fake_serving) == 2
 
 
 def test_serve_bad_port_flag_is_a_config_error(runner, fake_serving):
