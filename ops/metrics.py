@@ -32,6 +32,10 @@ MAX_GAUGES = frozenset({"protege_student_fidelity_gap"})  # the same fact from e
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
+LEDGER_ERRORS = "protege_shadow_ledger_errors"
+LEDGER_ERRORS_HELP = ("Mirror ledger lines that could not be written (a full or failing disk): "
+                      "the shadow's crash accounting misses them; answers are not affected.")
+
 
 class GatewayMetrics:
     """What the ingress records: one set per process, in its own registry."""
@@ -74,6 +78,7 @@ class GatewayMetrics:
         )
         for reason in ("budget", "worker_busy", "handoff_failed", "cancelled"):
             self.shadow_dropped.labels(kind="pair", reason=reason)
+        self.ledger_errors = Counter(LEDGER_ERRORS, LEDGER_ERRORS_HELP, registry=r)
         self.responses_logged = Counter(
             "protege_feedback_responses_logged", "Answered responses sent to the shadow worker "
             "so feedback can find them, by outcome (sent, failed, cancelled).", ("outcome",),
@@ -129,7 +134,7 @@ class ShadowMetrics:
 
     OUTCOMES = ("stored", "spilled", "replayed")
     DROP_REASONS = ("queue_full", "closed", "invalid", "store_error", "spill_corrupt",
-                    "teacher_failed", "teacher_timeout", "worker_busy")
+                    "spill_full", "teacher_failed", "teacher_timeout", "worker_busy")
     KINDS = ("pair", "response")
 
     def __init__(self) -> None:
@@ -147,6 +152,7 @@ class ShadowMetrics:
         self.queue_depth = Gauge(
             "protege_shadow_queue_depth", "Records waiting for the store writer.", registry=r,
         )
+        self.ledger_errors = Counter(LEDGER_ERRORS, LEDGER_ERRORS_HELP, registry=r)
         self.requests = Counter(
             "protege_shadow_requests", "Teacher calls by the shadow worker, by outcome "
             "(completed, failed, timeout).", ("route", "target", "outcome"), registry=r,

@@ -342,7 +342,8 @@ class Ingress:
                                     params.server.allowed_hosts)
         self._unknown_logged: set[str] = set()
         self.ledger = (Ledger(params.ledger_dir, params.run, f"ingress-{os.getpid()}-"
-                              f"{uuid.uuid4().hex[:6]}") if params.shadows else None)
+                              f"{uuid.uuid4().hex[:6]}", on_error=self._ledger_failed)
+                       if params.shadows else None)
         self._responses: list[ResponseRecord] = []  # answered, not yet sent to the worker
         self.review = None
         if params.server.review:
@@ -601,6 +602,10 @@ class Ingress:
             self._linger = asyncio.get_running_loop().call_later(
                 MIRROR_LINGER_S, self._send_mirrors)
 
+    def _ledger_failed(self, error: OSError) -> None:
+        self.metrics.ledger_errors.inc()
+        self.log.warning("shadow.ledger.write_failed", error=repr(error)[:300])
+
     def _send_mirrors(self) -> None:
         if self._linger is not None:
             self._linger.cancel()
@@ -786,34 +791,41 @@ class _Call:
             m.tokens.labels(**labels, kind="completion").inc(completion)
         if self.format is not None and status == 200:
             self._check_format()
-        self.i.log.info(
-            "serving.request.completed", request_id=self.request_id, route=self.t.route,
-            variant=self.arm.variant, version=self.version, arm_key=self.arm_key,
-            status=status, stream=self.stream,
-            latency_ms=round((now - self.started) * 1000, 2),
-            ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
-            prompt_tokens=self.prompt_tokens, completion_tokens=completion,
-            **({"prompt": self.prompt, "answers": self.answers} if self.prompt is not None
-               else {}),
-        )
-        if status == 200 and self.i.p.feedback:
-            self.i.log_response(ResponseRecord(
-                self.request_id, self.t.route, self.arm.variant, self.version,
-                self.created_at or datetime.now(UTC).isoformat()))
-        if self.mirror is not None and status == 200:
-            plan, request = self.mirror
-            student = Answer(
-                model=self.arm.variant, version=self.version, text=self.answers.get(0, ""),
-                finish_reason=self.finish_reasons.get(0), prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens.get(0),
-                ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
-                latency_ms=round((now - self.started) * 1000, 3),
+        try:  # the log line and the shadow's bookkeeping: no failure here fails the answer
+            self.i.log.info(
+                "serving.request.completed", request_id=self.request_id, route=self.t.route,
+                variant=self.arm.variant, version=self.version, arm_key=self.arm_key,
+                status=status, stream=self.stream,
+                latency_ms=round((now - self.started) * 1000, 2),
+                ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
+                prompt_tokens=self.prompt_tokens, completion_tokens=completion,
+                **({"prompt": self.prompt, "answers": self.answers} if self.prompt is not None
+                   else {}),
             )
-            self.i.hand_off(MirrorJob(
-                pair_id=self.request_id, route=self.t.route, variant=self.arm.variant,
-                target=plan.target, request=request, stream=self.stream, student=student,
-                created_at=self.created_at, store_prompt=plan.store_prompt, labels=plan.labels,
-            ))
+            if status == 200 and self.i.p.feedback:
+                self.i.log_response(ResponseRecord(
+                    self.request_id, self.t.route, self.arm.variant, self.version,
+                    self.created_at or datetime.now(UTC).isoformat()))
+            if self.mirror is not None and status == 200:
+                plan, request = self.mirror
+                student = Answer(
+                    model=self.arm.variant, version=self.version, text=self.answers.get(0, ""),
+                    finish_reason=self.finish_reasons.get(0), prompt_tokens=self.prompt_tokens,
+                    completion_tokens=self.completion_tokens.get(0),
+                    ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
+                    latency_ms=round((now - self.started) * 1000, 3),
+                )
+                self.i.hand_off(MirrorJob(
+                    pair_id=self.request_id, route=self.t.route, variant=self.arm.variant,
+                    target=plan.target, request=request, stream=self.stream, student=student,
+                    created_at=self.created_at, store_prompt=plan.store_prompt,
+                    labels=plan.labels,
+                ))
+        except Exception as e:  # noqa: BLE001 - counted; the user has the answer
+            self.i.log.warning("shadow.bookkeeping.failed", request_id=self.request_id,
+                               error=repr(e)[:300])
+            if self.mirror is not None and status == 200:
+                m.shadow_dropped.labels(kind="pair", reason="handoff_failed").inc()
 
     def _check_format(self) -> None:
         """Count each choice as valid, invalid or truncated against the response_format."""

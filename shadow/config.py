@@ -76,6 +76,8 @@ class ShadowSettings(BaseModel):
 
     store_path: str = Field("data/pairs.sqlite", description="SQLite file of the pairs")
     spill_dir: str = Field("data/spill", description="append-only files while the store is down")
+    max_spill_mb: float = Field(1024, gt=0, description="cap on the spill files; records "
+                                "beyond it are dropped (counted: spill_full)")
     max_pending: int = Field(32, ge=1, le=100_000,
                              description="mirrors waiting for a teacher slot in the shadow worker;"
                              " more are dropped (worker_busy)")

@@ -26,18 +26,17 @@ SUFFIX = ".ledger"
 
 
 class Ledger:
-    """The append-only ledger files of one process (one line per event, one write per line)."""
+    """The append-only ledger files of one process (one line per event, one write per line).
+
+    A failed write (a full or failing disk) never raises: the line is lost, `on_error` hears of
+    it, and the next line tries again (a new file when the old one could not be opened)."""
 
     def __init__(self, directory: str | os.PathLike[str], run: str, process: str, *,
-                 max_lines: int = 100_000):
+                 max_lines: int = 100_000, on_error: Callable[[OSError], None] | None = None):
         self.directory, self.prefix, self.max_lines = Path(directory), f"{run}.{process}", max_lines
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._seq, self._lines, self._fd = 0, 0, None
-        self._open()
-
-    def _open(self) -> None:
+        self.on_error = on_error
+        self._seq, self._lines, self._fd, self._closed = 0, 0, None, False
         self.path = self.directory / f"{self.prefix}.{self._seq:06d}{SUFFIX}"
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def sampled(self, pair_id: str) -> None:
         self._write(f"{pair_id}\tsampled\n")
@@ -46,19 +45,35 @@ class Ledger:
         self._write(f"{pair_id}\tdropped {reason}\n")
 
     def _write(self, line: str) -> None:
-        if self._fd is None:
+        if self._closed:
             return
-        os.write(self._fd, line.encode())
+        try:
+            if self._fd is None:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.path = self.directory / f"{self.prefix}.{self._seq:06d}{SUFFIX}"
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.write(self._fd, line.encode())
+        except OSError as e:
+            if self.on_error is not None:
+                self.on_error(e)
+            return
         self._lines += 1
         if self._lines >= self.max_lines:  # the next file; this one is finished
-            os.close(self._fd)
+            self._close_file()
             self._seq, self._lines = self._seq + 1, 0
-            self._open()
+
+    def _close_file(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError as e:
+                if self.on_error is not None:
+                    self.on_error(e)
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._closed = True
+        self._close_file()
 
 
 def _parts(path: Path) -> tuple[str, str]:

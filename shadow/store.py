@@ -310,6 +310,9 @@ class SqliteStore(ReviewReads):
         self.dialect = SQLITE
 
     def _connect(self) -> sqlite3.Connection:
+        if not self.path.exists():  # created owner-only; SQLite gives -wal and -shm its mode
+            with contextlib.suppress(FileExistsError, FileNotFoundError):
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         conn = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None,
                                check_same_thread=False)
         try:
@@ -473,12 +476,14 @@ class PairWriter:
         batch_size: int = 256,
         flush_interval_s: float = 1.0,
         on_drop: Callable[[Record, str], None] | None = None,
+        max_spill_bytes: int = 1 << 30,
     ):
         if maxsize < 1 or batch_size < 1 or flush_interval_s <= 0:
             raise ValueError(f"PairWriter needs maxsize >= 1, batch_size >= 1 and "
                              f"flush_interval_s > 0; got {maxsize}, {batch_size}, "
                              f"{flush_interval_s}")
         self.store, self.metrics = store, metrics
+        self.max_spill_bytes = max_spill_bytes  # spill and replaying files together
         self.spill_dir = Path(spill_dir)
         self.spill_path = self.spill_dir / f"{name}.spill.jsonl"
         self.replaying_path = self.spill_dir / f"{name}.replaying.jsonl"
@@ -648,9 +653,18 @@ class PairWriter:
             return
         try:
             with self._files:
+                held = sum(p.stat().st_size for p in (self.spill_path, self.replaying_path)
+                           if p.exists())
+                size = sum(len(line.encode()) for line in lines)
+                if held + size > self.max_spill_bytes:  # the disk is not the store's backlog
+                    self._count("dropped", "spill_full", kept)
+                    log.error("shadow.spill.full", records=len(kept), held_bytes=held,
+                              max_bytes=self.max_spill_bytes)
+                    return
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
                 new = not self.spill_path.exists()
-                with open(self.spill_path, "a", encoding="utf-8") as f:
+                fd = os.open(self.spill_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                with open(fd, "a", encoding="utf-8") as f:  # owner-only: it holds text
                     f.write("".join(lines))
                     f.flush()
                     os.fsync(f.fileno())

@@ -68,8 +68,10 @@ class ShadowWorker:
         self.store = open_store(settings, root)
         self.ledger_dir = root / settings.spill_dir / "ledger"
         self.run = run
-        self.ledger = Ledger(self.ledger_dir, run, f"worker-{os.getpid()}")
+        self.ledger = Ledger(self.ledger_dir, run, f"worker-{os.getpid()}",
+                             on_error=self._ledger_failed)
         self.writer = PairWriter(self.store, self.metrics, root / settings.spill_dir,
+                                 max_spill_bytes=int(settings.max_spill_mb * 2**20),
                                  on_drop=self._ledger_drop)
         self.writer.start()
         self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_forever())
@@ -186,6 +188,10 @@ class ShadowWorker:
                            weights=self.settings.weights, embed=self.embed,
                            conforms=_conforms(job.request.params.response_format))
                 for job, answer in zip(jobs, answers, strict=True)]
+
+    def _ledger_failed(self, error: OSError) -> None:
+        self.metrics.ledger_errors.inc()
+        self.log.warning("shadow.ledger.write_failed", error=repr(error)[:300])
 
     def _ledger_drop(self, record, reason: str) -> None:
         if isinstance(record, PairRecord):

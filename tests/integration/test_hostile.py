@@ -2,9 +2,11 @@
 
 One key-less gateway on loopback (fake student, review page, feedback) mirrors a route to a
 hostile teacher: an upstream that answers with personal data and secrets, in its text and in
-its logprobs (alternatives included), or with a lone surrogate. Checked: every bad body is a
-400 naming the field, never a 5xx; no raw personal data in any file under the data directory
-or in the logs; the gateway keeps serving.
+its logprobs (alternatives included), or with a lone surrogate. Its mirror ledger cannot be
+written (a file stands where its folder should be, as a full disk would fail it). Checked:
+every bad body is a 400 naming the field, never a 5xx; no raw personal data in any file under
+the data directory or in the logs; the ledger's failures are counted and cost no answer; the
+gateway keeps serving.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from shadow.store import SqliteStore
-from tests.integration.conftest import Gateway
+from tests.integration.conftest import Gateway, scrape
 from tests.oracle import serve_app
 
 pytestmark = pytest.mark.integration
@@ -73,6 +75,8 @@ def hostile(tmp_path_factory):
                     "engine": "remote", "base_url": upstream, "model": "t", "timeout_s": 10}}},
             },
         }
+        (tmp / "data" / "spill").mkdir(parents=True)
+        (tmp / "data" / "spill" / "ledger").write_text("")  # no folder: every write fails
         gw = Gateway(config, tmp)
         gw.data = tmp / "data"
         gw.statuses = []
@@ -176,3 +180,15 @@ def test_a_request_for_another_host_is_refused(hostile):
         error = assert_400(post(hostile, path, body, host="evil.example:8000"))
         assert error["code"] == "invalid_host"
     chat(hostile, "student", "still serving")
+
+
+def test_a_ledger_that_cannot_be_written_costs_no_answer(hostile):
+    before = scrape(hostile, "protege_shadow_ledger_errors_total")
+    with hostile.client().chat.completions.create(
+            model="mirrored", messages=[{"role": "user", "content": "stream it"}],
+            max_tokens=6, stream=True) as stream:
+        chunks = list(stream)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")  # a whole stream
+    pair_id = chunks[0].id
+    assert stored_pair(hostile, pair_id).teacher.text.startswith("Reach")  # mirrored all the same
+    assert scrape(hostile, "protege_shadow_ledger_errors_total") > before

@@ -73,3 +73,26 @@ def test_reconcile_accounts_for_every_sampled_pair():
     assert r.dropped == {"budget": 1, "teacher_timeout": 1, "crash": 1}  # first reason wins
     assert r.crashed == ("c1",) and r.balanced
     assert reconcile([], [], stored).sampled == 0 and len(asked) == 1  # no query for nothing
+
+
+def test_a_failing_disk_loses_lines_but_never_raises(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    errors = []
+    ledger = Ledger(tmp_path, "r1", "ingress-1", on_error=errors.append)
+    ledger.sampled("a")
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    ledger.sampled("lost")
+    ledger.dropped("lost", "budget")
+    monkeypatch.setattr(os, "write", real_write)
+    ledger.sampled("b")  # the disk has room again
+    ledger.close()
+    assert [e.errno for e in errors] == [errno.ENOSPC, errno.ENOSPC]
+    assert read_ledgers([ledger.path]) == (["a", "b"], [])
+    assert oct(ledger.path.stat().st_mode & 0o777) == "0o600"

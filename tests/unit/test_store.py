@@ -412,3 +412,22 @@ async def test_responses_spill_and_replay_counted_by_kind(tmp_path):
     assert [store.get_response(r.response_id) for r in responses(0, 3)] == responses(0, 3)
     assert store.count() == 2
     assert counts(m)["replayed"] == 2
+
+
+async def test_the_spill_files_are_owner_only_and_capped(tmp_path):
+    db = tmp_path / "pairs.db"
+    store, m = SqliteStore(db), ShadowMetrics()
+    store.count()
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+    line = len((records(0, 1)[0].to_json() + "\n").encode())
+    writer = PairWriter(store, m, tmp_path / "spill", batch_size=1, flush_interval_s=0.01,
+                        max_spill_bytes=int(line * 2.5))  # room for two records
+    writer.start()
+    break_store(db)
+    for r in records(0, 4):
+        writer.offer(r)
+    await until(lambda: counts(m)["spilled"] + dropped(m, "spill_full") == 4)
+    assert (counts(m)["spilled"], dropped(m, "spill_full")) == (2, 2)
+    assert oct(writer.spill_path.stat().st_mode & 0o777) == "0o600"
+    await writer.close()
+    assert_nothing_lost(m, 4)
