@@ -214,7 +214,8 @@ class VariantServer:
         self._active = self.metrics.active.labels(**labels)
         self._queued = self.metrics.queued.labels(**labels)
         self._outcomes = {o: self.metrics.generations.labels(**labels, outcome=o)
-                          for o in ("completed", "aborted", "rejected", "failed")}
+                          for o in ("completed", "finish_assumed", "aborted", "rejected",
+                                    "failed")}
         self.metrics.replica_up.labels(**labels).set(1)
         self._set_active(0)
 
@@ -283,11 +284,13 @@ class VariantServer:
         try:
             gen = engine.generate(request)
             first = True
+            assumed = False
             async for delta in gen:
                 if first:
                     delta.model_version, first = version, False
+                assumed = assumed or delta.finish_assumed
                 yield delta
-            outcome = "completed"
+            outcome = "finish_assumed" if assumed else "completed"
         except (PromptTooLong, Unsupported):
             outcome = "rejected"
             raise
@@ -577,6 +580,12 @@ class Ingress:
         except asyncio.CancelledError:
             status = 499
             raise
+        except Exception as e:  # noqa: BLE001 - after the headers: an error event, a 500
+            status = 500  # counted as one, and the cut answer is not mirrored as a pair
+            self.log.error("serving.request.failed", request_id=call.request_id,
+                           error=repr(e)[:300])
+            yield responses.sse_error(OpenAIError(500, f"Internal error: {type(e).__name__}",
+                                                  type="server_error", code="internal_error"))
         finally:
             stream.cancel()
             call.finish(status)

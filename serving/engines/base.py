@@ -82,6 +82,9 @@ class Delta:
     # A label-constrained answer asked with logprobs: P(label | prompt) over the labels, from
     # each label's sequence logprob (last delta only; engines with token probabilities).
     label_probs: dict[str, float] | None = None
+    # The backend ended without saying why (a remote stream's [DONE] with no finish_reason):
+    # `finish_reason` is "stop" by assumption, and the replica counts it (last delta only).
+    finish_assumed: bool = False
 
 
 class PromptTooLong(ValueError):

@@ -140,13 +140,16 @@ class RemoteEngine(Engine):
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         path, body = self._body(request)
         chat = request.messages is not None
-        finish, usage, pieces = None, None, 0
+        finish, usage, pieces, done = None, None, 0, False
         calls: dict[int, dict[str, str]] = {}  # streamed tool calls by index: name, arguments
         try:
             async with self._client.stream("POST", path, json=body, headers=self._headers) as resp:
                 if resp.status_code >= 400:
                     raise await _error(resp)
                 async for event in _sse_events(resp):
+                    if event is DONE:
+                        done = True
+                        break
                     if "error" in event:
                         raise EngineError(f"upstream stream error: {_bounded(event['error'])}")
                     if event.get("usage"):
@@ -165,14 +168,15 @@ class RemoteEngine(Engine):
         except httpx.HTTPError as e:
             url = self.config.base_url
             raise EngineError(f"upstream {url} failed: {type(e).__name__}: {e}") from e
-        if finish is None:
-            raise EngineError("upstream stream ended without a finish_reason")
+        if finish is None and not done:
+            raise EngineError("upstream stream ended without [DONE] or a finish_reason: cut")
         usage = usage or {}
         yield Delta(
             "\n".join(call_text(c["name"], c["arguments"]) for _, c in sorted(calls.items())),
             finish_reason="length" if finish == "length" else "stop",
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens", pieces),
+            finish_assumed=finish is None,  # [DONE] with no finish_reason: taken as "stop"
         )
 
 
@@ -200,13 +204,18 @@ def _gather_calls(choice: dict[str, Any], calls: dict[int, dict[str, str]]) -> N
         call["arguments"] += fn.get("arguments") or ""
 
 
+DONE: dict[str, Any] = {}  # `_sse_events` yields this very object for `data: [DONE]`
+
+
 async def _sse_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON payloads of `data:` lines until `[DONE]` (events are one line each here)."""
+    """The JSON payloads of `data:` lines, then `DONE` for `[DONE]` (events are one line each
+    here)."""
     async for line in resp.aiter_lines():
         if not line.startswith("data:"):
             continue  # blank separators, comments (": ping"), `event:` and `id:` fields
         data = line[5:].strip()
         if data == "[DONE]":
+            yield DONE
             return
         if not data:
             continue

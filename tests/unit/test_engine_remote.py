@@ -79,8 +79,11 @@ class Upstream:
                 content = [{"token": w, "logprob": -0.1, "top_logprobs": top}]
                 choice["logprobs"] = {"content": content}
             yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
-        end = {"index": 0, "delta": {}, "finish_reason": "length"}
-        yield f"data: {json.dumps({**base, 'choices': [end]})}\n\n"
+        if body["model"] == "cut":
+            return  # the connection ends mid-answer: no finish_reason, no [DONE]
+        if body["model"] != "nofinish":
+            end = {"index": 0, "delta": {}, "finish_reason": "length"}
+            yield f"data: {json.dumps({**base, 'choices': [end]})}\n\n"
         if body.get("stream_options", {}).get("include_usage") and body["model"] != "nousage":
             usage = {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
             yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
@@ -194,6 +197,20 @@ async def test_missing_usage_falls_back_to_piece_count(upstream):
     out = merge_deltas(await collect(engine, chat()))
     await engine.close()
     assert out.prompt_tokens is None and out.completion_tokens == len(WORDS)
+
+
+async def test_done_without_a_finish_reason_is_a_stop_said_so(upstream):
+    engine, cut = await started(upstream, model="nofinish"), await started(upstream, model="cut")
+    try:
+        deltas = await collect(engine, chat())
+        with pytest.raises(EngineError, match="without \\[DONE\\] or a finish_reason"):
+            await collect(cut, chat())
+    finally:
+        await engine.close()
+        await cut.close()
+    assert merge_deltas(deltas).text == "".join(WORDS)
+    assert deltas[-1].finish_reason == "stop" and deltas[-1].finish_assumed
+    assert not any(d.finish_assumed for d in deltas[:-1])
 
 
 async def test_auth_header_from_env(upstream):
