@@ -10,15 +10,22 @@ Owns the layout under a root that is a local folder or any fsspec URL (``s3://bu
 A manifest records version, parent, teacher (name, version, file hash), dataset (id, hash),
 recipe config, quantization, gate report, teacher-student fidelity, created_at, code version and
 the sha256 of every file. `register` refuses files that do not match the hashes the artifact
-claims; `verify` and `fetch` refuse stored files that no longer match the manifest. Does not own
-how artifacts are made (distill, quantize, gate) or how a gateway swaps models (serving).
+claims; `verify` and `fetch` refuse stored files that no longer match the manifest. A manifest
+whose file keys or `entry` could leave the version's folder (`..`, an absolute path, a
+backslash) or whose `entry` is not among its hashed files is refused when read; `fetch` checks
+a copy in a folder of its own and moves it into the cache only once it matches. Promotions of a
+local registry are read-modified-written under a lock file. Does not own how artifacts are made
+(distill, quantize, gate) or how a gateway swaps models (serving).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -53,6 +60,47 @@ def file_hashes(path: Path) -> dict[str, str]:
         raise RegistryError(f"{path}: no such file or folder")
     return {p.relative_to(path).as_posix(): sha256_bytes_of(local, str(p))
             for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def path_problem(rel: str) -> str | None:
+    """Why `rel` cannot name a file inside a version's folder, or None."""
+    if not isinstance(rel, str) or not rel:
+        return "not a relative path"
+    if "\\" in rel or "\x00" in rel:
+        return "a backslash or NUL in it"
+    if rel.startswith("/") or re.match(r"^[A-Za-z]:", rel):
+        return "an absolute path"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "'.', '..' or an empty part in it"
+    return None
+
+
+def entry_problem(entry: Any, files: Iterable[str]) -> str | None:
+    """Why `entry` is not what a version may serve: ".", one of its hashed `files`, or a folder
+    holding some of them; None when it is."""
+    if entry == ".":
+        return None
+    problem = path_problem(entry)
+    if problem:
+        return problem
+    files = list(files)
+    if entry in files or any(f.startswith(entry.rstrip("/") + "/") for f in files):
+        return None
+    return "not one of the artifact's hashed files"
+
+
+def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """`manifest`, after refusing file keys or an `entry` that could leave the version's folder
+    or are not hashed (RegistryError naming the key)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise RegistryError(f"{where}: the manifest has no files")
+    for rel in files:
+        if problem := path_problem(rel):
+            raise RegistryError(f"{where}: file key {rel!r} refused: {problem}")
+    if problem := entry_problem(manifest.get("entry"), files):
+        raise RegistryError(f"{where}: entry {manifest.get('entry')!r} refused: {problem}")
+    return manifest
 
 
 def version_number(version: str) -> int:
@@ -142,7 +190,7 @@ class Registry:
         if not self.fs.exists(path):
             known = ", ".join(self.versions()) or "none"
             raise RegistryError(f"{version}: not in the registry at {self.root} (versions: {known})")
-        return json.loads(self.fs.cat_file(path))
+        return check_manifest(json.loads(self.fs.cat_file(path)), f"{self.root} {version}")
 
     def latest(self) -> str | None:
         found = self.versions()
@@ -169,9 +217,8 @@ class Registry:
         if parent is not None:
             self.manifest(parent)
         entry = entry if entry is not None else (src.name if src.is_file() else ".")
-        if entry != "." and entry not in hashes and not any(
-                k.startswith(entry.rstrip("/") + "/") for k in hashes):
-            raise RegistryError(f"{src}: entry {entry!r} is not one of the artifact's files")
+        if problem := entry_problem(entry, hashes):
+            raise RegistryError(f"{src}: entry {entry!r} refused: {problem}")
         version = self._claim_version()
         files_dir = self._p("versions", version, "files")
         for rel in hashes:
@@ -219,12 +266,21 @@ class Registry:
         have = file_hashes(local) if local.is_dir() else {}
         if _mismatches(manifest["files"], have):
             self.verify(version)
-            for rel in manifest["files"]:
-                (local / rel).parent.mkdir(parents=True, exist_ok=True)
-                self.fs.get_file(self._p("versions", version, "files", rel), str(local / rel))
-            bad = _mismatches(manifest["files"], file_hashes(local))
-            if bad:
-                raise RegistryError(f"{version}: the fetched copy does not match: " + "; ".join(bad))
+            local.parent.mkdir(parents=True, exist_ok=True)
+            aside = local.parent / f".{version}.fetching-{uuid.uuid4().hex[:8]}"
+            try:
+                for rel in manifest["files"]:  # keys checked by `manifest`: they stay inside
+                    (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+                    self.fs.get_file(self._p("versions", version, "files", rel), str(aside / rel))
+                bad = _mismatches(manifest["files"], file_hashes(aside))
+                if bad:
+                    raise RegistryError(f"{version}: the fetched copy does not match: "
+                                        + "; ".join(bad))
+                if local.exists():
+                    shutil.rmtree(local)
+                aside.replace(local)  # checked, then into place
+            finally:
+                shutil.rmtree(aside, ignore_errors=True)
         return local / manifest["entry"]
 
     def update(self, version: str, **fields: Any) -> dict[str, Any]:
@@ -277,6 +333,12 @@ class Registry:
             why = "; ".join(gate.get("failures") or []) or "it has no gate report"
             raise RegistryError(f"{version} did not pass the validation gate ({why}); "
                                 "use --force to promote it anyway")
+        with self._locked(f"promotions/{variant}"):
+            return self._promote(variant, version, manifest, force, action)
+
+    def _promote(self, variant: str, version: str, manifest: dict[str, Any], force: bool,
+                 action: str) -> dict[str, Any]:
+        gate = manifest.get("gate") or {}
         state = self._promotions(variant) or {"variant": variant, "current": None, "history": []}
         current = state["current"]
         if current is not None and current["version"] == version:
@@ -314,6 +376,22 @@ class Registry:
         tmp = Path(f"{path}.tmp-{uuid.uuid4().hex[:8]}")
         tmp.write_bytes(text)
         tmp.replace(path)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str):
+        """An exclusive lock file for a read-modify-write of `name` (a local registry; an
+        object store has no such lock: its writes stay last-writer-wins)."""
+        if not self.local:
+            yield
+            return
+        path = Path(self._p(f"{name}.lock"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _p(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])

@@ -83,6 +83,78 @@ def test_fetch_from_a_remote_registry_copies_and_checks(tmp_path):
     assert reg.fetch("v1", tmp_path / "cache").read_bytes() == b"remote"  # fetched again
 
 
+def tamper(reg, version, **changes):
+    """Rewrite a stored manifest as someone with write access to the registry might."""
+    path = reg._p("versions", version, "manifest.json")
+    manifest = json.loads(reg.fs.cat_file(path))
+    files = changes.pop("files", None)
+    if files is not None:
+        manifest["files"] = files
+    reg.fs.pipe_file(path, json.dumps({**manifest, **changes}).encode())
+
+
+@pytest.mark.parametrize("key", ["../escape.gguf", "/etc/cron.d/x", "a\\..\\..\\x",
+                                 "tok/../../x", "C:/x", ""])
+def test_manifest_keys_that_leave_the_version_folder_are_refused(tmp_path, key):
+    reg = Registry(f"memory://r-{uuid.uuid4().hex}")
+    reg.register(artifact(tmp_path, content=b"remote"), entry="model.gguf", **passed())
+    tamper(reg, "v1", files={key: "ab" * 32, "model.gguf": "cd" * 32})
+    cache = tmp_path / "deep" / "cache"
+    for call in (lambda: reg.manifest("v1"), lambda: reg.fetch("v1", cache),
+                 lambda: reg.promote("student", "v1")):
+        with pytest.raises(RegistryError, match="file key .* refused"):
+            call()
+    assert not (tmp_path / "escape.gguf").exists() and not (tmp_path / "deep").exists()
+
+
+@pytest.mark.parametrize("entry", ["../../etc/passwd", "unhashed.gguf", "/abs.gguf"])
+def test_an_entry_that_is_not_a_hashed_file_is_refused(tmp_path, entry):
+    reg = Registry(tmp_path / "registry")
+    reg.register(artifact(tmp_path), entry="model.gguf", **passed())
+    tamper(reg, "v1", entry=entry)
+    with pytest.raises(RegistryError, match="entry .* refused"):
+        reg.fetch("v1", tmp_path / "cache")
+    with pytest.raises(RegistryError, match="entry .* refused"):
+        reg.register(artifact(tmp_path, "b"), entry=entry)
+
+
+def test_a_fetched_copy_that_does_not_match_never_lands_in_the_cache(tmp_path, monkeypatch):
+    reg = Registry(f"memory://r-{uuid.uuid4().hex}")
+    reg.register(artifact(tmp_path, content=b"remote"), entry="model.gguf")
+    real = reg.fs.get_file
+
+    def corrupting(src, dst, **kw):  # the transfer damages the bytes after verify() passed
+        real(src, dst, **kw)
+        with open(dst, "ab") as f:
+            f.write(b"!")
+
+    monkeypatch.setattr(reg.fs, "get_file", corrupting)
+    with pytest.raises(RegistryError, match="fetched copy does not match"):
+        reg.fetch("v1", tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-checked copy left behind
+
+
+def test_two_promoters_on_one_local_registry_lose_no_history(tmp_path):
+    import threading
+
+    reg = Registry(tmp_path / "registry")
+    for i in range(4):
+        reg.register(artifact(tmp_path, f"a{i}", f"w{i}".encode()), entry="model.gguf",
+                     **passed())
+    barrier = threading.Barrier(4)
+
+    def promote(version):
+        barrier.wait()
+        Registry(tmp_path / "registry").promote("student", version)
+
+    threads = [threading.Thread(target=promote, args=(f"v{i + 1}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r["version"] for r in reg.history("student")) == ["v1", "v2", "v3", "v4"]
+
+
 def test_local_fetch_is_in_place(tmp_path):
     reg = Registry(tmp_path / "registry")
     reg.register(artifact(tmp_path), entry="model.gguf")
