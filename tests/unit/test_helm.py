@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import filecmp
+import json
 import subprocess
 from pathlib import Path
 
@@ -35,8 +36,11 @@ def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([helm, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
+OPEN = ("--set", "insecureNoAuth=true")  # the chart's values have no API keys: say it is meant
+
+
 def render(helm: str, *args: str) -> list[dict]:
-    out = run_helm(helm, "template", "t", str(CHART), *args)
+    out = run_helm(helm, "template", "t", str(CHART), *OPEN, *args)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -88,8 +92,16 @@ def serve_config(docs: list[dict]) -> dict:
 
 @pytest.mark.parametrize("strict", [False, True])
 def test_lint_default_values(helm, strict):
-    out = run_helm(helm, "lint", str(CHART), *(["--strict"] if strict else []))
+    out = run_helm(helm, "lint", str(CHART), *OPEN, *(["--strict"] if strict else []))
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_no_api_keys_is_refused_unless_meant(helm):
+    out = run_helm(helm, "template", "t", str(CHART))
+    assert out.returncode != 0
+    assert "secrets.apiKeys: empty" in out.stderr and "insecureNoAuth: true" in out.stderr
+    for keys in (("--set", "secrets.apiKeys={k1}"), ("--set", "secrets.existingSecret=keys")):
+        assert run_helm(helm, "template", "t", str(CHART), *keys).returncode == 0
 
 
 def test_lint_everything_enabled(helm):
@@ -103,10 +115,31 @@ def test_lint_everything_enabled(helm):
 def test_default_render_has_only_the_core_objects(helm):
     docs = render(helm)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "PersistentVolumeClaim", "RayService", "Service"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "PersistentVolumeClaim", "RayService",
+                     "Service"]
     rs = one(docs, "RayService")
     assert rs["apiVersion"] == "ray.io/v1"
+    assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}  # Ray's own auth
     assert set(ray_pods(docs)) == {"head", "cpu"}
+
+
+def test_the_network_policy_keeps_rays_ports_to_the_release(helm):
+    policy = one(render(helm), "NetworkPolicy")["spec"]
+    ray = {"app.kubernetes.io/name": "protege", "app.kubernetes.io/instance": "t",
+           "app.kubernetes.io/component": "ray"}
+    assert policy["podSelector"]["matchLabels"] == ray and policy["policyTypes"] == ["Ingress"]
+    peers, operator, gateway = policy["ingress"]
+    assert peers == {"from": [{"podSelector": {"matchLabels": ray}}]}  # every port: Ray's own
+    assert operator["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "kuberay-operator"}
+    assert [p["port"] for p in operator["ports"]] == [8265, 52365, 8000]
+    assert gateway == {"ports": [{"port": 8000, "protocol": "TCP"}]}  # only the gateway: open
+    apps = [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}]
+    docs = render(helm, "--set-json", f"networkPolicy.gatewayFrom={json.dumps(apps)}",
+                  "--set", "ray.auth=disabled")
+    assert one(docs, "NetworkPolicy")["spec"]["ingress"][2]["from"] == apps
+    assert "authOptions" not in one(docs, "RayService")["spec"]["rayClusterConfig"]
+    assert not by_kind(render(helm, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
 
 
 def test_settings_document_validates_with_the_same_schema(helm, tmp_path):
@@ -194,7 +227,7 @@ def everything(helm) -> list[dict]:
 def test_everything_renders_every_optional_object(everything):
     kinds = {d["kind"] for d in everything}
     assert kinds == {"ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "RayService",
-                     "ServiceMonitor", "PrometheusRule", "CronJob"}
+                     "ServiceMonitor", "PrometheusRule", "CronJob", "NetworkPolicy"}
     assert one(everything, "ServiceMonitor")["apiVersion"] == "monitoring.coreos.com/v1"
     assert one(everything, "PrometheusRule")["apiVersion"] == "monitoring.coreos.com/v1"
 
@@ -342,7 +375,7 @@ def test_chart_files_are_copies_of_ops_alerts_and_dashboards():
 
 
 def base_values() -> dict:
-    return yaml.safe_load((CHART / "values.yaml").read_text())
+    return {**yaml.safe_load((CHART / "values.yaml").read_text()), "insecureNoAuth": True}
 
 
 @pytest.mark.parametrize(

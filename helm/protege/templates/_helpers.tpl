@@ -123,6 +123,9 @@ else the protege: block. */}}
 {{- if and .Values.loopCronJob.enabled (not ($p.loop | default dict).recipe) }}
 {{- fail "loopCronJob.enabled but protege.loop.recipe is not set: the loop needs a KD recipe (e.g. configFiles.recipe.yaml and protege.loop.recipe: /etc/protege/recipe.yaml)" }}
 {{- end }}
+{{- if not (or .Values.secrets.apiKeys .Values.secrets.existingSecret .Values.insecureNoAuth) }}
+{{- fail "secrets.apiKeys: empty, and no secrets.existingSecret: the gateway would serve the models, the stored prompts (/review) and label writes to anyone who reaches it. Set API keys, or insecureNoAuth: true to serve without them on purpose" }}
+{{- end }}
 {{- include "protege.checkSecrets" . }}
 {{- end }}
 
