@@ -759,7 +759,8 @@ def review(
     _refuse_exposure(host, settings)
     store = _store(settings)
     site = ReviewSite(lambda: store, tuple(settings.api_keys),
-                      settings.shadow.redaction.redactor())
+                      settings.shadow.redaction.redactor(),
+                      secure_cookie=settings.server.review_secure_cookie)
     typer.echo(f"review page on http://{host}:{port}/review")
     hosts = checked_hosts(host, bool(settings.api_keys), settings.server.allowed_hosts)
     uvicorn.run(asgi_app(site, hosts), host=host, port=port, log_level="warning")

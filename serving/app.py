@@ -352,7 +352,8 @@ class Ingress:
         if params.server.review:
             self.review = ReviewSite(
                 lambda: open_store(params.store, Path(params.repo_root)), params.api_keys,
-                params.store.redaction.redactor())
+                params.store.redaction.redactor(),
+                secure_cookie=params.server.review_secure_cookie)
         self._flusher = None
         if params.feedback and shadow is not None:
             self._flusher = asyncio.get_running_loop().create_task(

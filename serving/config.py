@@ -221,6 +221,9 @@ class ServerConfig(Section):
     drain_timeout_s: float = Field(30.0, ge=0, le=3600, description="in-flight grace on stop")
     review: bool = Field(True, description="serve the pair review page at /review (behind the "
                          "API keys when they are set)")
+    review_secure_cookie: bool = Field(True, description="the review session cookie is Secure "
+                                       "(browsers keep it for HTTPS and localhost); false for "
+                                       "plain HTTP to another name")
     insecure_no_auth: bool = Field(False, description="listen on a non-loopback address without "
                                    "API keys (refused otherwise): anyone who reaches it may call "
                                    "the API and read /review")

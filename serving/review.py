@@ -14,8 +14,12 @@ JSON; the queries are `shadow.review`'s and the store's (`PairStore.review_*`, l
                                        labels
     POST /review/api/pairs/{id}/label  {"verdict", "corrected", "reviewer"}
 
-With API keys configured, a request needs `Authorization: Bearer KEY` or the cookie the login
-form sets: a hash of a key (HttpOnly, SameSite=Strict), which opens the review and nothing else.
+With API keys configured, a request needs `Authorization: Bearer KEY` or the session cookie the
+login form sets (HttpOnly, SameSite=Strict, Secure unless `server.review_secure_cookie` is off):
+a session id, its issue and expiry times and an HMAC of them under a secret derived from the
+keys (so every ingress replica checks it alike), which opens the review and nothing else.
+Logging out revokes the session in this process; it expires after `SESSION_S` anyway. Failed
+logins from one client are throttled (`MAX_FAILED_LOGINS` a minute, then 429).
 A label must be posted as JSON, which a cross-site form cannot send. Every answer carries a
 strict Content-Security-Policy: the page runs only its own script, so text in a pair can never
 run as code even if it reached the DOM as HTML (the page puts it there as text).
@@ -24,9 +28,12 @@ run as code even if it reached the DOM as HTML (the page puts it there as text).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import html
+import secrets
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,7 +51,9 @@ from shadow.review import ReviewError, ReviewQuery, pair_view
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"review.js": "text/javascript; charset=utf-8", "review.css": "text/css; charset=utf-8"}
 COOKIE = "protege_review"
-COOKIE_MAX_AGE_S = 12 * 3600
+SESSION_S = 8 * 3600
+MAX_FAILED_LOGINS = 5  # per client and minute
+FAILED_LOGIN_WINDOW_S = 60.0
 MAX_LABEL_BODY = 512 * 1024
 MAX_LOGIN_BODY = 4096
 HEADERS = {
@@ -58,9 +67,36 @@ HEADERS = {
 log = get_logger("serving.review")
 
 
-def cookie_token(key: str) -> str:
-    """What the review cookie holds for an API key: opens the review, not the API."""
-    return hashlib.sha256(b"protege-review\x00" + key.encode()).hexdigest()
+def session_secret(api_keys: tuple[str, ...]) -> bytes:
+    """The HMAC key of review sessions: from the API keys, so replicas agree and a changed key
+    set ends every session."""
+    return hashlib.sha256(b"protege-review-session\x00" + "\x00".join(sorted(api_keys))
+                          .encode()).digest()
+
+
+def session_token(secret: bytes, now: float, lifetime_s: float = SESSION_S) -> str:
+    """A new session cookie value: `id.issued.expires.mac`."""
+    body = f"{secrets.token_urlsafe(16)}.{int(now)}.{int(now + lifetime_s)}"
+    return f"{body}.{_mac(secret, body)}"
+
+
+def session_of(secret: bytes, token: str, now: float) -> tuple[str, float] | None:
+    """`(session id, expiry)` of a cookie value signed with `secret` and not expired; None
+    for anything else."""
+    body, _, mac = token.rpartition(".")
+    parts = body.split(".")
+    if len(parts) != 3 or not hmac.compare_digest(mac, _mac(secret, body)):
+        return None
+    sid, issued, expires = parts
+    try:
+        issued_at, expiry = int(issued), int(expires)
+    except ValueError:
+        return None
+    return (sid, expiry) if issued_at <= now + 60 and now < expiry else None
+
+
+def _mac(secret: bytes, body: str) -> str:
+    return hmac.new(secret, body.encode(), hashlib.sha256).hexdigest()
 
 
 def login_page(error: str | None = None) -> str:
@@ -80,12 +116,17 @@ class ReviewSite:
     """Answers `/review...` requests from a `PairStore` (opened on first use by `open_store`)."""
 
     def __init__(self, open_store: Callable[[], object], api_keys: tuple[str, ...],
-                 redactor=None):
+                 redactor=None, *, secure_cookie: bool = True,
+                 clock: Callable[[], float] = time.time):
         self._open_store = open_store
         self._redactor = redactor  # a corrected answer is redacted as pairs are
         self._store = None
         self._keys = tuple(k.encode() for k in api_keys)
-        self._tokens = tuple(cookie_token(k).encode() for k in api_keys)
+        self._secret = session_secret(api_keys)
+        self._secure = secure_cookie
+        self._clock = clock
+        self._revoked: dict[str, float] = {}  # session id -> its expiry (then forgotten)
+        self._failures: dict[str, collections.deque] = {}  # client -> failed login times
         self._shell = (STATIC / "review.html").read_bytes()
         self._assets = {name: (STATIC / name).read_bytes() for name in ASSETS}
 
@@ -116,8 +157,12 @@ class ReviewSite:
             return await self._login(request)
         if path == "/review/logout":
             _method(method, "POST")
+            session = session_of(self._secret, request.cookies.get(COOKIE, ""), self._clock())
+            if session is not None:
+                self._revoked[session[0]] = session[1]
             response = RedirectResponse("/review", 303)
-            response.delete_cookie(COOKIE, path="/review")
+            response.delete_cookie(COOKIE, path="/review", secure=self._secure,
+                                   httponly=True, samesite="strict")
             return response
         if path == "/review":
             _method(method, "GET")
@@ -191,21 +236,40 @@ class ReviewSite:
         header = request.headers.get("authorization", "")
         if header.partition(" ")[0].lower() == "bearer":
             return bearer_key_ok(header, self._keys)
-        cookie = request.cookies.get(COOKIE, "").encode()
-        return bool(cookie) and any(hmac.compare_digest(cookie, t) for t in self._tokens)
+        now = self._clock()
+        session = session_of(self._secret, request.cookies.get(COOKIE, ""), now)
+        if len(self._revoked) > 1000:  # forget revocations whose sessions expired anyway
+            self._revoked = {sid: exp for sid, exp in self._revoked.items() if exp > now}
+        return session is not None and session[0] not in self._revoked
 
     async def _login(self, request: Request) -> Response:
         body = await _read(request, MAX_LOGIN_BODY, "application/x-www-form-urlencoded")
         key = (parse_qs(body.decode("utf-8", "replace")).get("key") or [""])[0].strip()
+        client = request.client.host if request.client else "-"
+        now = self._clock()
+        if len(self._failures) > 10_000:  # forget clients whose failures are old
+            self._failures = {c: f for c, f in self._failures.items()
+                              if f and f[-1] > now - FAILED_LOGIN_WINDOW_S}
+        failures = self._failures.setdefault(client, collections.deque())
+        while failures and failures[0] <= now - FAILED_LOGIN_WINDOW_S:
+            failures.popleft()
+        if len(failures) >= MAX_FAILED_LOGINS:
+            wait = int(failures[0] + FAILED_LOGIN_WINDOW_S - now) + 1
+            raise OpenAIError(429, f"Too many failed sign-ins from this client; try again in "
+                              f"{wait} s.", "rate_limit_error", code="too_many_logins",
+                              headers={"Retry-After": str(wait)})
         if self._keys and not any(hmac.compare_digest(key.encode(), k) for k in self._keys):
-            log.warning("serving.review.login_failed")
+            failures.append(now)
+            log.warning("serving.review.login_failed", client=client)
             return Response(login_page("That key is not one of the gateway's API keys."), 401,
                             media_type="text/html; charset=utf-8")
+        if not failures:
+            self._failures.pop(client, None)
         response = RedirectResponse("/review", 303)
         if self._keys:
-            response.set_cookie(COOKIE, cookie_token(key), max_age=COOKIE_MAX_AGE_S,
+            response.set_cookie(COOKIE, session_token(self._secret, now), max_age=SESSION_S,
                                 path="/review", httponly=True, samesite="strict",
-                                secure=request.url.scheme == "https")
+                                secure=self._secure or request.url.scheme == "https")
         return response
 
 

@@ -4,13 +4,21 @@ SQLite and on a real PostgreSQL, and the HTTP side (auth, cookie, errors) as an 
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from serving.review import COOKIE, ReviewSite, asgi_app, cookie_token
+from serving.review import (
+    COOKIE,
+    MAX_FAILED_LOGINS,
+    ReviewSite,
+    asgi_app,
+    session_secret,
+    session_token,
+)
 from shadow.labels import LabelError, parse_label
 from shadow.pgstore import PostgresStore
 from shadow.records import Answer, FeedbackRecord, ResponseRecord
@@ -58,6 +66,14 @@ def test_word_diff_marks_changed_words():
     assert word_diff("red big cat", "blue small cat") == [
         ["student", "red big"], ["teacher", "blue small"], ["same", " cat"]]
     assert word_diff("", "") == []
+
+
+def test_word_diff_is_bounded_and_then_shows_two_blocks():
+    student, teacher = " ".join(["the cat"] * 1500), " ".join(["the dog"] * 1500)
+    assert word_diff(student, teacher) == [["student", student], ["teacher", teacher]]  # edits
+    near = student.replace("cat", "cow", 1)
+    assert len(word_diff(student, near)) == 4  # few edits: a real diff, however long
+    assert word_diff(student, near, budget_s=0) == [["student", student], ["teacher", near]]
 
 
 @given(st.text(alphabet="ab .\n<é", max_size=40), st.text(alphabet="ab .\n<é", max_size=40))
@@ -225,7 +241,7 @@ def site(tmp_path):
 
 def client(site_, **kw) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=asgi_app(site_)),
-                             base_url="http://review.test", **kw)
+                             base_url="https://review.test", **kw)
 
 
 async def test_pages_need_a_key_or_its_cookie(site):
@@ -241,19 +257,41 @@ async def test_pages_need_a_key_or_its_cookie(site):
         ok = await http.post("/review/login", data={"key": "key-2"})
         assert ok.status_code == 303 and ok.headers["location"] == "/review"
         cookie = ok.headers["set-cookie"]
-        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "key-2" not in cookie
-        assert http.cookies[COOKIE] == cookie_token("key-2")
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Secure" in cookie
+        assert "key-2" not in cookie and "Max-Age=28800" in cookie
         shell = await http.get("/review")
         assert shell.status_code == 200 and "/review/static/review.js" in shell.text
         assert (await http.get("/review/static/review.js")).headers["content-type"].startswith(
             "text/javascript")
         assert (await http.get("/review/api/pairs")).json()["total"] == 12
+        session = http.cookies[COOKIE]
         await http.post("/review/logout")
+        assert (await http.get("/review/api/pairs")).status_code == 401
+    async with client(site_, cookies={COOKIE: session}) as http:  # a copy kept: revoked
         assert (await http.get("/review/api/pairs")).status_code == 401
     async with client(site_, headers={"Authorization": "Bearer key-1"}) as http:
         assert (await http.get("/review/api/facets")).json()["routes"] == ["a", "b"]
-    async with client(site_, cookies={COOKIE: cookie_token("other")}) as http:
+    forged = session_token(session_secret(("other",)), time.time())
+    for value in (forged, session.replace(".", "x", 1), "", "a.b.c.d"):
+        async with client(site_, cookies={COOKIE: value}) as http:
+            assert (await http.get("/review/api/facets")).status_code == 401, value
+
+
+async def test_sessions_expire_and_failed_logins_are_throttled(tmp_path):
+    now = [1_000_000.0]
+    site_ = ReviewSite(lambda: SqliteStore(tmp_path / "pairs.sqlite"), ("key-1",),
+                       clock=lambda: now[0])
+    async with client(site_) as http:
+        assert (await http.post("/review/login", data={"key": "key-1"})).status_code == 303
+        assert (await http.get("/review/api/facets")).status_code == 200
+        now[0] += 8 * 3600 + 1  # the session's lifetime is over, whatever the browser keeps
         assert (await http.get("/review/api/facets")).status_code == 401
+        for _ in range(MAX_FAILED_LOGINS):
+            assert (await http.post("/review/login", data={"key": "guess"})).status_code == 401
+        throttled = await http.post("/review/login", data={"key": "key-1"})
+        assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) <= 61
+        now[0] += 61
+        assert (await http.post("/review/login", data={"key": "key-1"})).status_code == 303
 
 
 async def test_pair_view_and_labelling_over_http(site):
