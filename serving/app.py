@@ -9,6 +9,7 @@ session). `VariantServer` owns one loaded engine and runs the `n` choices of a r
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import os
@@ -48,7 +49,7 @@ from serving.router import choose_arm, sample
 from shadow.config import FeedbackMetric, ShadowSettings
 from shadow.feedback import parse_feedback
 from shadow.ledger import Ledger
-from shadow.mirror import MirrorJob
+from shadow.mirror import MirrorJob, teacher_key
 from shadow.records import Answer, ResponseRecord
 from shadow.store import open_store
 
@@ -330,9 +331,11 @@ class Ingress:
         self.variants = variants
         self.shadow = shadow
         self._mirrors: set[asyncio.Task] = set()  # fire-and-forget handoffs still running
-        self._outbox: list[MirrorJob] = []  # sampled jobs waiting to leave in a batch
+        # By teacher (`teacher_key`): each has its own budget and its own batches, so a teacher
+        # that hangs holds up only the routes that mirror to it.
+        self._outbox: dict[str, list[MirrorJob]] = {}  # sampled jobs waiting for a batch
         self._linger: asyncio.TimerHandle | None = None
-        self._unfinished = 0  # jobs in the outbox or sent and not finished by the worker
+        self._unfinished: collections.Counter[str] = collections.Counter()  # not yet finished
         self.log = get_logger("serving.ingress")
         self.metrics = GatewayMetrics()
         self.reporter = MetricsReporter(
@@ -594,19 +597,22 @@ class Ingress:
     def hand_off(self, job: MirrorJob) -> None:
         """Give a mirrored request to the shadow worker; never waits, never fails the user.
 
-        Jobs leave in batches (`MIRROR_BATCH`, or after `MIRROR_LINGER_S`): one call to the
-        worker per batch keeps this process's share of the mirror's cost small. While this
-        replica has `mirror_budget` jobs the teacher has not finished, the teacher is
+        Jobs leave in batches of one teacher (`MIRROR_BATCH`, or after `MIRROR_LINGER_S`): one
+        call to the worker per batch keeps this process's share of the mirror's cost small.
+        While this replica has `mirror_budget` jobs a teacher has not finished, that teacher is
         saturated: the sample is dropped (`budget`), so the effective sample rate falls to what
-        the teacher keeps up with and no work queues up behind the users.
+        the teacher keeps up with and no work queues up behind the users. Each teacher has a
+        budget of its own: one that hangs costs only the routes that mirror to it.
         """
         self.ledger.sampled(job.pair_id)
-        if self._unfinished >= self.p.mirror_budget:
+        key = teacher_key(job)
+        if self._unfinished[key] >= self.p.mirror_budget:
             self._count_mirror(job, "budget")
             return
-        self._unfinished += 1
-        self._outbox.append(job)
-        if len(self._outbox) >= MIRROR_BATCH:
+        self._unfinished[key] += 1
+        box = self._outbox.setdefault(key, [])
+        box.append(job)
+        if len(box) >= MIRROR_BATCH:
             self._send_mirrors()
         elif self._linger is None:
             self._linger = asyncio.get_running_loop().call_later(
@@ -620,17 +626,17 @@ class Ingress:
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        jobs, self._outbox = self._outbox, []
-        if not jobs:
-            return
-        # A fresh context: the handoff is no child of the user's request, so Ray Serve does not
-        # cancel it when that request ends (a streaming client closes right after [DONE]).
-        task = asyncio.get_running_loop().create_task(
-            self._hand_off(jobs), context=contextvars.Context())
-        self._mirrors.add(task)
-        task.add_done_callback(self._mirrors.discard)
+        boxes, self._outbox = self._outbox, {}
+        for key, jobs in boxes.items():
+            # A fresh context: the handoff is no child of the user's request, so Ray Serve
+            # does not cancel it when that request ends (a streaming client closes right after
+            # [DONE]).
+            task = asyncio.get_running_loop().create_task(
+                self._hand_off(key, jobs), context=contextvars.Context())
+            self._mirrors.add(task)
+            task.add_done_callback(self._mirrors.discard)
 
-    async def _hand_off(self, jobs: list[MirrorJob]) -> None:
+    async def _hand_off(self, key: str, jobs: list[MirrorJob]) -> None:
         outcome = "sent"
         try:
             await self.shadow.mirror_batch.remote(jobs)  # returns once the teacher is done
@@ -643,7 +649,7 @@ class Ingress:
             outcome = "failed"
             self.log.info("shadow.handoff.failed", pairs=len(jobs), error=str(e)[:300])
         finally:
-            self._unfinished -= len(jobs)
+            self._unfinished[key] -= len(jobs)
             for job in jobs:
                 self._count_mirror(job, outcome)
 

@@ -79,11 +79,12 @@ class ShadowSettings(BaseModel):
     max_spill_mb: float = Field(1024, gt=0, description="cap on the spill files; records "
                                 "beyond it are dropped (counted: spill_full)")
     max_pending: int = Field(32, ge=1, le=100_000,
-                             description="mirrors waiting for a teacher slot in the shadow worker;"
-                             " more are dropped (worker_busy)")
-    max_concurrency: int = Field(2, ge=1, le=10_000, description="teacher calls at once")
+                             description="mirrors waiting for a slot of one teacher in the "
+                             "shadow worker; more are dropped (worker_busy)")
+    max_concurrency: int = Field(2, ge=1, le=10_000, description="calls at once to one teacher "
+                                 "(a local variant, or a route's remote endpoint)")
     max_in_flight: int | None = Field(
-        None, ge=1, le=100_000, description="mirrors an ingress replica lets the teacher have "
+        None, ge=1, le=100_000, description="mirrors an ingress replica lets one teacher have "
         "unfinished; at the limit the teacher is saturated and samples are dropped (counted "
         "`budget`); null: max_concurrency")
     timeout_s: float = Field(60.0, gt=0, le=3600, description="a teacher call gives up after this")

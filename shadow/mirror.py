@@ -34,6 +34,12 @@ class MirrorJob:
     labels: tuple[str, ...] = ()  # a classification route's label set
 
 
+def teacher_key(job: MirrorJob) -> str:
+    """The teacher a job waits on, for budgets and concurrency: a local variant (shared by the
+    routes that mirror to it) or a route's own remote endpoint."""
+    return job.route if job.target.startswith("remote:") else job.target
+
+
 def request_dict(request: GenerationRequest) -> dict:
     """The request as stored with the pair: messages (with their tool calls) or prompt, the
     tools it offered, and the sampling parameters."""

@@ -2,8 +2,9 @@
 and keeps the record of answered responses that feedback is given on.
 
 The ingresses send it batches of `MirrorJob`s after the users have their answers and do not
-wait for the result. The worker runs at most `max_concurrency` teacher calls at once and lets
-at most `max_pending` jobs wait for one (more are dropped, `worker_busy`). Each job: call
+wait for the result. The worker runs at most `max_concurrency` calls at once to each teacher
+and lets at most `max_pending` jobs wait for each (more are dropped, `worker_busy`): a local
+variant is one teacher for every route that mirrors to it, a remote endpoint one per route. Each job: call
 the teacher (a local variant through its handle, or a remote endpoint with the marker header)
 in the same streaming mode, with a timeout and no retries; score the two answers in a worker
 thread (the embedder is loaded once, here, off the request path); offer the record to the pair
@@ -38,7 +39,14 @@ from serving.engines.remote import RemoteEngine
 from shadow.config import ShadowSettings
 from shadow.feedback import FeedbackPost
 from shadow.ledger import Ledger, current_run, finished, read_ledgers, reconcile
-from shadow.mirror import MARKER_HEADER, MirrorJob, answer_from, make_record, timed_answer
+from shadow.mirror import (
+    MARKER_HEADER,
+    MirrorJob,
+    answer_from,
+    make_record,
+    teacher_key,
+    timed_answer,
+)
 from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
 from serving.structured import check_answer
 from shadow.scoring import score_pair
@@ -59,9 +67,11 @@ class ShadowWorker:
         if settings.nice:
             lower_priority(settings.nice)
         self.log = get_logger("shadow.worker")
-        self._slots = asyncio.Semaphore(settings.max_concurrency)  # teacher requests at once
-        self._admission = asyncio.Lock()
-        self._waiting = 0  # jobs waiting for a slot
+        # By teacher (`teacher_key`): each its own `max_concurrency` slots and `max_pending`
+        # waiting jobs, so a teacher that hangs costs only the routes that mirror to it.
+        self._slots: dict[str, asyncio.Semaphore] = {}  # teacher requests at once
+        self._admission: dict[str, asyncio.Lock] = {}
+        self._waiting: collections.Counter[str] = collections.Counter()  # jobs waiting for one
         self.settings, self.teachers, self.versions = settings, teachers, versions
         root = Path(repo_root)
         self.metrics = ShadowMetrics()
@@ -114,33 +124,38 @@ class ShadowWorker:
         await asyncio.gather(*(self._admit(chunk) for chunk in [*chunks, *alone]))
 
     async def _admit(self, jobs: list[MirrorJob]) -> None:
-        """At most `max_concurrency` teacher requests at once (a group takes one slot per job);
-        beyond `max_pending` waiting jobs, a job is dropped (`worker_busy`)."""
-        room = self.settings.max_pending - self._waiting
+        """At most `max_concurrency` requests at once to a teacher (a group takes one slot per
+        job); beyond `max_pending` jobs waiting for it, a job is dropped (`worker_busy`)."""
+        key = teacher_key(jobs[0])
+        if key not in self._slots:
+            self._slots[key] = asyncio.Semaphore(self.settings.max_concurrency)
+            self._admission[key] = asyncio.Lock()
+        slots = self._slots[key]
+        room = self.settings.max_pending - self._waiting[key]
         for job in jobs[max(0, room):]:
             self.metrics.dropped.labels(kind="pair", reason="worker_busy").inc()
             self.ledger.dropped(job.pair_id, "worker_busy")
         jobs = jobs[:max(0, room)]
         if not jobs:
             return
-        self._waiting += len(jobs)
+        self._waiting[key] += len(jobs)
         taken = 0
         try:
-            async with self._admission:  # one group at a time takes its slots: no deadlock
+            async with self._admission[key]:  # one group at a time takes its slots: no deadlock
                 for _ in jobs:
-                    await self._slots.acquire()
+                    await slots.acquire()
                     taken += 1
         except BaseException:
             for _ in range(taken):
-                self._slots.release()
+                slots.release()
             raise
         finally:
-            self._waiting -= len(jobs)
+            self._waiting[key] -= len(jobs)
         try:
             await self._mirror(jobs)
         finally:
             for _ in jobs:
-                self._slots.release()
+                slots.release()
 
     async def _mirror(self, jobs: list[MirrorJob]) -> None:
         """One teacher call for `jobs` (one remote job, or a group for one local teacher)."""

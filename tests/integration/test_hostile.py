@@ -11,6 +11,7 @@ gateway keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -33,6 +34,12 @@ RAW = ("jane.doe@example.com", "4111 1111 1111 1111", "123-45-6789", "bob.smith@
        "sk-proj-AAAABBBBCCCCDDDDEEEEFFFF1234", "AKIAIOSFODNN7EXAMPLE", "carol@example.net")
 TEACHER_SAYS = "Reach jane.doe@example.com or card 4111 1111 1111 1111, SSN 123-45-6789."
 PROMPT = "I am bob.smith@example.org, my key is sk-proj-AAAABBBBCCCCDDDDEEEEFFFF1234."
+
+
+async def hanging(request: Request):
+    """A teacher that takes far longer than the shadow's timeout (bounded all the same)."""
+    await asyncio.sleep(30)
+    return StreamingResponse(iter(["data: [DONE]\n\n"]), media_type="text/event-stream")
 
 
 async def teacher(request: Request):
@@ -60,12 +67,15 @@ async def teacher(request: Request):
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    app = Starlette(routes=[Route("/v1/chat/completions", teacher, methods=["POST"])])
+    app = Starlette(routes=[Route("/v1/chat/completions", teacher, methods=["POST"]),
+                            Route("/hang/chat/completions", hanging, methods=["POST"])])
     with serve_app(app) as upstream:
         config = {
             "server": {"ingress": {"replicas": 1, "num_cpus": 0}, "request_timeout_s": 20},
             "shadow": {"store_path": str(tmp / "data" / "pairs.sqlite"),
-                       "spill_dir": str(tmp / "data" / "spill"), "semantic_model": None},
+                       "spill_dir": str(tmp / "data" / "spill"), "semantic_model": None,
+                       "max_in_flight": 2, "max_concurrency": 1, "max_pending": 2,
+                       "timeout_s": 8},
             "variants": {"student": {"engine": {"engine": "fake", "completion_tokens": 6},
                                      "num_cpus": 0}},
             "feedback": {"note": {"type": "comment"}},
@@ -73,6 +83,9 @@ def hostile(tmp_path_factory):
                 "student": {"variant": "student"},
                 "mirrored": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
                     "engine": "remote", "base_url": upstream, "model": "t", "timeout_s": 10}}},
+                "stuck": {"variant": "student", "shadow": {"sample_rate": 1, "remote": {
+                    "engine": "remote", "base_url": upstream.replace("/v1", "/hang"),
+                    "model": "t", "timeout_s": 10}}},
             },
         }
         (tmp / "data" / "spill").mkdir(parents=True)
@@ -192,3 +205,16 @@ def test_a_ledger_that_cannot_be_written_costs_no_answer(hostile):
     pair_id = chunks[0].id
     assert stored_pair(hostile, pair_id).teacher.text.startswith("Reach")  # mirrored all the same
     assert scrape(hostile, "protege_shadow_ledger_errors_total") > before
+
+
+def test_a_hanging_teacher_costs_only_its_own_route(hostile):
+    """Both routes mirror every request; the stuck one's teacher never answers in time. Its
+    budget runs out (drops counted on it), the healthy route's pairs all arrive."""
+    stuck = [chat(hostile, "stuck", f"wait {i}") for i in range(6)]
+    healthy = [chat(hostile, "mirrored", f"fine {i}") for i in range(4)]
+    for pair_id in healthy:
+        assert stored_pair(hostile, pair_id).teacher.text.startswith("Reach")
+    assert scrape(hostile, "protege_shadow_mirrored_total", route="stuck", outcome="budget") >= 1
+    assert scrape(hostile, "protege_shadow_mirrored_total", route="mirrored",
+                  outcome="budget") == 0
+    assert len(stuck) == 6  # and every user had an answer at once
