@@ -372,6 +372,8 @@ class Ingress:
             if path == "/health":
                 return JSONResponse({"status": "ok"})
             if path == "/metrics":
+                if self.p.server.metrics_require_key:
+                    self._authorize(request)
                 text = await self.reporter.render()
                 return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
             if self.review is not None and (path == "/review" or path.startswith("/review/")):

@@ -224,6 +224,8 @@ class ServerConfig(Section):
     review_secure_cookie: bool = Field(True, description="the review session cookie is Secure "
                                        "(browsers keep it for HTTPS and localhost); false for "
                                        "plain HTTP to another name")
+    metrics_require_key: bool = Field(False, description="/metrics needs an API key too "
+                                      "(Prometheus: `authorization: {credentials: KEY}`)")
     insecure_no_auth: bool = Field(False, description="listen on a non-loopback address without "
                                    "API keys (refused otherwise): anyone who reaches it may call "
                                    "the API and read /review")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import httpx
 import pytest
 from selenium import webdriver
 from selenium.common.exceptions import WebDriverException
@@ -140,7 +141,7 @@ def gw(tmp_path_factory):
     db = tmp / "pairs.sqlite"
     seed(db)
     config = {
-        "server": {"ingress": {"replicas": 1, "num_cpus": 0}},
+        "server": {"ingress": {"replicas": 1, "num_cpus": 0}, "metrics_require_key": True},
         "variants": {"fake": {"engine": {"engine": "fake", "completion_tokens": 8},
                               "version": "v2", "num_cpus": 0}},
         "routes": {"student": {"variant": "fake"}},
@@ -520,3 +521,11 @@ def export_follows_labels(gw, out: Path, labels: dict[str, tuple[str, str | None
     kept = sum(1 for v, c in labels.values() if c or v in ("teacher", "both_fine"))
     assert len(examples) == kept + N_LOW
 
+
+
+def test_metrics_can_require_a_key(gw):
+    """This gateway sets server.metrics_require_key: /metrics is behind the API keys too."""
+    assert httpx.get(gw.base + "/metrics").status_code == 401
+    scraped = httpx.get(gw.base + "/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert scraped.status_code == 200 and "# TYPE protege_engine_generations" in scraped.text
+    assert httpx.get(gw.base + "/health").status_code == 200  # probes need no key
