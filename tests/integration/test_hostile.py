@@ -2,17 +2,23 @@
 
 One key-less gateway on loopback (fake student, review page, feedback) mirrors a route to a
 hostile teacher: an upstream that answers with personal data and secrets, in its text and in
-its logprobs (alternatives included), or with a lone surrogate. Its mirror ledger cannot be
+its logprobs (alternatives included), or with a lone surrogate; another route's teacher hangs.
+Its mirror ledger cannot be
 written (a file stands where its folder should be, as a full disk would fail it). Checked:
 every bad body is a 400 naming the field, never a 5xx; no raw personal data in any file under
 the data directory or in the logs; the ledger's failures are counted and cost no answer; the
-gateway keeps serving.
+hanging teacher costs only its own route; the gateway keeps serving. And `protege serve` on a
+public address without keys exits 2 before starting anything. (Manifests that point outside
+the registry are refused by a running gateway in test_promotion_failures.py.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +30,7 @@ from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from shadow.store import SqliteStore
-from tests.integration.conftest import Gateway, scrape
+from tests.integration.conftest import REPO, Gateway, scrape
 from tests.oracle import serve_app
 
 pytestmark = pytest.mark.integration
@@ -218,3 +224,13 @@ def test_a_hanging_teacher_costs_only_its_own_route(hostile):
     assert scrape(hostile, "protege_shadow_mirrored_total", route="mirrored",
                   outcome="budget") == 0
     assert len(stuck) == 6  # and every user had an answer at once
+
+
+def test_a_public_bind_without_keys_is_refused_before_anything_starts(hostile):
+    env = {k: v for k, v in os.environ.items() if k not in ("PROTEGE_API_KEYS", "RAY_ADDRESS")}
+    command = [sys.executable, "-m", "ops.cli", "serve", "--config", str(hostile.config_path),
+               "--host", "0.0.0.0", "--port", "0"]
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "refusing to serve: no API keys" in out.stderr

@@ -2,7 +2,8 @@
 registry manifest (sha256), or whose file is not a GGUF, leaves the running gateway serving the
 version it served (real Ray Serve, a tiny llama.cpp student built in code), logging
 `serving.promotion.failed`; a replica that starts while such a version is promoted serves the
-configured model; a good promotion afterwards still swaps in. Each test makes the versions it
+configured model; neither does a version whose manifest points outside its folder; a good
+promotion afterwards still swaps in. Each test makes the versions it
 needs; they share one gateway."""
 
 from __future__ import annotations
@@ -150,6 +151,22 @@ def test_a_replica_starting_while_the_promoted_version_is_broken_serves_the_conf
         assert [e["version"] for e in loaded] == ["base"], fresh.logs()
     finally:
         fresh.stop()
+
+
+def test_a_manifest_that_points_outside_its_version_is_not_swapped_in(setup):
+    """Someone with write access to the registry rewrites a promoted version's manifest so
+    that its entry names a file outside the version's folder: the replicas refuse it."""
+    gw, registry, good = setup
+    served = versions(gw, 1)[0]
+    v = register(registry, good)
+    registry.promote("tiny", v)
+    path = registry.path + f"/versions/{v}/manifest.json"
+    manifest = json.loads(open(path).read())
+    with open(path, "w") as f:
+        json.dump({**manifest, "entry": "../../../../etc/hostname"}, f)
+    refused(gw, "entry '../../../../etc/hostname' refused", served)
+    assert versions(gw) == [served] * 4
+    assert v not in {e["version"] for e in events(gw, "serving.variant.promoted")}
 
 
 def test_a_good_promotion_after_failed_ones_still_swaps_in(setup):
