@@ -3,8 +3,8 @@
 One key-less gateway on loopback (fake student, review page, feedback) mirrors a route to a
 hostile teacher: an upstream that answers with personal data and secrets, in its text and in
 its logprobs (alternatives included), or with a lone surrogate; another route's teacher hangs.
-Its mirror ledger cannot be
-written (a file stands where its folder should be, as a full disk would fail it). Checked:
+Its mirror ledger cannot be written (a file stands where its folder should be, as a full disk
+would fail it). Checked:
 every bad body is a 400 naming the field, never a 5xx; no raw personal data in any file under
 the data directory or in the logs; the ledger's failures are counted and cost no answer; the
 hanging teacher costs only its own route; the gateway keeps serving. And `protege serve` on a
