@@ -79,6 +79,9 @@ class Upstream:
                 content = [{"token": w, "logprob": -0.1, "top_logprobs": top}]
                 choice["logprobs"] = {"content": content}
             yield f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+        if body["model"] == "garbled":
+            yield 'data: {"choices": [{"delta": {"content": "mail ann@example.com"\n\n'
+            return
         if body["model"] == "cut":
             return  # the connection ends mid-answer: no finish_reason, no [DONE]
         if body["model"] != "nofinish":
@@ -211,6 +214,16 @@ async def test_done_without_a_finish_reason_is_a_stop_said_so(upstream):
     assert merge_deltas(deltas).text == "".join(WORDS)
     assert deltas[-1].finish_reason == "stop" and deltas[-1].finish_assumed
     assert not any(d.finish_assumed for d in deltas[:-1])
+
+
+async def test_an_event_that_is_not_json_is_an_error_that_quotes_no_text(upstream):
+    engine = await started(upstream, model="garbled")
+    try:
+        with pytest.raises(EngineError, match="invalid JSON in an event") as e:
+            await collect(engine, chat())
+    finally:
+        await engine.close()
+    assert "ann@example.com" not in str(e.value)
 
 
 async def test_auth_header_from_env(upstream):

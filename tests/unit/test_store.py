@@ -323,6 +323,20 @@ async def test_close_spills_what_it_cannot_write_and_a_new_writer_replays_it(tmp
     assert all(store.get(r.pair_id) == r for r in records(0, 10))
 
 
+async def test_a_torn_spill_line_is_logged_without_its_text(tmp_path, capsys):
+    store, m = SqliteStore(tmp_path / "pairs.db"), ShadowMetrics()
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    (spill / "pairs.spill.jsonl").write_text('{"pair_id": "x", "request": "mail ann@example.com')
+    writer = PairWriter(store, m, spill, batch_size=3, flush_interval_s=0.01)
+    writer.start()
+    await until(lambda: dropped(m, "spill_corrupt") == 1)
+    await writer.close()
+    logged = capsys.readouterr()
+    assert "shadow.spill.corrupt_line" in logged.out + logged.err
+    assert "ann@example.com" not in logged.out + logged.err
+
+
 async def test_leftover_files_from_a_crash_are_replayed_once(tmp_path):
     store, m = SqliteStore(tmp_path / "pairs.db"), ShadowMetrics()
     store.write_batch(records(0, 2))  # a crash mid-replay: these two were already stored
