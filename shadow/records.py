@@ -141,7 +141,7 @@ class PairRecord:
 
 
 def clean_text(text: str) -> str:
-    """`text` with lone surrogates and NUL replaced by U+FFFD; the same object when clean."""
+    """`text` with lone surrogates and NUL replaced by U+FFFD."""
     return _UNSTORABLE.sub("\ufffd", text)
 
 

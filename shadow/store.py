@@ -614,9 +614,11 @@ class PairWriter:
         """After `batch` failed as a whole: each record alone, so that a poison record costs
         only itself; (stored, failed). When the first two fail alone as well, the store is
         down, and the rest are not tried."""
+        if len(batch) == 1:
+            return [], list(batch)
         stored: list[Record] = []
         failed: list[Record] = []
-        for record in batch if len(batch) > 1 else ():
+        for record in batch:
             if len(failed) >= 2 and not stored:
                 failed.append(record)
                 continue
@@ -626,7 +628,7 @@ class PairWriter:
             except Exception as e:  # noqa: BLE001 - this record (or the store) failed
                 log.warning("shadow.store.record_failed", id=_id(record), error=repr(e)[:300])
                 failed.append(record)
-        return stored, failed if len(batch) > 1 else list(batch)
+        return stored, failed
 
     def _count(self, metric: str, label: str, items: Sequence[Record]) -> None:
         kinds = collections.Counter(map(_kind, items))
@@ -641,9 +643,7 @@ class PairWriter:
         lines, kept = [], []
         for record in batch:
             try:
-                line = spill_line(record) + "\n"
-                line.encode("utf-8")  # a record that cannot be written fails here, alone
-                lines.append(line)
+                lines.append((spill_line(record) + "\n").encode())  # fails alone, if at all
                 kept.append(record)
             except (TypeError, ValueError) as e:
                 self._count("dropped", "invalid", [record])
@@ -655,8 +655,7 @@ class PairWriter:
             with self._files:
                 held = sum(p.stat().st_size for p in (self.spill_path, self.replaying_path)
                            if p.exists())
-                size = sum(len(line.encode()) for line in lines)
-                if held + size > self.max_spill_bytes:  # the disk is not the store's backlog
+                if held + sum(map(len, lines)) > self.max_spill_bytes:  # the disk is not the store's backlog
                     self._count("dropped", "spill_full", kept)
                     log.error("shadow.spill.full", records=len(kept), held_bytes=held,
                               max_bytes=self.max_spill_bytes)
@@ -664,8 +663,8 @@ class PairWriter:
                 self.spill_dir.mkdir(parents=True, exist_ok=True)
                 new = not self.spill_path.exists()
                 fd = os.open(self.spill_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                with open(fd, "a", encoding="utf-8") as f:  # owner-only: it holds text
-                    f.write("".join(lines))
+                with open(fd, "ab") as f:  # owner-only: it holds text
+                    f.write(b"".join(lines))
                     f.flush()
                     os.fsync(f.fileno())
                 if new:
