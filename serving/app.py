@@ -367,8 +367,7 @@ class Ingress:
         try:
             if self._hosts is not None and not host_allowed(request.headers.get("host"),
                                                             self._hosts):
-                raise OpenAIError(*host_error(request.headers.get("host")),
-                                  "invalid_request_error", code="invalid_host")
+                raise host_error(request.headers.get("host"))
             if path == "/health":
                 return JSONResponse({"status": "ok"})
             if path == "/metrics":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
+from serving.errors import OpenAIError, clip
+
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 
 
@@ -41,11 +43,11 @@ def checked_hosts(listen: str, has_keys: bool, allowed: list[str]) -> frozenset[
     return None if has_keys or not is_loopback(listen) else frozenset(h.lower() for h in allowed)
 
 
-def host_error(header: str | None) -> tuple[int, str]:
-    """The status and message for a request whose Host is not answered."""
-    shown = (header or "none")[:100]
-    return 400, (f"This gateway has no API keys and answers only requests addressed to a "
-                 f"loopback name (or one of server.allowed_hosts), not {shown!r}.")
+def host_error(header: str | None) -> OpenAIError:
+    """The 400 for a request whose Host is not answered."""
+    return OpenAIError(400, "This gateway has no API keys and answers only requests addressed "
+                       "to a loopback name (or one of server.allowed_hosts), not "
+                       f"{clip(header or 'none', 100)!r}.", code="invalid_host")
 
 
 def host_allowed(header: str | None, allowed: frozenset[str]) -> bool:

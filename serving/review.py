@@ -311,10 +311,8 @@ def asgi_app(site: ReviewSite, hosts: frozenset[str] | None = None):
             return
         request = Request(scope, receive)
         if hosts is not None and not host_allowed(request.headers.get("host"), hosts):
-            status, message = host_error(request.headers.get("host"))
-            response: Response = JSONResponse(
-                OpenAIError(status, message, "invalid_request_error", code="invalid_host").body(),
-                status, headers=HEADERS)
+            error = host_error(request.headers.get("host"))
+            response: Response = JSONResponse(error.body(), error.status, headers=HEADERS)
         elif not request.url.path.startswith("/review"):
             response = RedirectResponse("/review", 307)
         else:
