@@ -4,6 +4,7 @@ promotable variant serves.
 Owns the layout under a root that is a local folder or any fsspec URL (``s3://bucket/registry``):
 
     versions/vN/manifest.json      written last: a version exists once its manifest does
+    versions/vN/.claimed           an object store's claim of the number (written first)
     versions/vN/files/...          the artifact (a .gguf file, or a model folder)
     promotions/<variant>.json      {"current": {...}, "history": [...]}: what the gateway serves
 
@@ -37,6 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 VERSION = re.compile(r"^v([1-9][0-9]*)$")
 MANIFEST = "manifest.json"
+CLAIMED = ".claimed"  # an object-store version's claim, written before its files
 
 
 class RegistryError(ValueError):
@@ -401,8 +403,9 @@ class Registry:
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
     def _claim_version(self) -> str:
-        """The next free version; its folder is created exclusively so two writers on a local
-        registry never get the same number."""
+        """The next free version, claimed exclusively so two writers never get the same
+        number: its folder is created (a local registry), or a `.claimed` marker is written
+        only if absent (an object store's conditional put, fsspec's `mode="create"`)."""
         base = self._p("versions")
         self.fs.makedirs(base, exist_ok=True)
         taken = [PurePosixPath(p).name for p in self.fs.ls(base, detail=False)]
@@ -412,8 +415,8 @@ class Registry:
             try:
                 if self.local:
                     Path(path).mkdir()
-                elif self.fs.exists(path + "/" + MANIFEST):
-                    raise FileExistsError(path)
+                else:
+                    self.fs.pipe_file(f"{path}/{CLAIMED}", b"", mode="create")
                 return f"v{n}"
             except FileExistsError:
                 n += 1

@@ -134,6 +134,16 @@ def test_a_fetched_copy_that_does_not_match_never_lands_in_the_cache(tmp_path, m
     assert list((tmp_path / "cache").iterdir()) == []  # no half-checked copy left behind
 
 
+def test_a_version_number_another_writer_claimed_is_not_taken(reg, tmp_path):
+    """Another writer has claimed v1 and is still copying its files (no manifest yet)."""
+    if reg.local:
+        (tmp_path / "registry" / "versions" / "v1").mkdir(parents=True)
+    else:
+        reg.fs.pipe_file(reg._p("versions", "v1", ".claimed"), b"", mode="create")
+    assert reg.register(artifact(tmp_path), entry="model.gguf")["version"] == "v2"
+    assert reg.versions() == ["v2"]
+
+
 def test_two_promoters_on_one_local_registry_lose_no_history(tmp_path):
     import threading
 
