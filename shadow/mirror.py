@@ -120,10 +120,11 @@ def make_record(job: MirrorJob, teacher: Answer, logprobs: list[dict] | None,
     teacher = replace(teacher, text=clean_text(teacher.text))
     if redactor is not None:
         request, counts = redactor.redact_json(request)
-        logprobs, found = redactor.redact_logprobs(teacher.text, logprobs)
+        student, redacted = (_redacted(a, redactor, counts) for a in (student, teacher))
+        logprobs, found = redactor.redact_logprobs(teacher.text, redacted.text, logprobs)
         for kind, n in found.items():
             counts[kind] = counts.get(kind, 0) + n
-        student, teacher = (_redacted(a, redactor, counts) for a in (student, teacher))
+        teacher = redacted
     record = PairRecord(
         pair_id=job.pair_id, request_id=job.pair_id, route=job.route, variant=job.variant,
         target=job.target, request=request, student=student, teacher=teacher,

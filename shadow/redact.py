@@ -190,32 +190,32 @@ class Redactor:
 
         return walk(value), counts
 
-    def redact_logprobs(self, text: str, logprobs: list[dict] | None
+    def redact_logprobs(self, text: str, redacted: str, logprobs: list[dict] | None
                         ) -> tuple[list[dict] | None, dict[str, int]]:
         """Logprob entries (`{"token", "logprob", "top": [[token, logprob], ...]}`) of an answer
-        whose original text is `text`, cut before the first token that reaches into a redacted
-        span (or that does not continue `text`: it cannot be placed), each kept token and
-        alternative redacted on its own; the counts of what was redacted in the alternatives.
-        The kept tokens spell a prefix of the redacted text, so no redacted value survives."""
+        whose original text is `text` and redacted text `redacted` (`redact(text)`), cut before
+        the first token that reaches into a redacted span (or that does not continue `text`: it
+        cannot be placed), each kept token and alternative redacted on its own; the counts of
+        what was redacted in the alternatives. The kept tokens spell a prefix of `redacted`, so
+        no redacted value survives."""
         if not logprobs:
             return logprobs, {}
-        redacted, _ = self.redact(text)
-        clean = next((i for i, (a, b) in enumerate(zip(text, redacted)) if a != b),
-                     min(len(text), len(redacted)))
-        if redacted != text:  # the first span starts at a placeholder at most `clean`
-            first = self._placeholder.search(redacted, max(0, clean - self._longest))
-            clean = min(clean, first.start()) if first else max(0, clean - self._longest)
+        clean = len(text)  # where the first redacted span starts
+        if redacted != text:
+            differs = next((i for i, (a, b) in enumerate(zip(text, redacted)) if a != b),
+                           min(len(text), len(redacted)))
+            first = self._placeholder.search(redacted, max(0, differs - self._longest))
+            clean = min(differs, first.start()) if first else max(0, differs - self._longest)
         kept, end = [], 0
         for entry in logprobs:
             token = entry.get("token")
             if not isinstance(token, str) or not text.startswith(token, end):
                 break
             end += len(token)
-            if end > clean and redacted != text:
+            if end > clean:
                 break
             kept.append(entry)
-        out, counts = self.redact_json(kept)
-        return out, counts
+        return self.redact_json(kept)
 
 
 def _sub(rx: re.Pattern, name: str, replace: _Replace | None, text: str,

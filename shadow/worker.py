@@ -4,9 +4,9 @@ and keeps the record of answered responses that feedback is given on.
 The ingresses send it batches of `MirrorJob`s after the users have their answers and do not
 wait for the result. The worker runs at most `max_concurrency` calls at once to each teacher
 and lets at most `max_pending` jobs wait for each (more are dropped, `worker_busy`): a local
-variant is one teacher for every route that mirrors to it, a remote endpoint one per route. Each job: call
-the teacher (a local variant through its handle, or a remote endpoint with the marker header)
-in the same streaming mode, with a timeout and no retries; score the two answers in a worker
+variant is one teacher for every route that mirrors to it, a remote endpoint one per route.
+Each job: call the teacher (a local variant through its handle, or a remote endpoint with the
+marker header) in the same streaming mode, with a timeout and no retries; score the two answers in a worker
 thread (the embedder is loaded once, here, off the request path); offer the record to the pair
 writer, which batches it into the store or spills it. Failures are counted, never raised.
 

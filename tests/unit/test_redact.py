@@ -201,24 +201,24 @@ def test_logprobs_are_cut_before_the_first_redacted_span():
     tokens = ["Reach", " jane", ".doe", "@example", ".com", " or", " card", " 4111", " 1111",
               " 1111", " 1111", "."]
     assert "".join(tokens) == text
-    out, counts = R.redact_logprobs(text, lp(*tokens))
+    out, counts = R.redact_logprobs(text, R.redact(text)[0], lp(*tokens))
     assert out == lp("Reach") and counts == {}
-    stored = json.dumps(R.redact_logprobs(text, lp(*tokens))[0])
+    stored = json.dumps(R.redact_logprobs(text, R.redact(text)[0], lp(*tokens))[0])
     assert "jane" not in stored and "4111" not in stored
 
 
 def test_logprobs_of_a_clean_answer_are_kept_and_alternatives_redacted():
     text = "Hello there"
     alternative = [" sk-abcdefghijklmnopqrstuvwxyz0123", -3.0]
-    out, counts = R.redact_logprobs(text, lp("Hello", " there", top=[alternative]))
+    out, counts = R.redact_logprobs(text, text, lp("Hello", " there", top=[alternative]))
     assert [e["token"] for e in out] == ["Hello", " there"]
     assert out[0]["top"][1] == [" [SECRET]", -3.0] and counts == {"secret": 2}
-    assert R.redact_logprobs(text, None) == (None, {})
+    assert R.redact_logprobs(text, text, None) == (None, {})
 
 
 def test_logprobs_that_do_not_spell_the_answer_are_cut_where_they_stop():
     text = "ab cd"
-    out, _ = R.redact_logprobs(text, lp("ab", " x", " cd"))
+    out, _ = R.redact_logprobs(text, text, lp("ab", " x", " cd"))
     assert [e["token"] for e in out] == ["ab"]
 
 
