@@ -26,13 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.config import (
-    EngineConfig,
-    FakeEngine,
-    LlamaCppEngine,
-    RemoteEngine,
-    TransformersEngine,
-)
 from serving.engines import (
     Engine,
     GenerationRequest,
@@ -42,6 +35,13 @@ from serving.engines import (
     ToolUse,
     Unsupported,
     build_engine,
+)
+from serving.engines.config import (
+    EngineConfig,
+    FakeEngine,
+    LlamaCppEngine,
+    RemoteEngine,
+    TransformersEngine,
 )
 from serving.engines.remote import UpstreamError
 

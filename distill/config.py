@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ops.settings import read_yaml_mapping, shown
+from core.config import read_yaml_mapping, shown
 
 STRATEGIES = ("sequence", "logit", "topk", "on_policy", "layerwise")
 NEEDS_TEACHER_LOGITS = ("logit", "on_policy", "layerwise")

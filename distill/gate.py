@@ -39,15 +39,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.config import REPO_ROOT, read_yaml_mapping
 from distill import gate_checks as gc
 from distill import paired
 from distill.answers import Answer, answer_one, engine_config_for, open_engine
+from distill.config import format_errors
 from distill.evaluate import DEFAULT_SUITE
 from distill.tasks import TaskCase, load_suite, spread
 from distill.tasks import score as score_tasks
 from distill.tasks import summary as task_summary
-from distill.config import format_errors
-from ops.settings import read_yaml_mapping
 
 Messages = list[dict[str, str]]
 Progress = Callable[[str], None]
@@ -388,13 +388,16 @@ class _Plan:
 
 def validate(student: str, teacher: str | None, config: GateConfig, *,
              champion: str | None = None, out_dir: Path | None = None,
-             progress: Progress | None = None) -> GateReport:
+             progress: Progress | None = None,
+             load_settings: Callable[[Path], Any] | None = None) -> GateReport:
     """Run every enabled check on `student` (and `teacher`); with a `champion` (the version
     serving now) run them on it too and decide champion vs challenger with paired tests; write
-    gate.json and gate.html to `out_dir` when given. Raises `GateError` before running anything
-    when an argument, the suite or a data file is bad."""
+    gate.json and gate.html to `out_dir` when given. `load_settings` reads the gateway settings
+    that `ab.settings` names (the caller's loader, `ops.settings.load_settings`). Raises
+    `GateError` before running anything when an argument, the suite or a data file is bad."""
     started, wall = datetime.now(UTC), time.perf_counter()
-    plan = _prepare(student, teacher, champion, config, progress or (lambda _msg: None))
+    plan = _prepare(student, teacher, champion, config, progress or (lambda _msg: None),
+                    load_settings)
     checks: dict[str, Any] = {}
     failures: list[str] = []
     for name, run in (("latency", _latency), ("tasks", _tasks), ("edge_cases", _edge_cases),
@@ -429,7 +432,7 @@ def validate(student: str, teacher: str | None, config: GateConfig, *,
 
 
 def _prepare(student: str, teacher: str | None, champion: str | None, config: GateConfig,
-             say: Progress) -> _Plan:
+             say: Progress, load_settings: Callable[[Path], Any] | None) -> _Plan:
     from distill.data import load_chat_examples, load_prompts
 
     if champion is None and config.champion.required:
@@ -473,11 +476,12 @@ def _prepare(student: str, teacher: str | None, champion: str | None, config: Ga
                                 or [c.messages for c in plan.cases or ()]
                                 or [[{"role": "user", "content": "Say hello in one sentence."}]])
     if config.ab.enabled and config.ab.settings is not None:
-        from ops.settings import ConfigError, load_settings
-
+        if load_settings is None:
+            raise GateError("ab.settings: this caller cannot read gateway settings; "
+                            "give ab.store (the SQLite store file) instead")
         try:
             plan.ab_settings = load_settings(config.ab.settings)
-        except ConfigError as e:
+        except ValueError as e:
             raise GateError(f"ab.settings: {config.ab.settings}: {e}") from None
     return plan
 
@@ -568,7 +572,7 @@ def _fidelity(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
 
 def _scorer(model: str, plan: _Plan) -> _GgufScorer | _HfScorer | None:
     """A token-probability scorer for `model`; None when its engine has none (remote, fake)."""
-    from serving.config import LlamaCppEngine, TransformersEngine
+    from serving.engines.config import LlamaCppEngine, TransformersEngine
 
     engine = engine_config_for(model)
     if isinstance(engine, LlamaCppEngine):
@@ -815,7 +819,6 @@ def _ab(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
         return _skipped("no candidate (set ab.candidate.variant or .version)")
     types: dict[str, str] = {}
     if plan.ab_settings is not None:
-        from ops.settings import REPO_ROOT
         from shadow.store import open_store
 
         s = plan.ab_settings

@@ -25,7 +25,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from ops.logging import get_logger
+from core.config import REPO_ROOT, read_yaml_mapping
+from core.logging import get_logger
 
 STAGES = ("export", "distill", "quantize", "validate", "register", "promote")
 QUANTIZE_PROMPTS = 32  # held-out prompts the quantize report compares answers on
@@ -67,8 +68,11 @@ def teacher_id(model: str, version: str | None) -> str:
 class Loop:
     """One gateway's loop, from its `Settings`."""
 
-    def __init__(self, settings, *, progress: Callable[[str], None] | None = None):
+    def __init__(self, settings, *, progress: Callable[[str], None] | None = None,
+                 load_settings: Callable[[Path], Any] | None = None):
+        """`load_settings` reads other settings files (a gate config's `ab.settings`)."""
         self.s, self.cfg = settings, settings.loop
+        self.load_settings = load_settings
         self.work = settings.resolve_path(self.cfg.work_dir)
         self.say = progress or (lambda _msg: None)
 
@@ -264,7 +268,6 @@ class Loop:
         import yaml
 
         from distill.recipes.kd import main as run_recipe
-        from ops.settings import read_yaml_mapping
 
         if self.cfg.recipe is None:
             raise LoopError("loop.recipe: missing (a KD recipe YAML, e.g. examples/loop/recipe.yaml)")
@@ -307,7 +310,8 @@ class Loop:
         champion = self._champion()
         report = validate(self._student_entry(run), self._teacher(), cfg,
                           champion=champion["model"] if champion else None,
-                          out_dir=run_dir / "gate", progress=self.say)
+                          out_dir=run_dir / "gate", progress=self.say,
+                          load_settings=self.load_settings)
         return {"passed": report.passed, "failures": report.failures, "champion": champion,
                 "report": str(run_dir / "gate" / "gate.json"),
                 "fidelity": fidelity_summary(report.checks.get("fidelity"))}
@@ -354,7 +358,6 @@ class Loop:
     # -- helpers ----------------------------------------------------------------------------
 
     def _store(self):
-        from ops.settings import REPO_ROOT
         from shadow.store import open_store
 
         return open_store(self.s.shadow, REPO_ROOT)

@@ -7,6 +7,7 @@ Owns the layout under a root that is a local folder or any fsspec URL (``s3://bu
     versions/vN/.claimed           an object store's claim of the number (written first)
     versions/vN/files/...          the artifact (a .gguf file, or a model folder)
     promotions/<variant>.json      {"current": {...}, "history": [...]}: what the gateway serves
+    <name>.lock                    held while a promotion or manifest is read-modified-written
 
 A manifest records version, parent, teacher (name, version, file hash), dataset (id, hash),
 recipe config, quantization, gate report, teacher-student fidelity, created_at, code version and
@@ -14,9 +15,11 @@ the sha256 of every file. `register` refuses files that do not match the hashes 
 claims; `verify` and `fetch` refuse stored files that no longer match the manifest. A manifest
 whose file keys or `entry` could leave the version's folder (`..`, an absolute path, a
 backslash) or whose `entry` is not among its hashed files is refused when read; `fetch` checks
-a copy in a folder of its own and moves it into the cache only once it matches. Promotions of a
-local registry are read-modified-written under a lock file. Does not own how artifacts are made
-(distill, quantize, gate) or how a gateway swaps models (serving).
+a copy in a folder of its own and moves it into the cache only once it matches. Promotions and
+manifest updates are read-modified-written under a lock: `flock` on a local registry; on an object
+store a lock object created only if absent (a conditional put) that names its owner and expires
+after `LOCK_LEASE_S`, so a writer that died does not block the others for good. Does not own how
+artifacts are made (distill, quantize, gate) or how a gateway swaps models (serving).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import hashlib
 import json
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -39,6 +43,8 @@ from fsspec.implementations.local import LocalFileSystem
 VERSION = re.compile(r"^v([1-9][0-9]*)$")
 MANIFEST = "manifest.json"
 CLAIMED = ".claimed"  # an object-store version's claim, written before its files
+LOCK_LEASE_S = 60.0  # an object-store lock older than this was left by a writer that died
+LOCK_WAIT_S = 120.0  # how long a writer waits for a lock another one holds
 
 
 class RegistryError(ValueError):
@@ -290,8 +296,9 @@ class Registry:
         files and their hashes cannot be changed this way."""
         if {"files", "version", "entry"} & fields.keys():
             raise RegistryError("files, version and entry are fixed once registered")
-        manifest = {**self.manifest(version), **fields}
-        self._write_json(self._p("versions", version, MANIFEST), manifest)
+        with self._locked(f"versions/{version}/manifest"):
+            manifest = {**self.manifest(version), **fields}
+            self._write_json(self._p("versions", version, MANIFEST), manifest)
         return manifest
 
     def lineage(self, version: str) -> list[dict[str, Any]]:
@@ -381,19 +388,49 @@ class Registry:
 
     @contextlib.contextmanager
     def _locked(self, name: str):
-        """An exclusive lock file for a read-modify-write of `name` (a local registry; an
-        object store has no such lock: its writes stay last-writer-wins)."""
+        """Hold the exclusive lock `<name>.lock` for a read-modify-write of `name`."""
+        path = self._p(f"{name}.lock")
         if not self.local:
-            yield
+            with self._leased(path):
+                yield
             return
-        path = Path(self._p(f"{name}.lock"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def _leased(self, path: str):
+        """An object store's lock: an object created only if absent, naming its owner and
+        when its lease ends. A lease past its end is taken over (its writer died); the lock is
+        removed on exit only while it is still this writer's."""
+        owner = uuid.uuid4().hex
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            lease = json.dumps({"owner": owner, "until": time.time() + LOCK_LEASE_S}).encode()
+            try:
+                self.fs.pipe_file(path, lease, mode="create")
+                break
+            except FileExistsError:
+                held = _read_lease(self.fs, path)
+                if held is not None and held.get("until", 0) < time.time():
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(path)
+                    continue
+                if time.monotonic() > deadline:
+                    raise RegistryError(
+                        f"{self.root}: {path} has been locked by another writer for over "
+                        f"{LOCK_WAIT_S:.0f} s; remove it if no promotion is running") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            if (_read_lease(self.fs, path) or {}).get("owner") == owner:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
 
     def _p(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])
@@ -420,6 +457,45 @@ class Registry:
                 return f"v{n}"
             except FileExistsError:
                 n += 1
+
+
+class RegistryPromotions:
+    """The registry as a gateway's variants see it (`serving.variant.PromotionSource`): what is
+    promoted for a variant, fetched into `cache_dir`. It holds only its settings, so it pickles
+    to each replica; the `Registry` opens on first use in the replica's process."""
+
+    def __init__(self, root: str, cache_dir: str, poll_s: float):
+        self.root, self.cache_dir, self.poll_s = root, cache_dir, poll_s
+        self._registry: Registry | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_registry": None}
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry(self.root)
+        return self._registry
+
+    def promoted(self, variant: str) -> dict[str, Any] | None:
+        return self.registry.promoted(variant)
+
+    def fetch(self, version: str) -> Path:
+        return self.registry.fetch(version, self.cache_dir)
+
+    def fidelity_gap(self, version: str) -> float | None:
+        return fidelity_gap(self.registry.manifest(version))
+
+
+def _read_lease(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    """A lock object's content; None when it is gone, {} (expired) when it is unreadable."""
+    try:
+        held = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return held if isinstance(held, dict) else {}
 
 
 def _mismatches(expected: dict[str, str], actual: dict[str, str]) -> list[str]:

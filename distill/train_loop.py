@@ -513,7 +513,7 @@ def fit_with_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], *,
                  storage: Path) -> None:
     """`worker(loop_config)` in `workers` Ray Train workers: `TorchTrainer`, CPU, gloo.
 
-    Starts a Ray of its own (`ops.raylocal`; shut down after) unless one is running or
+    Starts a Ray of its own (`core.raylocal`; shut down after) unless one is running or
     RAY_ADDRESS names one. A `RecipeError` raised in a worker is raised here as it was.
     """
     import ray
@@ -522,7 +522,7 @@ def fit_with_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], *,
 
     started = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if started:
-        from ops.raylocal import start_local_ray
+        from core.raylocal import start_local_ray
 
         start_local_ray(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False)
     try:

@@ -51,6 +51,7 @@ if str(REPO) not in sys.path:
 import httpx  # noqa: E402
 import yaml  # noqa: E402
 
+from core.raylocal import arm_token, start_local_ray  # noqa: E402
 from loadtests.bench_stats import (  # noqa: E402
     fmt_added_ms,
     fmt_num,
@@ -61,12 +62,16 @@ from loadtests.bench_stats import (  # noqa: E402
     table,
     tokens_per_s,
 )
-from ops.raylocal import arm_token, start_local_ray  # noqa: E402
 from serving import protocol, responses  # noqa: E402
-from serving.config import FakeEngine as FakeEngineConfig  # noqa: E402
-from serving.config import LlamaCppEngine as LlamaCppEngineConfig  # noqa: E402
-from serving.engines import GenerationRequest, Message, SamplingParams, build_engine  # noqa: E402
-from serving.engines import merge_deltas  # noqa: E402
+from serving.engines import (  # noqa: E402
+    GenerationRequest,
+    Message,
+    SamplingParams,
+    build_engine,
+    merge_deltas,  # noqa: E402
+)
+from serving.engines.config import FakeEngine as FakeEngineConfig  # noqa: E402
+from serving.engines.config import LlamaCppEngine as LlamaCppEngineConfig  # noqa: E402
 from tests.integration.conftest import Gateway  # noqa: E402
 
 OUT_DIR = REPO / "loadtests" / "out"

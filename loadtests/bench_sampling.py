@@ -20,7 +20,6 @@ sys.path.insert(0, str(ROOT))
 from distill import paired  # noqa: E402
 from distill.evaluate import DEFAULT_SUITE  # noqa: E402
 from distill.tasks import load_suite, score, summary  # noqa: E402
-from serving.config import LlamaCppEngine  # noqa: E402
 from serving.engines import (  # noqa: E402
     GenerationRequest,
     Message,
@@ -28,6 +27,7 @@ from serving.engines import (  # noqa: E402
     build_engine,
     merge_deltas,
 )
+from serving.engines.config import LlamaCppEngine  # noqa: E402
 
 STUDENT = ROOT / "models/student/SmolLM2-135M-Instruct.Q4_1.gguf"
 

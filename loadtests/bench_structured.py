@@ -32,10 +32,10 @@ from distill.evaluate import DEFAULT_SUITE  # noqa: E402
 from distill.gate_checks import check_answer as check_case  # noqa: E402
 from distill.gate_checks import wilson_interval  # noqa: E402
 from distill.tasks import load_suite  # noqa: E402
-from serving.config import LlamaCppEngine  # noqa: E402
 from serving.engines import GenerationRequest, Message, SamplingParams, build_engine  # noqa: E402
+from serving.engines.config import LlamaCppEngine  # noqa: E402
 from serving.engines.constrain import TokenConstraint  # noqa: E402
-from serving.structured import check_answer, grammar_for, parse_response_format  # noqa: E402
+from serving.engines.structured import check_answer, grammar_for, parse_response_format  # noqa: E402
 
 MODELS = {
     "student": ROOT / "models/student/SmolLM2-135M-Instruct.Q4_1.gguf",

@@ -22,10 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from distill.gate_checks import wilson_interval  # noqa: E402
-from serving.config import LlamaCppEngine  # noqa: E402
 from serving.engines import GenerationRequest, Message, SamplingParams, build_engine  # noqa: E402
-from serving.structured import check_answer  # noqa: E402
-from serving.tools import parse_tools, read_calls  # noqa: E402
+from serving.engines.config import LlamaCppEngine  # noqa: E402
+from serving.engines.structured import check_answer  # noqa: E402
+from serving.engines.tools import parse_tools, read_calls  # noqa: E402
 
 MODELS = {
     "student": ROOT / "models/student/SmolLM2-135M-Instruct.Q4_1.gguf",

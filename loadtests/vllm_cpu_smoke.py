@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from serving.config import VllmEngine as VllmConfig
 from serving.engines import GenerationRequest, Message, SamplingParams, build_engine, merge_deltas
+from serving.engines.config import VllmEngine as VllmConfig
 
 GGUF = Path("models/student/SmolLM2-135M-Instruct.Q4_1.gguf")
 QUESTION = (Message("user", "What is the capital of France? Answer in one sentence."),)

@@ -30,6 +30,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 import yaml
 
+from core.config import REPO_ROOT
 from ops.settings import ConfigError, Settings, load_settings
 from shadow.labels import StudentBetter
 
@@ -92,7 +93,7 @@ def serve(
     settings = _load(config, **({"server": server} if server else {}))
     _refuse_exposure(settings.server.host, settings)
 
-    from ops.logging import configure_logging
+    from core.logging import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.json_logs)
     # Before Ray is imported: every replica's log line reaches this terminal whole (no merging
@@ -100,7 +101,7 @@ def serve(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own: its token, before Ray loads
-        from ops.raylocal import arm_token
+        from core.raylocal import arm_token
 
         arm_token()
     from serving.launch import ServeError, serve_forever  # Ray and the engines load only now
@@ -157,7 +158,6 @@ RouteOption = Annotated[str | None, typer.Option(help="only this route")]
 
 
 def _store(settings: Settings):
-    from ops.settings import REPO_ROOT
     from shadow.store import open_store
 
     try:
@@ -551,7 +551,8 @@ def validate_command(
 
     try:
         report = run_gate(student, teacher, load_gate_config(config), champion=champion,
-                          out_dir=out, progress=None if quiet else say)
+                          out_dir=out, progress=None if quiet else say,
+                          load_settings=load_settings)
     except GateError as e:
         typer.echo(f"validate: cannot run the gate ({config}):", err=True)
         for line in str(e).splitlines():
@@ -638,7 +639,8 @@ def loop(
     from distill.loop import Loop, LoopError, RunAbandoned
 
     settings = _load(config)
-    runner = Loop(settings, progress=lambda msg: typer.echo(f"loop: {msg}", err=True))
+    runner = Loop(settings, progress=lambda msg: typer.echo(f"loop: {msg}", err=True),
+                  load_settings=load_settings)
     while True:
         try:
             run = runner.run_once(force=force)

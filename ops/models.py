@@ -37,6 +37,8 @@ from typing import IO
 
 from tqdm import tqdm
 
+from core.config import REPO_ROOT
+
 CHUNK = 1 << 20
 VERIFIED_FILE = ".verified.json"
 WHEELS_DIR = ".wheels"
@@ -397,7 +399,6 @@ def fetch_models(
 
 def default_models_dir() -> Path:
     """`PROTEGE_MODELS_DIR`, else `models/`; relative paths are taken from the repo root."""
-    from ops.settings import REPO_ROOT
 
     p = Path(os.path.expanduser(os.environ.get("PROTEGE_MODELS_DIR") or "models"))
     return p if p.is_absolute() else REPO_ROOT / p

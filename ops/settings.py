@@ -7,21 +7,18 @@ and turns validation errors into one line per bad field.
 
 from __future__ import annotations
 
-import os
 import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from core.config import Section, read_yaml_mapping, resolve_path, shown
 from distill.settings import LoopSettings, RegistrySettings
-from serving.config import RouteConfig, Section, ServerConfig, VariantConfig, unknown_route_variants
+from serving.config import RouteConfig, ServerConfig, VariantConfig, unknown_route_variants
 from shadow.config import FEEDBACK_NAME, FeedbackMetric, ShadowSettings
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class LoggingConfig(Section):
@@ -79,8 +76,7 @@ class Settings(BaseSettings):
 
     def resolve_path(self, path: str) -> Path:
         """A config path made absolute: relative paths are taken from the repo root."""
-        p = Path(os.path.expanduser(path))
-        return p if p.is_absolute() else REPO_ROOT / p
+        return resolve_path(path)
 
     def registry_root(self) -> str:
         """`registry.root` as every process must see it: an fsspec URL, or an absolute path."""
@@ -103,25 +99,6 @@ class _FileSource(PydanticBaseSettingsSource):
 
 class ConfigError(ValueError):
     """The configuration is invalid; `str()` is one line per bad field."""
-
-
-def shown(value: Any) -> str:
-    """A config value as quoted in an error line (at most 80 characters)."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The YAML file at `path` as a mapping (empty: {}); ValueError with a one-line reason."""
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ValueError(f"{path}: {shown(loaded)} (the top level must be a mapping)")
-    return loaded or {}
 
 
 def format_validation_error(err: ValidationError) -> str:

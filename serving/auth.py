@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from serving.errors import OpenAIError, clip
+from core.errors import OpenAIError, clip
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost"})
 

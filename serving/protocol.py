@@ -35,11 +35,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from core.errors import MAX_ECHO, OpenAIError, clip, json_type
 from serving.defaults import SamplingDefaults
 from serving.engines.base import GenerationRequest, Message, SamplingParams
-from serving.errors import MAX_ECHO, OpenAIError, clip, json_type
-from serving.structured import FormatError, ResponseFormat, parse_response_format
-from serving.tools import ToolCall, ToolUse, parse_tools
+from serving.engines.structured import FormatError, ResponseFormat, parse_response_format
+from serving.engines.tools import ToolCall, ToolUse, parse_tools
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOKENS_LIMIT = 2**31 - 1

@@ -5,8 +5,8 @@ into the JSON object of a non-streamed answer. `sse_stream` turns batches of `(c
 into `data: {chunk}\\n\\n` events ending with `data: [DONE]\\n\\n`; `sse_error` is the event for an
 error after the response headers were sent. `models_list` / `model_card` answer `/v1/models`.
 
-A request with tools (`tool_names`) has each answer read for calls (`serving.tools`): they become
-`message.tool_calls` (streamed: one `delta.tool_calls` entry per whole call) with finish reason
+A request with tools (`tool_names`) has each answer read for calls (`serving.engines.tools`):
+they become `message.tool_calls` (streamed: one `delta.tool_calls` entry per whole call) with finish reason
 `tool_calls`; text beside them stays `content`.
 
 Usage counts the prompt once (the `n` choices share it) and sums completion tokens over choices.
@@ -25,9 +25,9 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from core.errors import OpenAIError
 from serving.engines.base import Delta, TokenLogprob
-from serving.errors import OpenAIError
-from serving.tools import CallStream, ToolCall, read_calls
+from serving.engines.tools import CallStream, ToolCall, read_calls
 
 DONE = b"data: [DONE]\n\n"
 VERY_UNLIKELY = -9999.0

@@ -2,7 +2,7 @@
 
 `ReviewSite.handle` answers every `/review...` request, in the gateway's ingress or on its own
 (`protege review`, `asgi_app`). It owns the HTTP side only: auth, routing, static files and
-JSON; the queries are `shadow.review`'s and the store's (`PairStore.review_*`, labels).
+JSON; the queries are `shadow.review`'s and the store's (`ReviewStore`).
 
     GET  /review                       the page (serving/static/review.html), or the key form
     POST /review/login, /review/logout the page's cookie from an API key, and its removal
@@ -42,9 +42,9 @@ from urllib.parse import parse_qs
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 
-from ops.logging import get_logger
+from core.errors import OpenAIError, clip
+from core.logging import get_logger
 from serving.auth import bearer_key_ok, host_allowed, host_error
-from serving.errors import OpenAIError, clip
 from shadow.labels import LabelError, parse_label
 from shadow.review import ReviewError, ReviewQuery, pair_view
 
@@ -113,7 +113,7 @@ def login_page(error: str | None = None) -> str:
 
 
 class ReviewSite:
-    """Answers `/review...` requests from a `PairStore` (opened on first use by `open_store`)."""
+    """Answers `/review...` requests from a `ReviewStore` (opened on first use by `open_store`)."""
 
     def __init__(self, open_store: Callable[[], object], api_keys: tuple[str, ...],
                  redactor=None, *, secure_cookie: bool = True,

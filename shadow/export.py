@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.engines.base import Message
-from serving.tools import ToolCall, parse_tools, prompt_messages
+from serving.engines.tools import ToolCall, parse_tools, prompt_messages
 from shadow.labels import Label, StudentBetter, target_of
 from shadow.records import FeedbackRecord, PairRecord
 
@@ -30,7 +30,8 @@ FORMATS = ("jsonl", "parquet")
 def messages_of(pair: PairRecord) -> list[dict[str, str]] | None:
     """The request as plain chat messages (a completion prompt becomes one user message). Tools
     and tool turns are written in as a model without a tool template sees them
-    (`serving.tools.prompt_messages`), so a student learns its calls under the same prompt."""
+    (`serving.engines.tools.prompt_messages`), so a student learns its calls under the same
+    prompt."""
     if pair.request.get("messages"):
         stored = pair.request.get("tools")
         use = parse_tools(stored["tools"], stored["tool_choice"],

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from serving.errors import OpenAIError
+from core.errors import OpenAIError
 from shadow.config import FeedbackMetric
 from shadow.records import unstorable
 

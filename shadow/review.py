@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from serving.errors import clip
+from core.errors import clip
 from shadow.export import FeedbackFilter, messages_of
 from shadow.labels import VERDICTS, Label
 from shadow.records import FeedbackRecord, PairRecord

@@ -50,7 +50,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.structured import split_calls
+from serving.engines.structured import split_calls
 
 MAX_EDIT_CHARS = 1000  # edit similarity compares the first N characters: O(N²) Python steps
 MAX_ROUGE_TOKENS = 500  # ROUGE-L compares the first N word tokens: O(N²) Python steps

@@ -30,12 +30,13 @@ from pathlib import Path
 
 import httpx
 
-from ops.logging import configure_logging, get_logger
-from ops.metrics import MetricsReporter, ShadowMetrics
-from ops.priority import lower_priority
-from serving.config import RemoteEngine as RemoteConfig
+from core.logging import configure_logging, get_logger
+from core.metrics import MetricsReporter, ShadowMetrics
+from core.priority import lower_priority
 from serving.engines.base import Delta, GenerationRequest
+from serving.engines.config import RemoteEngine as RemoteConfig
 from serving.engines.remote import RemoteEngine
+from serving.engines.structured import check_answer
 from shadow.config import ShadowSettings
 from shadow.feedback import FeedbackPost
 from shadow.ledger import Ledger, current_run, finished, read_ledgers, reconcile
@@ -48,7 +49,6 @@ from shadow.mirror import (
     timed_answer,
 )
 from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
-from serving.structured import check_answer
 from shadow.scoring import score_pair
 from shadow.store import PairWriter, open_store
 

@@ -27,8 +27,8 @@ inf nan
 
 
 def exported() -> set[str]:
+    from core.metrics import GatewayMetrics, ShadowMetrics, VariantMetrics
     from distill.loop import loop_metrics
-    from ops.metrics import GatewayMetrics, ShadowMetrics, VariantMetrics
 
     registries: list[CollectorRegistry] = [m().registry for m in
                                            (GatewayMetrics, VariantMetrics, ShadowMetrics)]

@@ -28,11 +28,11 @@ from serving.engines.base import (
     Unsupported,
     merge_deltas,
 )
-from serving.structured import ResponseFormat, parse_response_format, split_calls
-from serving.tools import ToolUse, parse_tools
+from serving.engines.structured import ResponseFormat, parse_response_format, split_calls
+from serving.engines.tools import ToolUse, parse_tools
 
 if TYPE_CHECKING:
-    from serving.config import EngineConfig
+    from serving.engines.config import EngineConfig
 
 __all__ = [
     "ResponseFormat",

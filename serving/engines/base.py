@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from serving.structured import ResponseFormat
-from serving.tools import ToolCall, ToolUse
+from serving.engines.structured import ResponseFormat
+from serving.engines.tools import ToolCall, ToolUse
 
 Role = Literal["system", "user", "assistant", "tool"]
 FinishReason = Literal["stop", "length"]
@@ -40,7 +40,8 @@ class SamplingParams:
     seed: int | None = None
     # None: no logprobs. k >= 0: the chosen token's logprob plus the k most likely alternatives.
     logprobs: int | None = None
-    # None: free text. Else the answer must conform (`serving.structured`): constrained decoding.
+    # None: free text. Else the answer must conform (`serving.engines.structured`): constrained
+    # decoding.
     response_format: ResponseFormat | None = None
 
 
@@ -50,8 +51,8 @@ class GenerationRequest:
 
     `choice` is its index among the request's `n`: choices share `request_id`, and unseeded
     sampling must still tell them apart. `tools` are the functions the model may call (chat
-    only; `serving.tools` writes them into the prompt, and `params.response_format` is then
-    their call format)."""
+    only; `serving.engines.tools` writes them into the prompt, and `params.response_format` is
+    then their call format)."""
 
     request_id: str
     params: SamplingParams

@@ -3,7 +3,7 @@
 A `TokenConstraint` follows one generation: before each token, `allowed(n)` is the boolean mask
 of the tokens the grammar permits next; after sampling, `accept(token)` advances it; `done` says
 the answer is complete (nothing but the end may follow). The grammar comes from
-`serving.structured.grammar_for`; the mask from llguidance's matcher over the engine's
+`serving.engines.structured.grammar_for`; the mask from llguidance's matcher over the engine's
 vocabulary, wrapped once per loaded model (`vocabulary_from_*`, about half a second).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from serving.engines.base import EngineError
-from serving.structured import CALL_CLOSE, CALL_OPEN, ResponseFormat, grammar_for
+from serving.engines.structured import CALL_CLOSE, CALL_OPEN, ResponseFormat, grammar_for
 
 
 def vocabulary_from_llamacpp(vocab: Any) -> Any:

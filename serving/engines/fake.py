@@ -19,7 +19,6 @@ import math
 import random
 from collections.abc import AsyncIterator, Sequence
 
-from serving.config import FakeEngine as FakeEngineConfig
 from serving.engines.base import (
     Delta,
     Engine,
@@ -30,6 +29,7 @@ from serving.engines.base import (
     TokenLogprob,
     Unsupported,
 )
+from serving.engines.config import FakeEngine as FakeEngineConfig
 
 WORDS: tuple[str, ...] = tuple(
     "the a model answer student teacher token quick brown fox jumps over lazy dog light "

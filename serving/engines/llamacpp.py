@@ -1,8 +1,8 @@
 """A GGUF model through llama-cpp-python: the CPU default engine.
 
 Owns the `Llama` object, its chat template (the GGUF's `tokenizer.chat_template`, rendered here
-with the request's tools, `serving.tools`, so the prompt tokens are known before generation) and a token loop over `Llama.generate` that
-runs in one worker thread: one generation at a time per model, later requests wait their turn.
+with the request's tools, `serving.engines.tools`, so the prompt tokens are known before
+generation) and a token loop over `Llama.generate` that runs in one worker thread: one generation at a time per model, later requests wait their turn.
 Each sampled token is checked against end-of-generation tokens, stop strings and the budget,
 and a closed iterator sets an event the loop checks at every token.
 
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.config import LlamaCppEngine as LlamaCppEngineConfig
 from serving.engines.base import (
     Delta,
     EngineError,
@@ -34,9 +33,10 @@ from serving.engines.base import (
     StopMatcher,
     TokenLogprob,
 )
+from serving.engines.config import LlamaCppEngine as LlamaCppEngineConfig
 from serving.engines.constrain import TokenConstraint, sample, vocabulary_from_llamacpp
 from serving.engines.threaded import WorkerThreadEngine
-from serving.tools import prompt_messages, renders_tools
+from serving.engines.tools import prompt_messages, renders_tools
 
 
 class LlamaCppEngine(WorkerThreadEngine):
@@ -52,7 +52,7 @@ class LlamaCppEngine(WorkerThreadEngine):
         )
         self._llm = None
         self._chat = None  # Jinja2ChatFormatter, or None when the GGUF has no chat template
-        self._native_tools = False  # the template renders tools itself (`serving.tools`)
+        self._native_tools = False  # the template renders tools itself (`serving.engines.tools`)
         self._vocabulary = None  # llguidance's view of the vocabulary, made at the first need
 
     async def start(self) -> None:

@@ -4,8 +4,9 @@ Chat requests go to `/chat/completions`, prompts to `/completions`, always strea
 (`stream_options.include_usage`). Server-sent events become deltas: text, logprobs when the
 upstream returns them (no token ids: the upstream does not give them), and a last delta with the
 finish reason and the upstream's token counts. Closing the iterator closes the HTTP stream.
-A request's tools are passed through; the upstream's `tool_calls` come back as the call text every
-engine writes (`serving.tools`), on the last delta, so the gateway reads them like any other.
+A request's tools are passed through; the upstream's `tool_calls` come back as the call text
+every engine writes (`serving.engines.tools`), on the last delta, so the gateway reads them like
+any other.
 
 Errors: an upstream HTTP error becomes `UpstreamError` (an `EngineError` with the status and a
 bounded message), or `PromptTooLong` when it is a 400 about the context length whose numbers can
@@ -22,7 +23,6 @@ from typing import Any
 
 import httpx
 
-from serving.config import RemoteEngine as RemoteEngineConfig
 from serving.engines.base import (
     Delta,
     Engine,
@@ -33,7 +33,8 @@ from serving.engines.base import (
     PromptTooLong,
     TokenLogprob,
 )
-from serving.tools import call_text
+from serving.engines.config import RemoteEngine as RemoteEngineConfig
+from serving.engines.tools import call_text
 
 MAX_ERROR_CHARS = 500
 _CONTEXT = re.compile(

@@ -1,7 +1,8 @@
 """Any Hugging Face causal LM through transformers, decoded token by token with a KV cache.
 
-Owns the model, its tokenizer and chat template (with the request's tools, `serving.tools`), and a decode loop written here (a forward pass
-with `past_key_values` per token) that runs in one worker thread: one generation at a time, later
+Owns the model, its tokenizer and chat template (with the request's tools,
+`serving.engines.tools`), and a decode loop written here (a forward pass with
+`past_key_values` per token) that runs in one worker thread: one generation at a time, later
 requests wait their turn. Writing the loop ourselves gives streaming, token ids, logprobs,
 OpenAI sampling (temperature, top_p, a seeded `torch.Generator`), stop strings, end-of-sequence
 tokens and an abort checked between tokens. A `response_format` masks the logits to what its
@@ -10,7 +11,7 @@ grammar allows before sampling (`serving.engines.constrain`).
 Logprobs are the log-softmax of the model's raw logits (before temperature and top_p), like
 vLLM's default and llama.cpp's, so the engines agree; `k` alternatives come from `topk`.
 
-A folder written by `protege quantize --to int8` loads through `distill.quantize.load_int8`:
+A folder written by `protege quantize --to int8` loads through `serving.engines.int8.load_int8`:
 its layers keep int8 weights at run time (torch's fused int8 CPU matmul).
 """
 
@@ -23,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.config import TransformersEngine as TransformersEngineConfig
 from serving.engines.base import (
     Delta,
     EngineError,
@@ -33,9 +33,10 @@ from serving.engines.base import (
     StopMatcher,
     TokenLogprob,
 )
+from serving.engines.config import TransformersEngine as TransformersEngineConfig
 from serving.engines.constrain import TokenConstraint, vocabulary_from_hf
 from serving.engines.threaded import WorkerThreadEngine
-from serving.tools import prompt_messages, renders_tools
+from serving.engines.tools import prompt_messages, renders_tools
 
 
 class IncrementalDetokenizer:
@@ -104,7 +105,7 @@ class TransformersEngine(WorkerThreadEngine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from distill.quantize import is_int8_folder, load_int8
+        from serving.engines.int8 import is_int8_folder, load_int8  # torch: imported on load
 
         extra = {"gguf_file": self.config.gguf_file} if self.config.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(self.path, **extra)

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from serving.config import VllmEngine as VllmEngineConfig
 from serving.engines.base import (
     Delta,
     Engine,
@@ -28,8 +27,9 @@ from serving.engines.base import (
     SamplingParams,
     TokenLogprob,
 )
-from serving.structured import ResponseFormat, calls_lark
-from serving.tools import prompt_messages, renders_tools
+from serving.engines.config import VllmEngine as VllmEngineConfig
+from serving.engines.structured import ResponseFormat, calls_lark
+from serving.engines.tools import prompt_messages, renders_tools
 
 
 class VllmEngine(Engine):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from shadow.pgstore import PostgresStore
+from shadow.store.postgres import PostgresStore
 from tests.integration.conftest import API_KEY, REPO, Gateway, _env, wait_for_metric
 from tests.pg import INSTALL_HINT, PgServer, find_bin_dir
 

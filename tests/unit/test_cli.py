@@ -12,8 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from core.config import REPO_ROOT
 from ops.cli import app
-from ops.settings import REPO_ROOT
 
 FAKE = REPO_ROOT / "examples" / "fake.yaml"
 BAD = """\
@@ -31,7 +31,7 @@ def _isolated(monkeypatch):
         if key.startswith("PROTEGE_"):
             monkeypatch.delenv(key)
     # `serve` sets up logging for the whole process; keep the test session's as it is.
-    monkeypatch.setattr("ops.logging.configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr("core.logging.configure_logging", lambda *args, **kwargs: None)
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def fake_serving(monkeypatch):
     module.serve_forever = calls.append
     module.ServeError = RuntimeError
     monkeypatch.setitem(sys.modules, "serving.launch", module)
-    monkeypatch.setattr("ops.raylocal.arm_token", lambda: True)  # leaves RAY_AUTH_* alone
+    monkeypatch.setattr("core.raylocal.arm_token", lambda: True)  # leaves RAY_AUTH_* alone
     return calls
 
 
@@ -189,7 +189,7 @@ def test_version(runner):
 def test_arm_token_only_before_ray_is_imported(monkeypatch):
     import ray  # noqa: F401 - Ray reads RAY_AUTH_MODE on import: too late to arm it now
 
-    from ops.raylocal import arm_token
+    from core.raylocal import arm_token
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -199,7 +199,7 @@ def test_arm_token_only_before_ray_is_imported(monkeypatch):
 
 
 def test_arm_token_before_ray_sets_a_fresh_token_per_process():
-    code = ("import os, sys; from ops.raylocal import arm_token; assert 'ray' not in sys.modules;"
+    code = ("import os, sys; from core.raylocal import arm_token; assert 'ray' not in sys.modules;"
             "print(arm_token(), os.environ['RAY_AUTH_MODE'], os.environ['RAY_AUTH_TOKEN'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -22,8 +22,8 @@ def test_round_trip(error):
 async def test_vllm_engine_without_vllm_says_how_to_install(tmp_path):
     import importlib.util
 
-    from serving.config import VllmEngine as VllmConfig
     from serving.engines import build_engine
+    from serving.engines.config import VllmEngine as VllmConfig
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")

@@ -8,7 +8,6 @@ import asyncio
 
 import pytest
 
-from serving.config import FakeEngine as FakeConfig
 from serving.engines import (
     GenerationRequest,
     Message,
@@ -17,6 +16,7 @@ from serving.engines import (
     build_engine,
     merge_deltas,
 )
+from serving.engines.config import FakeEngine as FakeConfig
 from serving.engines.fake import WORDS, FakeEngine, render_chatml
 
 

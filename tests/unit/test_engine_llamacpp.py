@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from serving.config import LlamaCppEngine as LlamaCppConfig
 from serving.engines import (
     EngineError,
     GenerationRequest,
@@ -27,6 +26,7 @@ from serving.engines import (
     build_engine,
     merge_deltas,
 )
+from serving.engines.config import LlamaCppEngine as LlamaCppConfig
 from serving.engines.llamacpp import LlamaCppEngine
 from tests.workerengine import run_together
 

@@ -19,7 +19,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from serving.config import RemoteEngine as RemoteConfig
 from serving.engines import (
     EngineError,
     GenerationRequest,
@@ -29,6 +28,7 @@ from serving.engines import (
     build_engine,
     merge_deltas,
 )
+from serving.engines.config import RemoteEngine as RemoteConfig
 from serving.engines.remote import MAX_ERROR_CHARS, RemoteEngine, UpstreamError
 from tests.oracle import serve_app
 

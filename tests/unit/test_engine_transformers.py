@@ -13,7 +13,6 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from serving.config import TransformersEngine as TransformersConfig
 from serving.engines import (
     GenerationRequest,
     Message,
@@ -22,6 +21,7 @@ from serving.engines import (
     build_engine,
     merge_deltas,
 )
+from serving.engines.config import TransformersEngine as TransformersConfig
 from serving.engines.transformers import TransformersEngine
 from tests.workerengine import run_together
 

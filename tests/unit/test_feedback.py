@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from serving.errors import OpenAIError
+from core.errors import OpenAIError
 from shadow.config import FeedbackMetric
 from shadow.feedback import MAX_COMMENT, FeedbackPost, parse_feedback
 

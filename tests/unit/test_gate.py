@@ -18,6 +18,7 @@ from distill import gate_checks as gc
 from distill.answers import answer_all
 from distill.gate import GateConfig, GateError, load_edge_cases, load_gate_config, validate
 from ops.cli import app
+from ops.settings import load_settings
 from shadow.records import FeedbackRecord, ResponseRecord
 from shadow.store import SqliteStore
 from tests.oracle import serve_oracle
@@ -337,6 +338,30 @@ def test_validate_fake_states_each_failure(gate_files):
                for f in report.failures)
     assert any(f.startswith("ab.thumbs_up candidate lower bound ") for f in report.failures)
     assert "max_teacher_gap not checked: no teacher" in report.checks["edge_cases"]["notes"]
+
+
+def test_ab_settings_are_read_by_the_callers_loader(gate_files):
+    """`ab.settings` names gateway settings: their store and metric types reach the A/B check
+    through the loader the caller passes; without one the gate says what to give instead."""
+    tmp_path, config = gate_files
+    settings = tmp_path / "gateway.yaml"
+    settings.write_text(yaml.safe_dump({
+        "variants": {"fake": {"engine": {"engine": "fake"}}}, "routes": {"student": {
+            "variant": "fake"}},
+        "shadow": {"store_path": str(tmp_path / "pairs.sqlite")},
+        "feedback": {"thumbs_up": {"type": "boolean"}}}))
+    config["ab"] = {**config["ab"], "store": None, "settings": str(settings)}
+    for check in ("latency", "tasks", "edge_cases", "fidelity"):
+        config[check] = {"enabled": False}
+    gate = GateConfig.model_validate(config)
+    report = validate("fake", None, gate, load_settings=load_settings)
+    assert report.checks["ab"]["status"] == "passed"
+    assert report.checks["ab"]["metrics"]["thumbs_up"]["candidate"]["n"] == 40
+    with pytest.raises(GateError, match="ab.settings: this caller cannot read"):
+        validate("fake", None, gate)
+    settings.write_text("variants: {}\n")
+    with pytest.raises(GateError, match="ab.settings: .*gateway.yaml: variants"):
+        validate("fake", None, gate, load_settings=load_settings)
 
 
 def test_validate_skips_what_does_not_apply(tmp_path):

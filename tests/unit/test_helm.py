@@ -1,7 +1,7 @@
 """The helm chart `helm/protege`: lint it and render it with the real helm binary, then check the
 rendered objects against the settings schema and the Serve application builder.
 
-No cluster is needed: `helm template` renders offline, and `serving.app.app_builder` builds a Ray
+No cluster is needed: `helm template` renders offline, and `ops.rayservice.app_builder` builds a Ray
 Serve application without Ray running.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ops.settings import REPO_ROOT, load_settings
+from core.config import REPO_ROOT
+from ops.settings import load_settings
 
 CHART = REPO_ROOT / "helm" / "protege"
 HELM = REPO_ROOT / ".venv" / "bin" / "helm"
@@ -158,7 +159,7 @@ def test_serve_config_names_the_builder_and_the_mounted_config(helm):
     docs = render(helm)
     cfg = serve_config(docs)
     (app,) = cfg["applications"]
-    assert app["import_path"] == "serving.app:app_builder"
+    assert app["import_path"] == "ops.rayservice:app_builder"
     assert app["route_prefix"] == "/"
     assert app["args"] == {"config": CONFIG_PATH}
     assert cfg["http_options"] == {"host": "0.0.0.0", "port": 8000}
@@ -178,7 +179,7 @@ def test_serve_config_names_the_builder_and_the_mounted_config(helm):
 def test_serve_deployments_match_what_the_builder_builds(helm, tmp_path, values):
     from ray.serve._private.build_app import build_app as build_serve_app
 
-    from serving.app import app_builder
+    from ops.rayservice import app_builder
 
     docs = render(helm, *values)
     path = tmp_path / "config.yaml"
@@ -208,7 +209,10 @@ def test_persistence_toggles(helm):
 def test_probes_and_ports(helm):
     pods = ray_pods(render(helm))
     (head,) = pods["head"]["spec"]["containers"]
-    assert {p["name"] for p in head["ports"]} >= {"gcs-server", "dashboard", "client", "serve"}
+    assert {p["name"] for p in head["ports"]} == {"gcs-server", "dashboard", "serve"}
+    (with_client,) = ray_pods(render(helm, "--set", "head.rayClientPort=true"))["head"]["spec"][
+        "containers"]
+    assert 10001 in {p["containerPort"] for p in with_client["ports"]}  # Ray Client, on request
     assert "gcs_healthz" in " ".join(head["livenessProbe"]["exec"]["command"])
     assert "gcs_healthz" in " ".join(head["readinessProbe"]["exec"]["command"])
     (worker,) = pods["cpu"]["spec"]["containers"]
@@ -449,14 +453,14 @@ def test_config_file_replaces_the_protege_block_verbatim(helm, tmp_path):
 def test_app_builder_builds_the_default_config():
     from ray import serve
 
-    from serving.app import app_builder
+    from ops.rayservice import app_builder
 
     app = app_builder({"config": str(REPO_ROOT / "examples" / "default.yaml")})
     assert isinstance(app, serve.Application)
 
 
 def test_app_builder_requires_a_config():
-    from serving.app import app_builder
+    from ops.rayservice import app_builder
 
     with pytest.raises(ValueError, match="args.config: missing"):
         app_builder({})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from serving.app import Ingress
 from serving.engines.base import Delta
+from serving.ingress import Ingress
 from serving.responses import ResponseMeta
 
 
@@ -32,12 +32,6 @@ class Call:
     def __init__(self):
         self.statuses = []
 
-    def on_delta(self, index, delta):
-        pass
-
-    def finish(self, status):
-        self.statuses.append(status)
-
 
 class Log:
     def __init__(self):
@@ -50,8 +44,10 @@ class Log:
 
 
 async def test_a_failure_mid_stream_is_an_error_event_and_a_500_not_a_200():
-    ingress = SimpleNamespace(log=Log(), p=SimpleNamespace(server=None))
     call, stream = Call(), Stream()
+    ingress = SimpleNamespace(log=Log(), p=SimpleNamespace(server=None),
+                              _on_delta=lambda call, index, delta: None,
+                              _finish=lambda call, status: call.statuses.append(status))
     req = SimpleNamespace(n=1, include_usage=False)
     first = [(0, Delta("Hello"))]
     chunks = [c async for c in Ingress._sse(ingress, "chat", ResponseMeta("chatcmpl-1", 0, "m"),
@@ -59,5 +55,5 @@ async def test_a_failure_mid_stream_is_an_error_event_and_a_500_not_a_200():
     body = b"".join(chunks)
     assert b"Hello" in body and b'"code":"internal_error"' in body
     assert not body.endswith(b"data: [DONE]\n\n")  # the client sees a cut stream, said so
-    assert call.statuses == [500]  # counted as a 5xx; finish(500) mirrors no pair
+    assert call.statuses == [500]  # counted as a 5xx; _finish(500) mirrors no pair
     assert stream.cancelled and ingress.log.errors == ["serving.request.failed"]

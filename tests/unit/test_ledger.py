@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-
 import time
 
 from shadow.ledger import Ledger, current_run, finished, read_ledgers, reconcile

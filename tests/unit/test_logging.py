@@ -1,4 +1,4 @@
-"""`ops.logging`: JSON lines on stderr with timestamp, level, event and logger."""
+"""`core.logging`: JSON lines on stderr with timestamp, level, event and logger."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import datetime
 import pytest
 import structlog
 
-from ops.logging import configure_logging, get_logger
+from core.logging import configure_logging, get_logger
 
 log = get_logger("tests.made_at_import")  # before any configure_logging: must still follow it
 

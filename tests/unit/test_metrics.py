@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.metrics import GAUGE_STALE_S, GatewayMetrics, Snapshot, merge_expositions
+from core.metrics import GAUGE_STALE_S, GatewayMetrics, Snapshot, merge_expositions
 
 
 def replica(requests: int, in_flight: int, latencies=(0.02,)) -> str:
@@ -76,7 +76,7 @@ def test_label_values_are_escaped():
 
 
 def test_the_fidelity_gap_every_replica_reports_alike_is_not_summed():
-    from ops.metrics import VariantMetrics
+    from core.metrics import VariantMetrics
 
     def variant(gap: float, up: int) -> str:
         m = VariantMetrics()

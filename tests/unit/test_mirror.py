@@ -14,7 +14,7 @@ from serving.engines.base import (
     SamplingParams,
     TokenLogprob,
 )
-from serving.structured import choice_of, parse_response_format
+from serving.engines.structured import choice_of, parse_response_format
 from shadow.mirror import MirrorJob, make_record, request_dict, timed_answer
 from shadow.records import Answer, PairRecord
 

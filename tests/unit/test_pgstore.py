@@ -10,10 +10,10 @@ import threading
 import psycopg
 import pytest
 
-from ops.metrics import ShadowMetrics
-from shadow.pgstore import MIGRATIONS, SCHEMA_TABLE, PostgresStore
+from core.metrics import ShadowMetrics
 from shadow.records import Answer, FeedbackRecord
 from shadow.store import PairWriter
+from shadow.store.postgres import MIGRATIONS, SCHEMA_TABLE, PostgresStore
 from tests.pg import INSTALL_HINT, PgServer, find_bin_dir
 from tests.unit.test_records import make_record
 from tests.unit.test_store import assert_nothing_lost, counts, records, responses, until

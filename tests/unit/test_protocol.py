@@ -1,4 +1,4 @@
-"""serving.protocol and serving.errors: validation rules, null handling, fan-out, conversion."""
+"""serving.protocol and core.errors: validation rules, null handling, fan-out, conversion."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from core.errors import MAX_MESSAGE, OpenAIError
 from serving.engines.base import Message
-from serving.errors import MAX_MESSAGE, OpenAIError
-from serving.tools import ToolCall
+from serving.engines.tools import ToolCall
 from serving.protocol import (
     INT64_MAX,
     INT64_MIN,
@@ -301,7 +301,7 @@ def test_ignored_known_fields_are_reported_only_when_they_ask_for_something():
             logit_bias={"50256": -100},
         ),
     )
-    assert r.response_format is not None  # honoured: serving.structured, test_structured.py
+    assert r.response_format is not None  # honoured: serving.engines.structured, test_structured.py
     assert set(r.ignored_fields()) == {
         "frequency_penalty",
         "service_tier",

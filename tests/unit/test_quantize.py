@@ -24,16 +24,9 @@ from transformers import (
 from typer.testing import CliRunner
 
 from distill.answers import Answer, answer_all, open_engine
-from distill.quantize import (
-    INT8_METHOD,
-    QUANT_FORMATS,
-    REPORT_FILE,
-    Int8Linear,
-    held_out,
-    load_int8,
-    quantize,
-)
+from distill.quantize import QUANT_FORMATS, REPORT_FILE, held_out, quantize
 from ops.cli import app
+from serving.engines.int8 import INT8_METHOD, Int8Linear, load_int8
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

@@ -147,25 +147,54 @@ def test_a_version_number_another_writer_claimed_is_not_taken(reg, tmp_path):
     assert reg.versions() == ["v2"]
 
 
-def test_two_promoters_on_one_local_registry_lose_no_history(tmp_path):
+@pytest.mark.parametrize("store", ["local", "memory"])
+def test_two_promoters_on_one_registry_lose_no_history(store, tmp_path):
     import threading
+    import time
 
-    reg = Registry(tmp_path / "registry")
+    root = tmp_path / "registry" if store == "local" else f"memory://r-{uuid.uuid4().hex}"
+    reg = Registry(root)
     for i in range(4):
         reg.register(artifact(tmp_path, f"a{i}", f"w{i}".encode()), entry="model.gguf",
                      **passed())
     barrier = threading.Barrier(4)
+    real_write = Registry._write_json
+
+    def slow_write(self, path, data):  # widens the read-modify-write window
+        time.sleep(0.02)
+        real_write(self, path, data)
 
     def promote(version):
         barrier.wait()
-        Registry(tmp_path / "registry").promote("student", version)
+        Registry(root).promote("student", version)
 
-    threads = [threading.Thread(target=promote, args=(f"v{i + 1}",)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Registry, "_write_json", slow_write)
+        threads = [threading.Thread(target=promote, args=(f"v{i + 1}",)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert sorted(r["version"] for r in reg.history("student")) == ["v1", "v2", "v3", "v4"]
+    assert not reg.fs.exists(reg._p("promotions", "student.lock")) or reg.local
+
+
+def test_an_object_store_lock_left_by_a_dead_writer_expires(tmp_path, monkeypatch):
+    import time
+
+    from distill import registry
+
+    reg = Registry(f"memory://r-{uuid.uuid4().hex}")
+    reg.register(artifact(tmp_path), entry="model.gguf", **passed())
+    lock = reg._p("promotions", "student.lock")
+    reg.fs.pipe_file(lock, json.dumps({"owner": "dead", "until": time.time() + 3600}).encode())
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 0.2)
+    with pytest.raises(RegistryError, match="locked by another writer"):
+        reg.promote("student", "v1")
+    assert reg.promoted("student") is None
+    reg.fs.pipe_file(lock, json.dumps({"owner": "dead", "until": time.time() - 1}).encode())
+    assert reg.promote("student", "v1")["version"] == "v1"
+    assert not reg.fs.exists(lock)
 
 
 def test_local_fetch_is_in_place(tmp_path):

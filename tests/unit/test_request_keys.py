@@ -1,15 +1,6 @@
 """Which key picks a request's A/B arm, and which key a user-sampled shadow hashes."""
 
-from types import SimpleNamespace
-
-from starlette.requests import Request
-
-from serving.app import Arm, RouteTarget, _sticky_key, _user_key
-
-
-def request(headers: dict[str, str]) -> Request:
-    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
-    return Request({"type": "http", "method": "POST", "path": "/", "headers": raw})
+from serving.router import Arm, RouteTarget, sticky_key, user_key
 
 
 def route(sticky: str) -> RouteTarget:
@@ -17,14 +8,15 @@ def route(sticky: str) -> RouteTarget:
 
 
 def test_session_header_beats_user():
-    assert _user_key(request({"x-session-id": "s"}), SimpleNamespace(user="u")) == ("s", "session")
-    assert _user_key(request({}), SimpleNamespace(user="u")) == ("u", "user")
-    assert _user_key(request({}), SimpleNamespace(user=None)) is None
+    assert user_key("s", "u") == ("s", "session")
+    assert user_key(None, "u") == ("u", "user")
+    assert user_key("", "u") == ("u", "user")
+    assert user_key(None, None) is None
 
 
 def test_sticky_key_uses_the_user_only_for_user_sticky_routes():
     user = ("u", "user")
-    assert _sticky_key(user, route("user"), "id-1") == user
-    assert _sticky_key(None, route("user"), "id-1") == ("id-1", "request")
+    assert sticky_key(user, route("user"), "id-1") == user
+    assert sticky_key(None, route("user"), "id-1") == ("id-1", "request")
     # An arm chosen per request does not stop a shadow from sampling by user.
-    assert _sticky_key(user, route("request"), "id-1") == ("id-1", "request")
+    assert sticky_key(user, route("request"), "id-1") == ("id-1", "request")

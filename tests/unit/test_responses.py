@@ -13,8 +13,8 @@ import referencing
 import referencing.jsonschema
 import yaml
 
+from core.errors import OpenAIError
 from serving.engines.base import Delta, TokenLogprob, merge_deltas
-from serving.errors import OpenAIError
 from serving.responses import (
     DONE,
     ResponseMeta,

@@ -20,10 +20,10 @@ from serving.review import (
     session_token,
 )
 from shadow.labels import LabelError, parse_label
-from shadow.pgstore import PostgresStore
 from shadow.records import Answer, FeedbackRecord, ResponseRecord
 from shadow.review import ReviewError, ReviewQuery, like_pattern, word_diff
 from shadow.store import SqliteStore
+from shadow.store.postgres import PostgresStore
 from tests.unit.test_pgstore import dsn, pg  # noqa: F401 - the PostgreSQL fixtures
 from tests.unit.test_records import make_record
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ops.settings import REPO_ROOT, ConfigError, load_settings
+from core.config import REPO_ROOT
+from ops.settings import ConfigError, load_settings
 
 MINIMAL = """\
 variants:

@@ -10,9 +10,10 @@ import sqlite3
 
 import pytest
 
-from ops.metrics import ShadowMetrics
+from core.metrics import ShadowMetrics
 from shadow.records import PairRecord
-from shadow.store import MIGRATIONS, PairWriter, SqliteStore
+from shadow.store import PairWriter, SqliteStore
+from shadow.store.sqlite import MIGRATIONS
 from tests.unit.test_records import make_record
 
 

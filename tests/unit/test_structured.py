@@ -11,8 +11,6 @@ import json
 import pytest
 
 from distill.gate import _GgufScorer, _HfScorer
-from serving.config import LlamaCppEngine as LlamaCppConfig
-from serving.config import TransformersEngine as TransformersConfig
 from serving.engines import (
     GenerationRequest,
     Message,
@@ -21,9 +19,10 @@ from serving.engines import (
     build_engine,
     merge_deltas,
 )
+from serving.engines.config import LlamaCppEngine as LlamaCppConfig
+from serving.engines.config import TransformersEngine as TransformersConfig
 from serving.engines.constrain import sample
-from serving.protocol import parse_request
-from serving.structured import (
+from serving.engines.structured import (
     FormatError,
     ResponseFormat,
     check_answer,
@@ -31,6 +30,7 @@ from serving.structured import (
     grammar_for,
     parse_response_format,
 )
+from serving.protocol import parse_request
 from tests.unit.test_engine_llamacpp import write_tiny_gguf
 from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
 
@@ -244,7 +244,7 @@ async def test_transformers_enforces_the_schema(tmp_path):
 
 
 async def test_the_fake_engine_refuses_a_response_format():
-    from serving.config import FakeEngine
+    from serving.engines.config import FakeEngine
 
     engine = build_engine(FakeEngine(), resolve_path=lambda p: p)
     with pytest.raises(Unsupported) as e:

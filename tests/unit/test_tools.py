@@ -1,5 +1,5 @@
-"""serving.tools: function calling checked, written into the prompt, constrained on real engines
-(llama.cpp and transformers on tiny random models built in code), read back from answers whole
+"""serving.engines.tools: function calling checked, written into the prompt, constrained on real
+engines (llama.cpp and transformers on tiny random models built in code), read back from answers whole
 and streamed (rebuilt by the OpenAI SDK's own stream accumulator), and scored by the shadow."""
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ import pytest
 from openai.lib.streaming.chat._completions import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
 
-from serving.config import LlamaCppEngine as LlamaCppConfig
-from serving.config import TransformersEngine as TransformersConfig
 from serving.engines import build_engine
 from serving.engines.base import Delta, GenerationRequest, Message, SamplingParams, merge_deltas
-from serving.protocol import parse_request
-from serving.responses import ResponseMeta, chat_completion, sse_stream
-from serving.structured import FormatError, check_answer
-from serving.tools import (
+from serving.engines.config import LlamaCppEngine as LlamaCppConfig
+from serving.engines.config import TransformersEngine as TransformersConfig
+from serving.engines.structured import FormatError, check_answer
+from serving.engines.tools import (
     GENERIC_PROMPT,
     CallStream,
     ToolCall,
@@ -26,6 +24,8 @@ from serving.tools import (
     read_calls,
     renders_tools,
 )
+from serving.protocol import parse_request
+from serving.responses import ResponseMeta, chat_completion, sse_stream
 from shadow.export import messages_of
 from shadow.records import Answer, PairRecord
 from shadow.scoring import score_pair, tool_scores

@@ -129,7 +129,7 @@ else the protege: block. */}}
 {{- include "protege.checkSecrets" . }}
 {{- end }}
 
-{{/* The Serve config (serveConfigV2): one application built by serving.app:app_builder. */}}
+{{/* The Serve config (serveConfigV2): one application built by ops.rayservice:app_builder. */}}
 {{- define "protege.serveConfig" -}}
 {{- $p := include "protege.settingsJson" . | fromJson -}}
 {{- $server := $p.server | default dict -}}
@@ -148,7 +148,7 @@ else the protege: block. */}}
 {{- $deployments = append $deployments (dict "name" "shadow" "num_replicas" 1 "ray_actor_options" (dict "num_cpus" ($sh.num_cpus | default 0))) -}}
 {{- end -}}
 {{- $args := dict "config" (include "protege.configPath" .) -}}
-{{- $app := dict "name" "protege" "route_prefix" "/" "import_path" "serving.app:app_builder" "args" $args "deployments" $deployments -}}
+{{- $app := dict "name" "protege" "route_prefix" "/" "import_path" "ops.rayservice:app_builder" "args" $args "deployments" $deployments -}}
 {{- with .Values.serve.runtimeEnv }}{{ $_ := set $app "runtime_env" . }}{{ end -}}
 {{- $cfg := dict "proxy_location" .Values.serve.proxyLocation "http_options" (dict "host" "0.0.0.0" "port" ($server.port | default 8000)) "applications" (list $app) -}}
 {{- toYaml $cfg -}}

@@ -51,7 +51,9 @@ spec:
         {{- if eq .kind "head" }}
         - {name: gcs-server, containerPort: 6379}
         - {name: dashboard, containerPort: 8265}
+        {{- if $v.head.rayClientPort }}
         - {name: client, containerPort: 10001}
+        {{- end }}
         {{- end }}
         - {name: serve, containerPort: {{ .port }}}
       resources:

@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from serving.errors import json_type
-from serving.structured import (
+from core.errors import json_type
+from serving.engines.structured import (
     CALL_CLOSE,
     CALL_OPEN,
     NAME,
@@ -300,7 +300,7 @@ class CallStream:
     the content strings and `ToolCall`s now complete; `flush()` what is left at the end (an
     unclosed call stays content). Text that may begin a call is held back until it is clear;
     whitespace between calls is dropped. An answer that begins with `{` may be a bare call
-    (`serving.structured.split_calls`): it is held whole and read at the end."""
+    (`serving.engines.structured.split_calls`): it is held whole and read at the end."""
 
     def __init__(self, names: Sequence[str], response_id: str, choice: int):
         self.names, self.response_id, self.choice = tuple(names), response_id, choice

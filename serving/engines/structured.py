@@ -13,7 +13,7 @@ keywords the grammar compiler implements: an unimplemented one (`not`, `uniqueIt
 token mask (`serving.engines.constrain`), so a finished answer always parses and validates;
 `check_answer` is what says so, for every engine (a remote upstream included).
 
-A `tool_calls` format (built by `serving.tools`) is one or more calls, each written
+A `tool_calls` format (built by `serving.engines.tools`) is one or more calls, each written
 `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (Hermes's form, Qwen's template's):
 `schema` is one call's JSON Schema, `parallel` allows several, `text_allowed` lets an answer in
 plain text stand instead, optionally before the calls (`tool_choice: auto`). There, an answer that
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
 
-from serving.errors import json_type
+from core.errors import json_type
 
 CACHE_SIZE = 256  # distinct schemas whose grammar and validator stay compiled
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for `json_schema.name`

@@ -2,7 +2,7 @@
 
 Owns the PostgreSQL schema, its migrations (one migrator at a time across nodes) and the SQL;
 what a record holds, and the `PairWriter` that batches and spills, live in `shadow.records` and
-`shadow.store`. Same tables and semantics as `SqliteStore`.
+`shadow.store.writer`. Same tables and semantics as `SqliteStore`.
 
 `record` is `text` holding the record's JSON, not `jsonb`: jsonb refuses `\\u0000` in strings (a
 NUL in a model's answer would fail its batch on every replay) and turns a float such as 1.5e300
@@ -22,11 +22,11 @@ from psycopg.conninfo import conninfo_to_dict
 from shadow.labels import Label
 from shadow.records import ROW_COLUMNS, FeedbackRecord, PairRecord, ResponseRecord
 from shadow.review import POSTGRES
-from shadow.store import (
+from shadow.store.base import Record
+from shadow.store.sql import (
     FEEDBACK_COLUMNS,
     LABEL_COLUMNS,
     RESPONSE_COLUMNS,
-    Record,
     ReviewReads,
     feedback_from_row,
     feedback_row,

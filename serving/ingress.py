@@ -1,0 +1,488 @@
+"""The HTTP front door of the gateway: OpenAI protocol, auth, limits, metrics and logs.
+
+`Ingress` reads a request, picks its route's A/B arm (`serving.router`), forwards it to that
+variant's replicas (`serving.variant`) and answers, whole or streamed. Each request is
+accounted in a `RequestTally` (`serving.accounting`) and reported once when it ends: metrics,
+the canonical log line, and for an answer its feedback row and, when sampled, its mirrored pair
+(`serving.outbox`). `/review` is `serving.review`'s; `/v1/feedback` goes to the shadow worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from core.errors import OpenAIError, clip
+from core.logging import configure_logging, get_logger
+from core.metrics import GatewayMetrics, MetricsReporter
+from serving import protocol, responses
+from serving.accounting import RequestTally
+from serving.auth import bearer_key_ok, checked_hosts, host_allowed, host_error
+from serving.config import ServerConfig
+from serving.engines.base import Delta, EngineError, GenerationRequest, PromptTooLong, Unsupported
+from serving.engines.structured import ResponseFormat
+from serving.outbox import ShadowOutbox
+from serving.review import ReviewSite
+from serving.router import Arm, RouteTarget, ShadowPlan, sample, sticky_key, user_key
+from shadow.config import FeedbackMetric, ShadowSettings
+from shadow.feedback import parse_feedback
+from shadow.ledger import Ledger
+from shadow.mirror import MirrorJob
+from shadow.records import Answer, ResponseRecord
+from shadow.store import open_store
+
+
+@dataclass(frozen=True)
+class IngressParams:
+    server: ServerConfig
+    api_keys: tuple[str, ...]
+    routes: dict[str, RouteTarget]
+    shadows: dict[str, ShadowPlan]  # by route; routes without a shadow are absent
+    feedback: dict[str, FeedbackMetric]  # metrics clients may post; empty: no feedback
+    mirror_budget: int  # mirrors unfinished by the teacher per replica; more are dropped
+    ledger_dir: str  # where sampled and dropped pairs are noted (`shadow.ledger`)
+    run: str  # this gateway run's id
+    log_level: str
+    json_logs: bool
+    log_prompts: bool
+    created: int
+    store: ShadowSettings  # where the review page reads pairs and writes labels
+    repo_root: str  # what a relative store path is relative to
+
+
+class Ingress:
+    """The HTTP front door: OpenAI protocol, auth, limits, metrics and logs."""
+
+    async def __init__(self, params: IngressParams, variants: dict[str, DeploymentHandle],
+                       shadow: DeploymentHandle | None = None):
+        configure_logging(params.log_level, params.json_logs)
+        self.p = params
+        self.variants = variants
+        self.shadow = shadow
+        self.log = get_logger("serving.ingress")
+        self.metrics = GatewayMetrics()
+        self.reporter = MetricsReporter(
+            self.metrics.registry, f"ingress:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        )
+        self.reporter.start()
+        self._keys = tuple(k.encode() for k in params.api_keys)
+        # Key-less on loopback: only loopback or allowed Host names (`serving.auth`).
+        self._hosts = checked_hosts(params.server.host, bool(params.api_keys),
+                                    params.server.allowed_hosts)
+        self._unknown_logged: set[str] = set()
+        self.ledger = (Ledger(params.ledger_dir, params.run, f"ingress-{os.getpid()}-"
+                              f"{uuid.uuid4().hex[:6]}", on_error=self._ledger_failed)
+                       if params.shadows else None)
+        self.outbox = (ShadowOutbox(shadow, self.metrics, self.ledger, self.log,
+                                    params.mirror_budget, flush_responses=bool(params.feedback))
+                       if shadow is not None else None)
+        self.review = None
+        if params.server.review:
+            self.review = ReviewSite(
+                lambda: open_store(params.store, Path(params.repo_root)), params.api_keys,
+                params.store.redaction.redactor(),
+                secure_cookie=params.server.review_secure_cookie)
+
+    async def __call__(self, request: Request) -> Response:
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        try:
+            if self._hosts is not None and not host_allowed(request.headers.get("host"),
+                                                            self._hosts):
+                raise host_error(request.headers.get("host"))
+            if path == "/health":
+                return JSONResponse({"status": "ok"})
+            if path == "/metrics":
+                if self.p.server.metrics_require_key:
+                    self._authorize(request)
+                text = await self.reporter.render()
+                return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+            if self.review is not None and (path == "/review" or path.startswith("/review/")):
+                return await self.review.handle(request)  # its own auth: a key or its cookie
+            self._authorize(request)
+            if path in ("/v1/chat/completions", "/v1/completions"):
+                _require_method(method, "POST")
+                kind = "chat" if path.endswith("chat/completions") else "completion"
+                return await self._generate(request, kind)
+            if path == "/v1/feedback":
+                _require_method(method, "POST")
+                return await self._feedback(request)
+            if path == "/v1/models":
+                _require_method(method, "GET")
+                return JSONResponse(responses.models_list(
+                    [(r, self.p.created, self._card(r)) for r in self.p.routes]))
+            if path.startswith("/v1/models/"):
+                _require_method(method, "GET")
+                name = path.removeprefix("/v1/models/")
+                if name not in self.p.routes:
+                    raise OpenAIError.not_found_model(name)
+                return JSONResponse(responses.model_card(name, self.p.created,
+                                                         extra=self._card(name)))
+            raise OpenAIError(
+                404, f"Unknown path {path!r}.", type="invalid_request_error",
+                code="unknown_url",
+            )
+        except OpenAIError as e:
+            self.metrics.rejections.labels(reason=str(e.status)).inc()
+            return _error_response(e)
+
+    def _card(self, route: str) -> dict:
+        """What `/v1/models` adds to OpenAI's fields: each arm's sampling defaults."""
+        arms = self.p.routes[route].arms
+        return {"sampling_defaults": {a.variant: a.sampling.card() for a in arms}}
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if not self._keys:
+            return
+        if not bearer_key_ok(request.headers.get("authorization", ""), self._keys):
+            raise OpenAIError.unauthorized()
+
+    async def _read_body(self, request: Request) -> bytes:
+        ctype = request.headers.get("content-type", "")
+        is_json = ctype.split(";")[0].strip().lower() == "application/json"
+        if ctype and not is_json:
+            raise OpenAIError.unsupported_media_type(ctype)
+        limit = self.p.server.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise OpenAIError.body_too_large(limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise OpenAIError.body_too_large(limit)
+        if not is_json:  # no Content-Type: no body is a 400 (like OpenAI), an untyped one 415
+            if body:
+                raise OpenAIError.unsupported_media_type(ctype)
+            raise OpenAIError.invalid_json("the body is empty")
+        return bytes(body)
+
+    async def _generate(self, request: Request, kind: str) -> Response:
+        started = time.monotonic()
+        try:
+            body = await self._read_body(request)
+            req = protocol.parse_request(kind, body)
+            self._log_unknown_fields(req)
+            target = self.p.routes.get(req.model)
+            if target is None:
+                raise OpenAIError.not_found_model(req.model)
+            for field in ("response_format", "tool_use"):
+                if target.choice is not None and getattr(req, field, None) is not None:
+                    param = "tools" if field == "tool_use" else field
+                    raise OpenAIError.invalid_value(param, (
+                        f"Invalid '{param}': the route {target.route!r} answers with exactly "
+                        f"one of its labels; omit '{param}'."))
+        except OpenAIError as e:  # refused before a route was known: counted under route "-"
+            self.metrics.requests.labels(route="-", variant="-", status=str(e.status)).inc()
+            self.log.info(
+                "serving.request.completed", route="-", variant="-", status=e.status,
+                code=e.code, param=e.param, latency_ms=round((time.monotonic() - started) * 1000, 2),
+            )
+            raise
+        request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        user = user_key(request.headers.get("x-session-id"), req.user)
+        key, key_kind = sticky_key(user, target, request_id)
+        arm = target.choose(key)
+        meta = responses.ResponseMeta(
+            id=request_id, created=int(time.time()), model=req.model,
+            system_fingerprint=f"{arm.variant}:{arm.version}",
+        )
+        gen_requests = req.to_generation_requests(request_id, arm.sampling, target.choice)
+        call = Call(target, arm, key_kind, request_id, req.stream,
+                    gen_requests[0].params.response_format, RequestTally(started, arm.version))
+        plan = self.p.shadows.get(target.route)
+        if plan is not None and self.outbox is not None:
+            sample_by = user[0] if plan.sample_key == "user" and user else request_id
+            if sample(plan.rate, sample_by, f"{target.route}:shadow"):
+                call.mirror = (plan, gen_requests[0])
+                call.created_at = datetime.now(UTC).isoformat()
+        if self.p.log_prompts:
+            call.prompt = gen_requests[0].prompt or [
+                {"role": m.role, "content": m.content} for m in gen_requests[0].messages or ()]
+        call.tally.keep_text = bool(call.mirror or call.prompt is not None or call.format)
+        self.metrics.in_flight.labels(**call.labels).inc()
+        handle = self.variants[arm.variant]
+        timeout = self.p.server.request_timeout_s
+        headers = {
+            "x-request-id": request_id,
+            "x-protege-variant": arm.variant,
+            "x-protege-version": arm.version,
+        }
+        try:
+            if not req.stream:
+                pending = handle.complete.remote(gen_requests)
+                try:
+                    choices = await asyncio.wait_for(_await(pending), timeout)
+                except TimeoutError:
+                    pending.cancel()
+                    raise OpenAIError.timeout(timeout) from None
+                except asyncio.CancelledError:
+                    pending.cancel()  # the client went away: stop its generation
+                    raise
+                version = call.tally.served_by(c.model_version for c in choices)
+                meta = replace(meta, system_fingerprint=f"{arm.variant}:{version}")
+                headers["x-protege-version"] = version
+                if kind == "chat":
+                    body_out = responses.chat_completion(meta, choices, _tool_names(req))
+                else:
+                    body_out = responses.completion(meta, choices)
+                self._finish(call, 200, choices)
+                if call.format is not None:  # does every choice conform? (a remote may not)
+                    headers["x-protege-format-valid"] = str(call.format_valid).lower()
+                return JSONResponse(body_out, headers=headers)
+            stream = handle.options(stream=True).stream.remote(gen_requests)
+            try:
+                first = await asyncio.wait_for(stream.__anext__(), timeout)
+            except TimeoutError:
+                stream.cancel()
+                raise OpenAIError.timeout(timeout) from None
+            except StopAsyncIteration:
+                first = []
+            version = call.tally.served_by(d.model_version for _, d in first)
+            meta = replace(meta, system_fingerprint=f"{arm.variant}:{version}")
+            headers["x-protege-version"] = version
+            events = self._sse(kind, meta, req, call, first, stream, started + timeout)
+            return StreamingResponse(
+                events, media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+            )
+        except OpenAIError as e:
+            self._finish(call, e.status)
+            raise
+        except PromptTooLong as e:
+            self._finish(call, 400)
+            # from the fields: a replica's error, re-raised by Ray, also carries its traceback
+            message = PromptTooLong(e.prompt_tokens, e.max_tokens, e.context_window).args[0]
+            raise OpenAIError.context_length_exceeded(message, req.PROMPT_PARAM) from None
+        except Unsupported as e:
+            self._finish(call, 400)
+            raise OpenAIError.invalid_value(e.param, e.message) from None
+        except BackPressureError:
+            self._finish(call, 503)
+            raise OpenAIError.busy(self.p.server.retry_after_s) from None
+        except EngineError as e:
+            self._finish(call, 502)
+            self.log.warning("serving.backend.failed", request_id=request_id, error=str(e))
+            raise _backend_error() from None
+        except asyncio.CancelledError:
+            self._finish(call, 499)
+            raise
+        except Exception as e:
+            self._finish(call, 500)
+            self.log.exception("serving.request.failed", request_id=request_id)
+            raise OpenAIError(500, f"Internal error: {type(e).__name__}", type="server_error",
+                              code="internal_error") from None
+
+    async def _sse(self, kind, meta, req, call, first, stream, deadline) -> AsyncIterator[bytes]:
+        async def batches() -> AsyncIterator[list[tuple[int, Delta]]]:
+            if first:
+                yield first
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                try:
+                    batch = await asyncio.wait_for(stream.__anext__(), left)
+                except StopAsyncIteration:
+                    return
+                yield batch
+
+        status = 200
+        try:
+            async for chunk in responses.sse_stream(
+                kind, meta, batches(), req.n, req.include_usage,
+                on_delta=lambda index, delta: self._on_delta(call, index, delta),
+                tool_names=_tool_names(req),
+            ):
+                yield chunk
+        except TimeoutError:
+            status = 408
+            yield responses.sse_error(OpenAIError.timeout(self.p.server.request_timeout_s))
+        except EngineError as e:
+            status = 502
+            self.log.warning("serving.backend.failed", request_id=call.request_id, error=str(e))
+            yield responses.sse_error(_backend_error())
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        except Exception as e:  # noqa: BLE001 - after the headers: an error event, a 500
+            status = 500  # counted as one, and the cut answer is not mirrored as a pair
+            self.log.error("serving.request.failed", request_id=call.request_id,
+                           error=repr(e)[:300])
+            yield responses.sse_error(OpenAIError(500, f"Internal error: {type(e).__name__}",
+                                                  type="server_error", code="internal_error"))
+        finally:
+            stream.cancel()
+            self._finish(call, status)
+
+    # -- accounting -------------------------------------------------------------------------
+
+    def _on_delta(self, call: Call, index: int, delta: Delta) -> None:
+        gap = call.tally.add(index, delta, time.monotonic())
+        if gap is not None:
+            self.metrics.inter_token.labels(**call.labels).observe(gap)
+
+    def _finish(self, call: Call, status: int, choices: list[Delta] | None = None) -> None:
+        """Report a request once: metrics, the canonical log line, and for an answer its
+        feedback row and mirrored pair. No failure here fails the answer."""
+        if call.done:
+            return
+        call.done = True
+        now, tally = time.monotonic(), call.tally
+        m, labels = self.metrics, call.labels
+        stream = "true" if call.stream else "false"
+        if choices is not None:
+            tally.add_whole(choices, now)
+        m.in_flight.labels(**labels).dec()
+        m.requests.labels(**labels, status=str(status)).inc()
+        m.latency.labels(**labels, stream=stream).observe(now - tally.started)
+        ttft = tally.ttft(status)
+        if ttft is not None:
+            m.ttft.labels(**labels, stream=stream).observe(ttft)
+        completion = tally.completion_total
+        if tally.prompt_tokens:
+            m.tokens.labels(**labels, kind="prompt").inc(tally.prompt_tokens)
+        if completion:
+            m.tokens.labels(**labels, kind="completion").inc(completion)
+        if call.format is not None and status == 200:
+            for index, outcome in tally.format_outcomes(call.format).items():
+                if outcome == "invalid":  # the reason may quote the answer: not logged
+                    self.log.warning("serving.format.invalid", request_id=call.request_id,
+                                     choice=index)
+                call.format_valid = call.format_valid and outcome == "valid"
+                m.structured.labels(**labels, outcome=outcome).inc()
+        try:  # the log line and the shadow's bookkeeping: no failure here fails the answer
+            self.log.info(
+                "serving.request.completed", request_id=call.request_id, route=call.t.route,
+                variant=call.arm.variant, version=tally.version, arm_key=call.arm_key,
+                status=status, stream=call.stream,
+                latency_ms=round((now - tally.started) * 1000, 2),
+                ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
+                prompt_tokens=tally.prompt_tokens, completion_tokens=completion,
+                **({"prompt": call.prompt, "answers": tally.answers}
+                   if call.prompt is not None else {}),
+            )
+            if status == 200 and self.p.feedback and self.outbox is not None:
+                self.outbox.response(ResponseRecord(
+                    call.request_id, call.t.route, call.arm.variant, tally.version,
+                    call.created_at or datetime.now(UTC).isoformat()))
+            if call.mirror is not None and status == 200:
+                plan, request = call.mirror
+                student = Answer(
+                    model=call.arm.variant, version=tally.version,
+                    text=tally.answers.get(0, ""), finish_reason=tally.finish_reasons.get(0),
+                    prompt_tokens=tally.prompt_tokens,
+                    completion_tokens=tally.completion_tokens.get(0),
+                    ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
+                    latency_ms=round((now - tally.started) * 1000, 3),
+                )
+                self.outbox.mirror(MirrorJob(
+                    pair_id=call.request_id, route=call.t.route, variant=call.arm.variant,
+                    target=plan.target, request=request, stream=call.stream, student=student,
+                    created_at=call.created_at, store_prompt=plan.store_prompt,
+                    labels=plan.labels,
+                ))
+        except Exception as e:  # noqa: BLE001 - counted; the user has the answer
+            self.log.warning("shadow.bookkeeping.failed", request_id=call.request_id,
+                             error=repr(e)[:300])
+            if call.mirror is not None and status == 200:
+                m.shadow_dropped.labels(kind="pair", reason="handoff_failed").inc()
+
+    def _ledger_failed(self, error: OSError) -> None:
+        self.metrics.ledger_errors.inc()
+        self.log.warning("shadow.ledger.write_failed", error=repr(error)[:300])
+
+    # -- feedback ---------------------------------------------------------------------------
+
+    async def _feedback(self, request: Request) -> Response:
+        post = parse_feedback(await self._read_body(request), self.p.feedback)
+        await self.outbox.flush_responses()  # a response this replica answered is known first
+        try:
+            async with asyncio.timeout(30):
+                result = await self.shadow.feedback.remote(post, datetime.now(UTC).isoformat())
+        except Exception as e:  # noqa: BLE001 - the worker is busy or down: the client retries
+            self.log.warning("feedback.worker_unavailable", error=str(e)[:300])
+            result = {"error": "worker_unavailable"}
+        if result.get("error") == "unknown_response":
+            raise OpenAIError(
+                404, f"No response with id {clip(post.response_id, 100)!r} was answered by this "
+                "gateway on a route with feedback.", "not_found_error", "response_id",
+                "response_not_found")
+        if "error" in result:
+            raise OpenAIError.busy(self.p.server.retry_after_s)
+        return JSONResponse({"id": result["id"], "object": "feedback",
+                             "response_id": post.response_id, "metric": post.metric,
+                             "created": int(time.time())})
+
+    def _log_unknown_fields(self, req) -> None:
+        for name in protocol.unknown_fields(req):
+            if name not in self._unknown_logged and len(self._unknown_logged) < 1000:
+                self._unknown_logged.add(name)
+                self.log.info("serving.request.field_ignored", field=name)
+
+    async def __del__(self) -> None:
+        if self.outbox is not None:
+            await self.outbox.close()  # what waited for a batch goes now (or is counted)
+        if self.ledger is not None:
+            self.ledger.close()
+        await self.reporter.stop()
+
+
+@dataclass
+class Call:
+    """One generation request as the ingress reports it."""
+
+    t: RouteTarget
+    arm: Arm
+    arm_key: str  # what picked the arm: "user", "session" or "request"
+    request_id: str
+    stream: bool
+    format: ResponseFormat | None  # what the answers must be; each is checked at the end
+    tally: RequestTally
+    mirror: tuple[ShadowPlan, GenerationRequest] | None = None  # sampled for shadowing
+    prompt: object = None  # the prompt as logged, with log_prompts only
+    created_at: str = ""  # when the request arrived (ISO 8601 UTC), set only when mirrored
+    format_valid: bool = True
+    done: bool = False
+    labels: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.labels = {"route": self.t.route, "variant": self.arm.variant}
+
+
+def _tool_names(req) -> tuple[str, ...] | None:
+    """The functions a chat request lets the model call; None when it may call none."""
+    use = getattr(req, "tool_use", None)
+    return None if use is None else tuple(t.name for t in use.tools)
+
+
+async def _await(response):
+    return await response
+
+
+def _backend_error() -> OpenAIError:
+    return OpenAIError(502, "The model backend failed; see the gateway log.",
+                       type="server_error", code="backend_error")
+
+
+def _require_method(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise OpenAIError(405, f"Method {method} is not allowed here; use {allowed}.",
+                          type="invalid_request_error", code="method_not_allowed",
+                          headers={"Allow": allowed})  # RFC 9110: a 405 lists the allowed methods
+
+
+def _error_response(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
