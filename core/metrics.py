@@ -198,6 +198,13 @@ class ShadowMetrics:
                 self.dropped.labels(kind=kind, reason=reason)
 
 
+def sample_total(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples `name` in the exposition `text` whose labels include `labels`."""
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 @dataclass(frozen=True)
 class Snapshot:
     text: str

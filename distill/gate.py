@@ -44,10 +44,16 @@ from distill import gate_checks as gc
 from distill import paired
 from distill.answers import Answer, answer_one, engine_config_for, open_engine
 from distill.config import format_errors
+from distill.data import load_chat_examples, load_prompts
 from distill.evaluate import DEFAULT_SUITE
+from distill.fidelity import text_fidelity
 from distill.tasks import TaskCase, load_suite, spread
 from distill.tasks import score as score_tasks
 from distill.tasks import summary as task_summary
+from serving.engines.config import LlamaCppEngine, TransformersEngine
+from shadow.embedder import SemanticEmbedder
+from shadow.scoring import exact_match, rouge_l
+from shadow.store import SqliteStore, open_store
 
 Messages = list[dict[str, str]]
 Progress = Callable[[str], None]
@@ -433,8 +439,6 @@ def validate(student: str, teacher: str | None, config: GateConfig, *,
 
 def _prepare(student: str, teacher: str | None, champion: str | None, config: GateConfig,
              say: Progress, load_settings: Callable[[Path], Any] | None) -> _Plan:
-    from distill.data import load_chat_examples, load_prompts
-
     if champion is None and config.champion.required:
         raise GateError("champion.required: name the version serving now (--champion); a "
                         "candidate is only promoted when measured against it")
@@ -533,9 +537,6 @@ def _edge_cases(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
 
 
 def _fidelity(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
-    from distill.fidelity import text_fidelity
-    from shadow.scoring import exact_match, rouge_l
-
     cfg = plan.config.fidelity
     rows = plan.heldout
     if not rows:
@@ -545,8 +546,6 @@ def _fidelity(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     references = [ref for _, _, ref, _ in rows]
     embed, notes = None, []
     if cfg.semantic_model is not None and (cfg.semantic_model / "config.json").is_file():
-        from shadow.embedder import SemanticEmbedder
-
         embed = SemanticEmbedder(cfg.semantic_model)
     elif cfg.min_semantic is not None:
         notes.append(f"no semantic model at {cfg.semantic_model}")
@@ -572,8 +571,6 @@ def _fidelity(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
 
 def _scorer(model: str, plan: _Plan) -> _GgufScorer | _HfScorer | None:
     """A token-probability scorer for `model`; None when its engine has none (remote, fake)."""
-    from serving.engines.config import LlamaCppEngine, TransformersEngine
-
     engine = engine_config_for(model)
     if isinstance(engine, LlamaCppEngine):
         return _GgufScorer(engine.path, plan.config.calibration.n_ctx, plan.config.n_threads)
@@ -819,8 +816,6 @@ def _ab(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
         return _skipped("no candidate (set ab.candidate.variant or .version)")
     types: dict[str, str] = {}
     if plan.ab_settings is not None:
-        from shadow.store import open_store
-
         s = plan.ab_settings
         if s.shadow.store == "sqlite" and not (REPO_ROOT / s.shadow.store_path).is_file():
             return _skipped(f"no store at {s.shadow.store_path}")
@@ -829,7 +824,6 @@ def _ab(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     elif cfg.store is not None:
         if not cfg.store.is_file():
             return _skipped(f"no store at {cfg.store}")
-        from shadow.store import SqliteStore
 
         store = SqliteStore(cfg.store)
     else:

@@ -25,8 +25,21 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from core.config import REPO_ROOT, read_yaml_mapping
+from core.hashing import sha256_file
 from core.logging import get_logger
+from distill.gate import load_gate_config, validate
+from distill.quantize import held_out, quantize
+from distill.recipes.kd import main as run_recipe
+from distill.registry import Registry, artifact_fields, fidelity_summary, file_hashes
+from distill.tasks import load_suite
+from distill.topup import teacher_examples
+from distill.train_loop import code_version
+from shadow.export import FeedbackFilter, select, write_examples
+from shadow.labels import latest
+from shadow.store import open_store
 
 STAGES = ("export", "distill", "quantize", "validate", "register", "promote")
 QUANTIZE_PROMPTS = 32  # held-out prompts the quantize report compares answers on
@@ -217,9 +230,6 @@ class Loop:
     # -- stages -----------------------------------------------------------------------------
 
     def _export(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-        from shadow.export import FeedbackFilter, select, write_examples
-        from shadow.labels import latest
-
         store = self._store()
         filters = [FeedbackFilter.parse(f) for f in self.cfg.feedback]
         pairs = store.iter_pairs(route=self.cfg.route, since=None, until=run["cutoff"],
@@ -231,7 +241,6 @@ class Loop:
         if counts["train"] < self.cfg.min_pairs or counts["validation"] < 1:
             raise LoopError(f"the export has {counts['train']} train and {counts['validation']} "
                             f"validation examples (needs >= {self.cfg.min_pairs} and >= 1)")
-        from distill.train_loop import sha256_file
 
         train, validation = out / "train.jsonl", out / "validation.jsonl"
         topup = self._topup(train, counts["train"])
@@ -243,9 +252,6 @@ class Loop:
     def _topup(self, train: Path, have: int) -> dict[str, Any]:
         """Append pool examples the teacher answered (and that pass their checks) to `train`
         until it holds `loop.topup.min_examples`; {} when not configured or not needed."""
-        from distill.tasks import load_suite
-        from distill.topup import teacher_examples
-
         cfg = self.cfg.topup
         if cfg.pool is None or have >= cfg.min_examples:
             return {}
@@ -265,10 +271,6 @@ class Loop:
         return {"pool": cfg.pool, **got}
 
     def _distill(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-        import yaml
-
-        from distill.recipes.kd import main as run_recipe
-
         if self.cfg.recipe is None:
             raise LoopError("loop.recipe: missing (a KD recipe YAML, e.g. examples/loop/recipe.yaml)")
         data = Path(run["stages"]["export"]["dir"])
@@ -285,8 +287,6 @@ class Loop:
                 "resumed": resume, "metrics": manifest.get("metrics", {}).get("final", {})}
 
     def _quantize(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-        from distill.quantize import held_out, quantize
-
         out = run_dir / "quantized"
         if out.exists():  # a half-written artifact from a killed attempt
             shutil.rmtree(out)
@@ -300,8 +300,6 @@ class Loop:
     def _validate(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         if self.cfg.gate is None:
             return {"status": "skipped", "passed": None, "reason": "loop.gate is not set"}
-        from distill.gate import load_gate_config, validate
-        from distill.registry import fidelity_summary
 
         cfg = load_gate_config(self.s.resolve_path(self.cfg.gate))
         validation = Path(run["stages"]["export"]["dir"]) / "validation.jsonl"
@@ -317,9 +315,6 @@ class Loop:
                 "fidelity": fidelity_summary(report.checks.get("fidelity"))}
 
     def _register(self, run: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-        from distill.registry import artifact_fields
-        from distill.train_loop import code_version
-
         registry = self._registry()
         for version in reversed(registry.versions()):  # registered before a crash: reuse
             if registry.manifest(version).get("loop_run") == run["id"]:
@@ -358,13 +353,9 @@ class Loop:
     # -- helpers ----------------------------------------------------------------------------
 
     def _store(self):
-        from shadow.store import open_store
-
         return open_store(self.s.shadow, REPO_ROOT)
 
     def _registry(self):
-        from distill.registry import Registry
-
         return Registry(self.s.registry_root())
 
     def _variant(self, required: bool = True) -> str | None:
@@ -427,8 +418,6 @@ class Loop:
         return None
 
     def _teacher_record(self, run: dict[str, Any]) -> dict[str, Any]:
-        from distill.registry import file_hashes
-
         found = self._teacher_variant()
         teacher = self._teacher()
         record = {"name": found[0] if found else teacher, "models": run["facts"]["teachers"],

@@ -50,8 +50,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.train_loop import sha256_file
+from core.hashing import sha256_file
+from distill.answers import answer_all
+from distill.data import load_chat_examples, load_prompts
+from distill.fidelity import text_fidelity
+from distill.gguf import convert_to_gguf
 from serving.engines.int8 import INT8_METHOD, Int8Linear, set_submodule, tied_aliases
+from shadow.scoring import exact_match
 
 Prompt = str | Sequence[dict[str, str]]  # a user message, or chat messages ending before the answer
 Progress = Callable[[str], None]
@@ -165,8 +170,6 @@ def held_out(path: str | Path) -> tuple[list[list[dict[str, str]]], list[str] | 
     """(prompts, teacher answers) from a chat export (`protege dataset export`'s
     validation.jsonl: each chat ends with the teacher's answer), or (prompts, None) from a
     prompt file (`distill.data.load_prompts`: .txt or .jsonl)."""
-    from distill.data import load_chat_examples, load_prompts
-
     path = Path(path)
     if path.suffix != ".parquet" and not _answered(path):
         return load_prompts(path), None
@@ -192,8 +195,6 @@ def _answered(path: Path) -> bool:
 
 def _write_gguf(source: Path, out: Path, spec: QuantFormat,
                 say: Progress) -> tuple[Path, dict[str, Any]]:
-    from distill.gguf import convert_to_gguf
-
     path = convert_to_gguf(source, out / f"{source.name}.{spec.gguf_type}.gguf",
                            qtype=spec.gguf_type, progress=say)
     return path, {"gguf_type": spec.gguf_type, "tensor_types": _gguf_tensor_types(path)}
@@ -277,7 +278,6 @@ def _reference(source: Path, spec: QuantFormat, tmp: Path, say: Progress) -> Pat
     """The unquantized model on the engine that serves the artifact."""
     if spec.kind != "gguf":
         return source
-    from distill.gguf import convert_to_gguf
 
     return convert_to_gguf(source, tmp / f"{source.name}.F32.gguf", qtype="F32", progress=say)
 
@@ -285,8 +285,6 @@ def _reference(source: Path, spec: QuantFormat, tmp: Path, say: Progress) -> Pat
 def _fidelity(reference: Path, artifact: Path, spec: QuantFormat, prompts: Sequence[Prompt],
               teacher: Sequence[str] | None, max_new_tokens: int,
               say: Progress) -> dict[str, Any]:
-    from distill.answers import answer_all
-
     say(f"answering {len(prompts)} prompts with the unquantized model ({reference.name})")
     ref = answer_all(str(reference), prompts, max_tokens=max_new_tokens)
     say(f"answering {len(prompts)} prompts with the quantized model ({artifact.name})")
@@ -309,9 +307,6 @@ def _fidelity(reference: Path, artifact: Path, spec: QuantFormat, prompts: Seque
 
 
 def _agreement(answers: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    from distill.fidelity import text_fidelity
-    from shadow.scoring import exact_match
-
     return {"rouge_l": text_fidelity(answers, references)["rouge_l"],
             "exact_match": sum(exact_match(a, r) for a, r in zip(answers, references))
             / len(answers)}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import re
 import shutil
@@ -40,6 +39,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from core.hashing import sha256_stream
+
 VERSION = re.compile(r"^v([1-9][0-9]*)$")
 MANIFEST = "manifest.json"
 CLAIMED = ".claimed"  # an object-store version's claim, written before its files
@@ -52,11 +53,8 @@ class RegistryError(ValueError):
 
 
 def sha256_bytes_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    h = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return sha256_stream(f)
 
 
 def file_hashes(path: Path) -> dict[str, str]:

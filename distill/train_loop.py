@@ -14,7 +14,6 @@ so every loss here compares ``logits[:, :-1]`` with ``labels[:, 1:]`` (and ``top
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.hashing import sha256_file
+from core.raylocal import start_local_ray
 from distill.config import LossConfig, RecipeError, TeacherAnswers
 from distill.data import IGNORE, pack
 from distill.losses import distillation_loss, hidden_state_loss, token_mask, topk_kl
@@ -433,14 +434,6 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer, scheduler) -> dict
     return state
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weight_hashes(path: Path) -> dict[str, str]:
     """sha256 of a weights file, or of every weights file in a model folder."""
     if path.is_file():
@@ -522,8 +515,6 @@ def fit_with_ray(worker: Callable[[dict], None], loop_config: dict[str, Any], *,
 
     started = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     if started:
-        from core.raylocal import start_local_ray
-
         start_local_ray(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False)
     try:
         TorchTrainer(worker, train_loop_config=loop_config,

@@ -62,6 +62,7 @@ from loadtests.bench_stats import (  # noqa: E402
     table,
     tokens_per_s,
 )
+from ops.gateway import Gateway  # noqa: E402
 from serving import protocol, responses  # noqa: E402
 from serving.engines import (  # noqa: E402
     GenerationRequest,
@@ -72,7 +73,6 @@ from serving.engines import (  # noqa: E402
 )
 from serving.engines.config import FakeEngine as FakeEngineConfig  # noqa: E402
 from serving.engines.config import LlamaCppEngine as LlamaCppEngineConfig  # noqa: E402
-from tests.integration.conftest import Gateway  # noqa: E402
 
 OUT_DIR = REPO / "loadtests" / "out"
 NOOP_PREFIX = "/bench-noop"
@@ -80,14 +80,7 @@ JSON_HEADERS = {"content-type": "application/json"}
 
 
 class BenchGateway(Gateway):
-    """The integration tests' Gateway, also stopped when its start is interrupted (Ctrl-C)."""
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        try:
-            super()._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+    """`ops.gateway.Gateway` that also reaps the Ray processes its gateway started."""
 
     def stop(self, timeout_s: float = 90) -> int:
         procs = descendants(self.proc.pid)  # its own Ray, when it started one

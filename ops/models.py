@@ -37,6 +37,7 @@ from typing import IO
 
 from tqdm import tqdm
 
+from core import hashing
 from core.config import REPO_ROOT
 
 CHUNK = 1 << 20
@@ -196,12 +197,8 @@ def _bar(total: int | None, desc: str, progress: bool) -> tqdm:
 
 
 def sha256_file(path: Path, progress: bool = False, desc: str = "hash") -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f, _bar(path.stat().st_size, desc, progress) as bar:
-        while block := f.read(CHUNK):
-            h.update(block)
-            bar.update(len(block))
-    return h.hexdigest()
+    with _bar(path.stat().st_size, desc, progress) as bar:
+        return hashing.sha256_file(path, bar.update)
 
 
 def _copy(src: IO[bytes], out: IO[bytes], h: hashlib._Hash | None, bar: tqdm) -> int:

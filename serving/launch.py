@@ -19,6 +19,8 @@ import time
 from ray import serve
 
 from core.logging import configure_logging, get_logger
+from core.metrics import HUB_NAME, HUB_NAMESPACE
+from core.raylocal import start_local_ray
 from serving.wiring import APP_NAME, SERVE_LOGGING, build_app
 
 WATCH_S = 2.0  # how often the application's presence is checked
@@ -37,7 +39,6 @@ def serve_forever(settings) -> None:
     """
     import ray
 
-    from core.raylocal import start_local_ray
 
     configure_logging(settings.logging.level, settings.logging.json_logs)
     log = get_logger("serving.app")
@@ -126,7 +127,6 @@ def _watch(stop: threading.Event) -> str | None:
 def _kill_hub() -> None:
     import ray
 
-    from core.metrics import HUB_NAME, HUB_NAMESPACE
 
     ray.kill(ray.get_actor(HUB_NAME, namespace=HUB_NAMESPACE))
 

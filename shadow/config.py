@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shadow.redact import Redactor, compile_patterns
 from shadow.scoring import ScoreWeights
 
 FEEDBACK_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -51,15 +52,11 @@ class RedactionSettings(BaseModel):
     @field_validator("patterns")
     @classmethod
     def _compile(cls, patterns: dict[str, str]) -> dict[str, str]:
-        from shadow.redact import compile_patterns
-
         compile_patterns(patterns)  # a bad regex or name fails at start, naming the pattern
         return patterns
 
     def redactor(self):
         """The `shadow.redact.Redactor` these settings describe; None when disabled."""
-        from shadow.redact import Redactor
-
         return Redactor(tuple(self.builtins), dict(self.patterns)) if self.enabled else None
 
 

@@ -96,7 +96,7 @@ class ShadowWorker:
             self.remotes[name] = engine
         self.embed = None
         if settings.semantic_model and (root / settings.semantic_model).is_dir():
-            from shadow.embedder import SemanticEmbedder
+            from shadow.embedder import SemanticEmbedder  # torch: only with a semantic model
 
             self.embed = await asyncio.to_thread(
                 SemanticEmbedder, root / settings.semantic_model, threads=1)

@@ -36,6 +36,7 @@ import structlog
 import torch
 from tqdm import tqdm
 
+from core.hashing import sha256_file
 from distill import train_loop as tl
 from distill.config import NEEDS_TEACHER_LOGITS, RecipeConfig, RecipeError, load_recipe
 from distill.data import load_chat_examples, load_prompts, split_by_hash, tokenize_example
@@ -201,7 +202,7 @@ class KDRecipe:
         d = self.cfg.data
         prompts = load_prompts(self._existing(d.prompts, "data.prompts"))
         cache = self.out / "teacher_answers.jsonl"
-        key = {"prompts_sha256": tl.sha256_file(d.prompts), "teacher": self.cfg.teacher.id,
+        key = {"prompts_sha256": sha256_file(d.prompts), "teacher": self.cfg.teacher.id,
                **d.teacher_answers.model_dump(), "seed": self.cfg.optim.seed}
         if self.rank == 0:
             tl.teacher_answers(self.teacher, self.teacher_tokenizer, prompts,
@@ -398,7 +399,7 @@ class KDRecipe:
         data_files = {"train": cfg.data.train or cfg.data.prompts, "validation": cfg.data.validation}
         if cfg.data.prompts is not None:
             data_files["teacher_answers"] = self.out / "teacher_answers.jsonl"
-        dataset = {name: {"path": str(p), "sha256": tl.sha256_file(p)}
+        dataset = {name: {"path": str(p), "sha256": sha256_file(p)}
                    for name, p in data_files.items() if p is not None}
         parent = self._parent_manifest()
         lineage = parent["lineage"] if parent else (

@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from distill.data import load_prompts
 from distill.loop import Loop
+from ops.gateway import Gateway
 from ops.settings import load_settings
 from shadow.store import SqliteStore
 
@@ -48,16 +45,9 @@ def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def demo_config(work: Path, port: int) -> Path:
+def demo_config(work: Path) -> dict:
     """examples/default.yaml with every student chat mirrored, and its data under `work`."""
     config = yaml.safe_load((REPO / "examples/default.yaml").read_text())
-    config["server"]["port"] = port
     config["routes"]["student"]["shadow"]["sample_rate"] = 1.0
     config["shadow"].update(store_path=str(work / "pairs.sqlite"), spill_dir=str(work / "spill"),
                             max_in_flight=256, max_pending=512, timeout_s=300)
@@ -66,40 +56,7 @@ def demo_config(work: Path, port: int) -> Path:
     gate["tasks"]["teacher"] = True  # the teacher's score on the suite, for the record
     (work / "gate.yaml").write_text(yaml.safe_dump(gate, sort_keys=False))
     config["loop"].update(work_dir=str(work / "loop"), min_pairs=50, gate=str(work / "gate.yaml"))
-    path = work / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-class Gateway:
-    def __init__(self, config: Path, port: int, log: Path):
-        self.base = f"http://127.0.0.1:{port}"
-        self.log = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "serve", "--config", str(config)], cwd=REPO,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the gateway exited ({self.proc.returncode}); see {log}")
-            try:
-                if httpx.get(self.base + "/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise SystemExit(f"the gateway did not start in 10 minutes; see {log}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
+    return config
 
 
 def replay(base: str, prompts: list, state: dict, save) -> None:
@@ -182,10 +139,10 @@ def main() -> None:
 
     if not BASE_STUDENT.exists():
         raise SystemExit(f"{BASE_STUDENT} is missing: run `make models` first")
-    port = free_port()
-    config = demo_config(work, port)
-    say(f"serving {config} on http://127.0.0.1:{port} (log: {work / 'gateway.log'})")
-    gateway = Gateway(config, port, work / "gateway.log")
+    say(f"starting the gateway (log: {work / 'gateway.log'}); models load first")
+    gateway = Gateway(demo_config(work), work, startup_s=600)
+    config = gateway.config_path
+    say(f"serving {config} on {gateway.base}")
     try:
         every = load_prompts(REPO / "examples/prompts/enterprise.jsonl")
         step = max(1, len(every) // max(1, args.prompts))  # spread over the file's task kinds
@@ -199,7 +156,7 @@ def main() -> None:
         done = work / "loop" / "runs" / state.get("run", "-") / "run.json"
         run = json.loads(done.read_text()) if done.is_file() else None
         if run is None or run.get("outcome") is None:  # none yet, or interrupted: (re)run
-            run = Loop(settings, progress=say).run_once(force=True)
+            run = Loop(settings, progress=say, load_settings=load_settings).run_once(force=True)
             state["run"] = run["id"]
             save()
         run_dir = work / "loop" / "runs" / run["id"]

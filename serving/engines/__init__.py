@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from serving.engines.base import (
     Delta,
@@ -28,11 +27,11 @@ from serving.engines.base import (
     Unsupported,
     merge_deltas,
 )
+from serving.engines.config import EngineConfig
+from serving.engines.fake import FakeEngine
+from serving.engines.remote import RemoteEngine
 from serving.engines.structured import ResponseFormat, parse_response_format, split_calls
 from serving.engines.tools import ToolUse, parse_tools
-
-if TYPE_CHECKING:
-    from serving.engines.config import EngineConfig
 
 __all__ = [
     "ResponseFormat",
@@ -59,30 +58,27 @@ __all__ = [
 
 
 def build_engine(config: EngineConfig, resolve_path: Callable[[str], Path]) -> Engine:
-    """The engine for `config` (one of `serving.config.EngineConfig`), not yet started.
+    """The engine for `config` (one of `serving.engines.config.EngineConfig`), not yet started.
 
     `resolve_path` turns a configured path (possibly relative) into a local path; remote and fake
     engines do not use it. Call `await engine.start()` before `generate`.
     """
     kind = config.engine
     if kind == "fake":
-        from serving.engines.fake import FakeEngine
-
         return FakeEngine(config)
     if kind == "remote":
-        from serving.engines.remote import RemoteEngine
-
         return RemoteEngine(config)
+    # Each heavy engine's library (llama.cpp, torch, vLLM) loads only when a variant uses it.
     if kind == "llamacpp":
-        from serving.engines.llamacpp import LlamaCppEngine
+        from serving.engines.llamacpp import LlamaCppEngine  # llama_cpp
 
         return LlamaCppEngine(config, resolve_path)
     if kind == "transformers":
-        from serving.engines.transformers import TransformersEngine
+        from serving.engines.transformers import TransformersEngine  # torch, transformers
 
         return TransformersEngine(config, resolve_path)
     if kind == "vllm":
-        from serving.engines.vllm import VllmEngine
+        from serving.engines.vllm import VllmEngine  # vllm, only where installed
 
         return VllmEngine(config, resolve_path)
     raise ValueError(

@@ -10,12 +10,10 @@ from pathlib import Path
 
 from shadow.config import ShadowSettings
 from shadow.store.base import PairStore, Record, ReviewStore
-from shadow.store.postgres import PostgresStore
 from shadow.store.sqlite import SqliteStore
 from shadow.store.writer import PairWriter
 
-__all__ = ["PairStore", "PairWriter", "PostgresStore", "Record", "ReviewStore", "SqliteStore",
-           "open_store"]
+__all__ = ["PairStore", "PairWriter", "Record", "ReviewStore", "SqliteStore", "open_store"]
 
 
 def open_store(settings: ShadowSettings, root: Path) -> PairStore:
@@ -26,6 +24,8 @@ def open_store(settings: ShadowSettings, root: Path) -> PairStore:
         if not dsn:
             raise ValueError(f"shadow.store is postgres but ${settings.postgres_dsn_env} is not "
                              "set: export it as postgresql://USER:PASSWORD@HOST:PORT/DB")
+        from shadow.store.postgres import PostgresStore  # psycopg loads only for this backend
+
         return PostgresStore(dsn)
     path = root / settings.store_path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,9 +17,10 @@ import yaml
 
 from distill.registry import Registry
 from distill.tasks import load_suite
+from ops.gateway import Gateway
 from shadow.records import Answer
 from shadow.store import SqliteStore
-from tests.integration.conftest import REPO, Gateway
+from tests.integration.conftest import REPO
 from tests.unit.test_records import make_record
 
 pytestmark = pytest.mark.e2e

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.integration.conftest import REPO, Gateway
+from ops.gateway import Gateway
+from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.e2e
 

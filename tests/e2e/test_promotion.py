@@ -13,8 +13,10 @@ import httpx
 import pytest
 import yaml
 
+from core.metrics import sample_total as sample
 from distill.registry import Registry
-from tests.integration.conftest import REPO, Gateway, sample
+from ops.gateway import Gateway
+from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.e2e
 

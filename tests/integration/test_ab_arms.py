@@ -13,8 +13,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from ops.gateway import Gateway
 from serving.router import choose_arm
-from tests.integration.conftest import API_KEY, REPO, Gateway
+from tests.integration.conftest import API_KEY, REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import FAKE_CONFIG, REPO, Gateway, _env, free_port
+from ops.gateway import Gateway, free_port, gateway_env
+from tests.integration.conftest import FAKE_CONFIG, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -97,7 +98,7 @@ def test_on_a_shared_cluster_a_second_gateway_refuses_and_a_lost_app_stops_the_f
         refused = subprocess.run(
             [sys.executable, "-m", "ops.cli", "serve", "--config", str(second)], cwd=REPO,
             capture_output=True, text=True, timeout=180, check=False,
-            env={**_env({"RAY_ADDRESS": address}), **auth})
+            env={**gateway_env({"RAY_ADDRESS": address}), **auth})
         assert refused.returncode == 1, refused.stderr[-3000:]
         assert "already runs an application named 'protege'" in refused.stderr
         msg = [{"role": "user", "content": "hi"}]

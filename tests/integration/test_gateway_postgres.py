@@ -11,8 +11,9 @@ import time
 
 import pytest
 
+from ops.gateway import Gateway, gateway_env
 from shadow.store.postgres import PostgresStore
-from tests.integration.conftest import API_KEY, REPO, Gateway, _env, wait_for_metric
+from tests.integration.conftest import API_KEY, REPO, wait_for_metric
 from tests.pg import INSTALL_HINT, PgServer, find_bin_dir
 
 pytestmark = pytest.mark.integration
@@ -63,7 +64,7 @@ def wait_for_pairs(store, ids, timeout_s=30):
 def cli(gw, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ops.cli", *args, "--config",
                            str(gw.config_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=_env(gw.env), check=False)
+                          timeout=120, env=gateway_env(gw.env), check=False)
 
 
 def test_pairs_responses_and_feedback_land_in_postgres(pg_gateway):

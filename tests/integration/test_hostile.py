@@ -29,8 +29,9 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
+from ops.gateway import Gateway
 from shadow.store import SqliteStore
-from tests.integration.conftest import REPO, Gateway, scrape
+from tests.integration.conftest import REPO, scrape
 from tests.oracle import serve_app
 
 pytestmark = pytest.mark.integration

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import FAKE_CONFIG, Gateway, scrape, settled, wait_for_metric
+from ops.gateway import Gateway
+from tests.integration.conftest import FAKE_CONFIG, scrape, settled, wait_for_metric
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from loadtests.run_locust import local_host, ratio_table, read_stats, split_route, summary
-from tests.integration.conftest import REPO, _env
+from ops.gateway import gateway_env
+from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +89,7 @@ def _locust(host: str, prefix: Path, env: dict[str, str], seconds: int = 4,
     cmd = [sys.executable, "-m", "locust", "--headless", "-f", str(LOCUSTFILE), "--host", host,
            "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--csv", str(prefix),
            "--only-summary"]
-    return subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=REPO, env=gateway_env(env), capture_output=True, text=True,
                           check=False, timeout=60)
 
 
@@ -134,7 +135,7 @@ def test_run_stops_after_max_requests(broken_sse_server, tmp_path):
 def test_locust_refuses_other_hosts(host, tmp_path):
     cmd = [sys.executable, "-m", "locust", "--headless", "-f", str(LOCUSTFILE), "-u", "1",
            "-t", "3s", "--csv", str(tmp_path / "x"), *(["--host", host] if host else [])]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env({}), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=REPO, env=gateway_env({}), capture_output=True, text=True,
                           check=False, timeout=60)
     assert proc.returncode != 0
     assert "refusing host" in proc.stderr or "no host" in proc.stderr, proc.stderr[-2000:]
@@ -166,7 +167,7 @@ def test_summary_helpers():
 def test_run_locust_against_the_gateway(tmp_path):
     """`make loadtest` in small: the runner starts the gateway, runs locust, stops it."""
     out = tmp_path / "out"
-    env = _env({"LOADTEST_MAX_REQUESTS": "2000"})
+    env = gateway_env({"LOADTEST_MAX_REQUESTS": "2000"})
     env.pop("PROTEGE_API_KEYS", None)
     proc = subprocess.run(
         [sys.executable, "loadtests/run_locust.py", "-u", "4", "-r", "4", "-t", "8s",

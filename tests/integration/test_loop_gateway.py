@@ -16,8 +16,9 @@ import yaml
 
 from distill.gguf import convert_to_gguf
 from distill.registry import Registry
+from ops.gateway import Gateway
 from shadow.store import SqliteStore
-from tests.integration.conftest import REPO, Gateway
+from tests.integration.conftest import REPO
 from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
 
 pytestmark = pytest.mark.integration

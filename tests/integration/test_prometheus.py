@@ -24,7 +24,8 @@ from prometheus_client import write_to_textfile
 
 from distill.loop import loop_metrics
 from distill.registry import Registry
-from tests.integration.conftest import API_KEY, REPO, Gateway
+from ops.gateway import Gateway
+from tests.integration.conftest import API_KEY, REPO
 from tests.promserver import dashboard_queries, prometheus, promql
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -17,7 +17,7 @@ import yaml
 
 from distill.gguf import convert_to_gguf
 from distill.registry import Registry
-from tests.integration.conftest import Gateway
+from ops.gateway import Gateway
 from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
 
 pytestmark = pytest.mark.integration

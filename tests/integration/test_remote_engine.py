@@ -8,7 +8,8 @@ import time
 import httpx
 import pytest
 
-from tests.integration.conftest import API_KEY, Gateway
+from ops.gateway import Gateway
+from tests.integration.conftest import API_KEY
 
 pytestmark = pytest.mark.integration
 

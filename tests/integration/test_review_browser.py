@@ -30,9 +30,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from ops.gateway import Gateway, gateway_env
 from shadow.records import Answer, FeedbackRecord, PairRecord, ResponseRecord
 from shadow.store import SqliteStore
-from tests.integration.conftest import API_KEY, REPO, Gateway, _env
+from tests.integration.conftest import API_KEY, REPO
 
 pytestmark = pytest.mark.integration
 
@@ -492,7 +493,7 @@ def export_follows_labels(gw, out: Path, labels: dict[str, tuple[str, str | None
     result = subprocess.run(
         [sys.executable, "-m", "ops.cli", "dataset", "export", "--config", str(gw.config_path),
          "--out", str(out)],
-        cwd=REPO, env=_env({"PROTEGE_API_KEYS": API_KEY, "HF_HUB_OFFLINE": "1"}),
+        cwd=REPO, env=gateway_env({"PROTEGE_API_KEYS": API_KEY, "HF_HUB_OFFLINE": "1"}),
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr

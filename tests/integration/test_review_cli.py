@@ -12,9 +12,10 @@ import httpx
 import pytest
 import yaml
 
+from ops.gateway import free_port
 from shadow.store import SqliteStore
-from tests.integration.conftest import REPO, free_port
-from tests.unit.test_review import seeded
+from tests.integration.conftest import REPO
+from tests.integration.test_review import seeded
 
 pytestmark = pytest.mark.integration
 

@@ -19,10 +19,11 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from ops.gateway import Gateway, free_port
 from serving.engines.fake import WORDS
 from serving.router import choose_arm
 from shadow.store import SqliteStore
-from tests.integration.conftest import Gateway, free_port, scrape, settled, wait_for_metric
+from tests.integration.conftest import settled, wait_for_metric
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,9 @@ import time
 
 import pytest
 
+from ops.gateway import Gateway
 from shadow.store import SqliteStore
-from tests.integration.conftest import Gateway, scrape, wait_for_metric
+from tests.integration.conftest import scrape, wait_for_metric
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,9 @@ import time
 import httpx
 import pytest
 
+from ops.gateway import Gateway
 from shadow.store import SqliteStore
-from tests.integration.conftest import Gateway, wait_for_metric
+from tests.integration.conftest import wait_for_metric
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,9 @@ import pytest
 from openai.lib.streaming.chat._completions import ChatCompletionStreamState
 from pydantic import BaseModel, Field
 
+from ops.gateway import Gateway
 from serving.engines.structured import check_answer, parse_response_format
-from tests.integration.conftest import Gateway, scrape, wait_for_metric
+from tests.integration.conftest import scrape, wait_for_metric
 from tests.oracle import Oracle, serve_oracle
 from tests.unit.test_engine_llamacpp import write_tiny_gguf
 

@@ -12,7 +12,7 @@ import threading
 import httpx
 import pytest
 
-from tests.integration.conftest import Gateway
+from ops.gateway import Gateway
 
 pytestmark = pytest.mark.integration
 

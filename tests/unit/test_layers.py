@@ -7,7 +7,8 @@
     serving.engines      the engines, their configs, structured outputs and tool calls
     core                 logging, metrics, client errors, config files: imports nothing above
 
-Every import counts, at the top of a file or inside a function."""
+Every import counts, at the top of a file or inside a function. An import of the project inside
+a function is kept only to load a heavy library late, and says so in a comment."""
 
 from __future__ import annotations
 
@@ -104,6 +105,27 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def late_imports_without_a_reason() -> list[str]:
+    """`path:line` of each import of a project module inside a function with no comment on its
+    line or the line above."""
+    found = []
+    for module, path in project_modules().items():
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.ImportFrom) and (inner.module or "").split(".")[0] \
+                        in PACKAGES and not any("#" in lines[i] for i in
+                                                (inner.lineno - 1, inner.lineno - 2)):
+                    found.append(f"{path.relative_to(REPO_ROOT)}:{inner.lineno}")
+    return found
+
+
+def test_an_import_inside_a_function_says_why():
+    assert late_imports_without_a_reason() == []
 
 
 def test_every_import_points_down_a_layer():

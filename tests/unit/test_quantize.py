@@ -168,7 +168,7 @@ def test_fidelity_scores_answers_against_each_other_and_the_teacher(source, tmp_
     def fake_answer_all(model, prompts, *, max_tokens):
         return [Answer(text, (), 1, 3, "stop", 0.1, 0.5) for text in canned[Path(model).name]]
 
-    monkeypatch.setattr("distill.answers.answer_all", fake_answer_all)
+    monkeypatch.setattr("distill.quantize.answer_all", fake_answer_all)
     report = quantize(source[0], "w8a16", tmp_path / "w8a16", prompts=["p", "q"],
                       teacher_answers=["a b c", "y"])
     fidelity = report["fidelity"]

@@ -19,11 +19,13 @@ import yaml
 from core.config import REPO_ROOT
 from ops.settings import load_settings
 
+pytestmark = pytest.mark.integration
+
 CHART = REPO_ROOT / "helm" / "protege"
 HELM = REPO_ROOT / ".venv" / "bin" / "helm"
 EVERYTHING = CHART / "ci" / "everything-values.yaml"
 CONFIG_PATH = "/etc/protege/config.yaml"
-COPY_HINT = "copy ops/alerts and ops/dashboards into helm/protege/files"
+COPY_HINT = "run `make chart` (copies ops/alerts and ops/dashboards into helm/protege/files)"
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,8 @@ from serving.engines.config import RemoteEngine as RemoteConfig
 from serving.engines.remote import MAX_ERROR_CHARS, RemoteEngine, UpstreamError
 from tests.oracle import serve_app
 
+pytestmark = pytest.mark.integration
+
 WORDS = ["Hello", " there", ",", " friend", "!"]
 
 

@@ -13,6 +13,8 @@ import yaml
 from tests.metricnames import exported, referenced
 from tests.promserver import binary, dashboard_queries, dashboards, panels, promql
 
+pytestmark = pytest.mark.integration
+
 BOARDS = dashboards()
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 

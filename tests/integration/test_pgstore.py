@@ -18,6 +18,8 @@ from tests.pg import INSTALL_HINT, PgServer, find_bin_dir
 from tests.unit.test_records import make_record
 from tests.unit.test_store import assert_nothing_lost, counts, records, responses, until
 
+pytestmark = pytest.mark.integration
+
 _databases = itertools.count()
 
 

@@ -12,6 +12,8 @@ import yaml
 
 from tests.metricnames import exported, referenced
 
+pytestmark = pytest.mark.integration
+
 ALERTS = Path(__file__).resolve().parents[2] / "ops" / "alerts"
 RULES = ALERTS / "protege.rules.yaml"
 TESTS = ALERTS / "protege.rules.test.yaml"

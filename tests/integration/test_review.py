@@ -24,8 +24,10 @@ from shadow.records import Answer, FeedbackRecord, ResponseRecord
 from shadow.review import ReviewError, ReviewQuery, like_pattern, word_diff
 from shadow.store import SqliteStore
 from shadow.store.postgres import PostgresStore
-from tests.unit.test_pgstore import dsn, pg  # noqa: F401 - the PostgreSQL fixtures
+from tests.integration.test_pgstore import dsn, pg  # noqa: F401 - the PostgreSQL fixtures
 from tests.unit.test_records import make_record
+
+pytestmark = pytest.mark.integration
 
 NOW = "2026-11-29T10:00:00.000000+00:00"
 
