@@ -1,5 +1,5 @@
 """What every package's configuration shares: the strict `Section` model, reading a YAML
-mapping, quoting a value in an error line, and where relative paths are taken from."""
+mapping, quoting a value in an error line, and making a relative path absolute."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 class Section(BaseModel):
     """A settings section: unknown keys are an error, never silently ignored."""
@@ -19,7 +17,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def resolve_path(path: str | Path, base: str | Path = REPO_ROOT) -> Path:
+def resolve_path(path: str | Path, base: str | Path) -> Path:
     """`path` with `~` expanded, made absolute against `base` when relative."""
     p = Path(os.path.expanduser(str(path)))
     return p if p.is_absolute() else Path(base) / p

@@ -13,7 +13,7 @@ not check that files exist (paths produced by earlier stages do not exist yet wh
     optim: {lr: 1.0e-4, max_steps: 100, batch_size: 8}
     output_dir: data/distill/demo
 
-Relative paths are relative to the working directory (the repo root); `RecipeConfig.resolved()`
+Relative paths are relative to the working directory; `RecipeConfig.resolved()`
 makes them absolute, as Ray workers run elsewhere.
 """
 

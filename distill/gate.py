@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from core.config import REPO_ROOT, read_yaml_mapping
+from core.config import read_yaml_mapping
 from distill import gate_checks as gc
 from distill import paired
 from distill.answers import Answer, answer_one, engine_config_for, open_engine
@@ -817,9 +817,9 @@ def _ab(plan: _Plan) -> tuple[dict[str, Any], list[str]]:
     types: dict[str, str] = {}
     if plan.ab_settings is not None:
         s = plan.ab_settings
-        if s.shadow.store == "sqlite" and not (REPO_ROOT / s.shadow.store_path).is_file():
+        if s.shadow.store == "sqlite" and not s.resolve_path(s.shadow.store_path).is_file():
             return _skipped(f"no store at {s.shadow.store_path}")
-        store = open_store(s.shadow, REPO_ROOT)
+        store = open_store(s.shadow, s.base_dir)
         types = {name: m.type for name, m in s.feedback.items()}
     elif cfg.store is not None:
         if not cfg.store.is_file():

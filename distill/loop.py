@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from core.config import REPO_ROOT, read_yaml_mapping
+from core.config import read_yaml_mapping
 from core.hashing import sha256_file
 from core.logging import get_logger
 from distill.gate import load_gate_config, validate
@@ -353,7 +353,7 @@ class Loop:
     # -- helpers ----------------------------------------------------------------------------
 
     def _store(self):
-        return open_store(self.s.shadow, REPO_ROOT)
+        return open_store(self.s.shadow, self.s.base_dir)
 
     def _registry(self):
         return Registry(self.s.registry_root())

@@ -1,6 +1,6 @@
 """The distillation sections of the gateway's one `Settings`: where the registry lives.
 
-`registry.root` is a local folder (relative paths from the repo root) or any fsspec URL
+`registry.root` is a local folder (relative paths from the working directory) or any fsspec URL
 (``s3://bucket/protege``); variants marked `promotable` poll it every `poll_s` seconds for the
 version `protege promote` chose for them, copying remote artifacts into `cache_dir` first.
 """

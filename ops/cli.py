@@ -33,7 +33,6 @@ import httpx
 import typer
 import yaml
 
-from core.config import REPO_ROOT
 from core.logging import configure_logging
 from core.metrics import sample_total
 from core.raylocal import arm_token
@@ -171,7 +170,7 @@ RouteOption = Annotated[str | None, typer.Option(help="only this route")]
 
 def _store(settings: Settings):
     try:
-        return open_store(settings.shadow, REPO_ROOT)
+        return open_store(settings.shadow, settings.base_dir)
     except ValueError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None

@@ -24,7 +24,6 @@ import httpx
 import openai
 import yaml
 
-from core.config import REPO_ROOT
 from core.metrics import sample_total
 
 T = TypeVar("T")
@@ -61,11 +60,12 @@ def gateway_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 class Gateway:
     """A running `protege serve` on `config` (a settings mapping; host and port are set here),
-    its settings file and log in `workdir`. `api_key` is what the clients send (default: the
-    first of `PROTEGE_API_KEYS` in `env`)."""
+    its settings file and log in `workdir`, run in `cwd` (what relative paths in `config` are
+    relative to; default: this process's working directory). `api_key` is what the clients send
+    (default: the first of `PROTEGE_API_KEYS` in `env`)."""
 
     def __init__(self, config: dict, workdir: Path, env: dict[str, str] | None = None,
-                 startup_s: float = 180, api_key: str | None = None):
+                 startup_s: float = 180, api_key: str | None = None, cwd: Path | None = None):
         self.port = free_port()
         config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1",
                                        "port": self.port}}
@@ -78,7 +78,7 @@ class Gateway:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ops.cli", "serve", "--config", str(self.config_path)],
-            cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=gateway_env(env),
+            cwd=cwd or Path.cwd(), stdout=self._log, stderr=subprocess.STDOUT, env=gateway_env(env),
             start_new_session=True,
         )
         self.base = f"http://127.0.0.1:{self.port}"

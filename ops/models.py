@@ -38,7 +38,7 @@ from typing import IO
 from tqdm import tqdm
 
 from core import hashing
-from core.config import REPO_ROOT
+from core.config import resolve_path
 
 CHUNK = 1 << 20
 VERIFIED_FILE = ".verified.json"
@@ -395,7 +395,6 @@ def fetch_models(
 
 
 def default_models_dir() -> Path:
-    """`PROTEGE_MODELS_DIR`, else `models/`; relative paths are taken from the repo root."""
-
-    p = Path(os.path.expanduser(os.environ.get("PROTEGE_MODELS_DIR") or "models"))
-    return p if p.is_absolute() else REPO_ROOT / p
+    """`PROTEGE_MODELS_DIR`, else `models/`; relative paths are taken from the working
+    directory."""
+    return resolve_path(os.environ.get("PROTEGE_MODELS_DIR") or "models", Path.cwd())

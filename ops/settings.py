@@ -12,7 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core.config import Section, read_yaml_mapping, resolve_path, shown
@@ -45,6 +45,7 @@ class Settings(BaseSettings):
         {}, description="metrics clients may post to /v1/feedback, by name")
     registry: RegistrySettings = RegistrySettings()
     loop: LoopSettings = LoopSettings()
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -74,9 +75,15 @@ class Settings(BaseSettings):
         # Keyword overrides (command-line flags) beat the environment, which beats the file.
         return (init_settings, env_settings, _FileSource(settings_cls))
 
+    @property
+    def base_dir(self) -> Path:
+        """What relative paths in these settings are relative to: the working directory when
+        they were loaded (the Ray replicas get it from the process that loaded them)."""
+        return self._base_dir
+
     def resolve_path(self, path: str) -> Path:
-        """A config path made absolute: relative paths are taken from the repo root."""
-        return resolve_path(path)
+        """A config path made absolute (relative paths: from `base_dir`)."""
+        return resolve_path(path, self._base_dir)
 
     def registry_root(self) -> str:
         """`registry.root` as every process must see it: an fsspec URL, or an absolute path."""

@@ -10,7 +10,6 @@ import uuid
 
 from ray import serve
 
-from core.config import REPO_ROOT, resolve_path
 from distill.registry import RegistryPromotions
 from serving.defaults import sampling_defaults
 from serving.engines.structured import choice_of
@@ -28,13 +27,14 @@ def build_app(settings) -> serve.Application:
     """The Ray Serve application for `settings` (an `ops.settings.Settings`)."""
 
     log = settings.logging
+    base_dir = str(settings.base_dir)  # relative paths, in every replica
     drain_s = settings.server.drain_timeout_s
     run = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"  # names this run's ledger files
     promotions = RegistryPromotions(settings.registry_root(),
                                     str(settings.resolve_path(settings.registry.cache_dir)),
                                     settings.registry.poll_s)
     variants = {}
-    defaults = {name: sampling_defaults(v, lambda p: resolve_path(p))
+    defaults = {name: sampling_defaults(v, settings.resolve_path)
                 for name, v in settings.variants.items()}
     for name, v in settings.variants.items():
         deployment = serve.deployment(VariantServer).options(
@@ -47,7 +47,7 @@ def build_app(settings) -> serve.Application:
             health_check_timeout_s=60,
             logging_config=SERVE_LOGGING,
         )
-        variants[name] = deployment.bind(name, v, log.level, log.json_logs, str(REPO_ROOT),
+        variants[name] = deployment.bind(name, v, log.level, log.json_logs, base_dir,
                                          promotions if v.promotable else None)
     targets = {r: route.shadow for r, route in settings.routes.items() if route.shadow is not None}
     shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key, t.store_prompt,
@@ -69,7 +69,7 @@ def build_app(settings) -> serve.Application:
             {t.variant: variants[t.variant] for t in targets.values() if t.variant is not None},
             {t.variant: settings.variants[t.variant].version for t in targets.values()
              if t.variant is not None},
-            str(REPO_ROOT), log.level, log.json_logs, run,
+            base_dir, log.level, log.json_logs, run,
         )
     ing = settings.server.ingress
     params = IngressParams(
@@ -95,7 +95,7 @@ def build_app(settings) -> serve.Application:
         log_prompts=log.log_prompts,
         created=int(time.time()),
         store=settings.shadow,
-        repo_root=str(REPO_ROOT),
+        repo_root=base_dir,
     )
     ingress = serve.deployment(Ingress).options(
         name="ingress",

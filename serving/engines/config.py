@@ -13,7 +13,7 @@ class LlamaCppEngine(Section):
     """GGUF through llama.cpp: the CPU default."""
 
     engine: Literal["llamacpp"] = "llamacpp"
-    path: str = Field(description="GGUF file (relative paths are resolved from the repo root)")
+    path: str = Field(description="GGUF file (a relative path: from the working directory)")
     n_ctx: int = Field(2048, ge=128, le=1_048_576, description="context window in tokens")
     n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads; None: all cores")
     n_batch: int = Field(512, ge=1, le=65536)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from core.config import REPO_ROOT
 from ops.gateway import Gateway, wait_until
+from tests import REPO_ROOT
 
 REPO = REPO_ROOT
 API_KEY = "test-key-1"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import REPO_ROOT
 from ops.settings import load_settings
+from tests import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 

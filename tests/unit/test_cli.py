@@ -12,8 +12,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from core.config import REPO_ROOT
 from ops.cli import app
+from tests import REPO_ROOT
 
 FAKE = REPO_ROOT / "examples" / "fake.yaml"
 BAD = """\

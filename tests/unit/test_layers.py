@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import REPO_ROOT
+from tests import REPO_ROOT
 
 LAYERS = ("core", "serving.engines", "shadow", "distill", "serving", "ops")
 PACKAGES = ("core", "serving", "shadow", "distill", "ops")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import REPO_ROOT
 from ops.settings import ConfigError, load_settings
+from tests import REPO_ROOT
 
 MINIMAL = """\
 variants:
