@@ -30,7 +30,8 @@ import yaml
 from core.config import read_yaml_mapping
 from core.hashing import sha256_file
 from core.logging import get_logger
-from distill.gate import load_gate_config, validate
+from distill.gate.config import load_gate_config
+from distill.gate.run import validate
 from distill.quantize import held_out, quantize
 from distill.recipes.kd import main as run_recipe
 from distill.registry import Registry, artifact_fields, fidelity_summary, file_hashes

@@ -3,7 +3,7 @@
 A suite file (JSONL, written by `examples/tasks/generate.py`) holds one `TaskCase` per line: a
 family (classify, extract, qa, format, summarize, structured), a split (`dev` for tuning, `gate` for the
 gate, `train` for a prompt pool), chat messages (and, for structured cases, the request's
-`response_format` or `tools`, which constrain the answer as a client's would), a check (`distill.gate_checks.Expect`) and a
+`response_format` or `tools`, which constrain the answer as a client's would), a check (`distill.gate.checks.Expect`) and a
 reference answer that passes it. `score` turns answers into per-case outcomes; `summary` gives
 the pass rate overall and per family with Wilson intervals. Pure: `distill.evaluate` runs the
 models.
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from distill.gate_checks import Expect, check_answer, wilson_interval
+from distill.gate.checks import Expect, check_answer, wilson_interval
 from serving.engines import ResponseFormat, ToolUse, parse_response_format, parse_tools
 
 SPLITS = ("dev", "gate", "train")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.answers import answer_one, engine_config_for, open_engine
-from distill.gate_checks import check_answer
+from distill.gate.checks import check_answer
 from distill.tasks import TaskCase
 
 Progress = Callable[[str], None]

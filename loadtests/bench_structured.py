@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from distill import paired  # noqa: E402
 from distill.evaluate import DEFAULT_SUITE  # noqa: E402
-from distill.gate_checks import check_answer as check_case  # noqa: E402
-from distill.gate_checks import wilson_interval  # noqa: E402
+from distill.gate.checks import check_answer as check_case  # noqa: E402
+from distill.gate.checks import wilson_interval  # noqa: E402
 from distill.tasks import load_suite  # noqa: E402
 from serving.engines import GenerationRequest, Message, SamplingParams, build_engine  # noqa: E402
 from serving.engines.config import LlamaCppEngine  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from distill.gate_checks import wilson_interval  # noqa: E402
+from distill.gate.checks import wilson_interval  # noqa: E402
 from serving.engines import GenerationRequest, Message, SamplingParams, build_engine  # noqa: E402
 from serving.engines.config import LlamaCppEngine  # noqa: E402
 from serving.engines.structured import check_answer  # noqa: E402

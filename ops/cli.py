@@ -37,6 +37,8 @@ from core.logging import configure_logging
 from core.metrics import sample_total
 from core.raylocal import arm_token
 from distill.config import RecipeError
+from distill.gate.config import GateError, load_gate_config
+from distill.gate.report import summary_rows
 from distill.registry import Registry, RegistryError, artifact_fields, diff_manifests
 from distill.registry import table as registry_table
 from ops.models import MODELS, FetchError, default_models_dir, fetch_models
@@ -527,9 +529,7 @@ def validate_command(
     teacher, latency on this machine, live A/B feedback; with --champion, each side by side
     with the version serving now (paired tests). Exit 0 when every threshold holds, 1 when
     one fails."""
-    # torch and transformers: loaded by this command only
-    from distill.gate import GateError, load_gate_config, summary_rows
-    from distill.gate import validate as run_gate  # (the same)
+    from distill.gate.run import validate as run_gate  # torch, transformers: this command only
 
     def say(message: str) -> None:
         typer.echo(f"validate: {message}", err=True)

@@ -14,9 +14,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from distill import gate_checks as gc
 from distill.answers import answer_all
-from distill.gate import GateConfig, GateError, load_edge_cases, load_gate_config, validate
+from distill.gate import checks as gc
+from distill.gate.config import GateConfig, GateError, load_edge_cases, load_gate_config
+from distill.gate.run import validate
 from ops.cli import app
 from ops.settings import load_settings
 from shadow.records import FeedbackRecord, ResponseRecord

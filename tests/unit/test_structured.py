@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from distill.gate import _GgufScorer, _HfScorer
+from distill.gate.scorers import GgufScorer, HfScorer
 from serving.engines import (
     GenerationRequest,
     Message,
@@ -195,7 +195,7 @@ async def assert_enforced(engine):
 async def assert_label_probs(engine, scorer):
     """A label answer asked with logprobs carries P(label | prompt), equal to the gate's own
     teacher-forced scorer over the whole sequence; without logprobs, none."""
-    from distill import gate_checks as gc
+    from distill.gate import checks as gc
 
     labels = choice_of(["billing", "network", "account manager"])
     asked = SamplingParams(20, seed=3, response_format=labels, logprobs=0)
@@ -222,7 +222,7 @@ async def test_llamacpp_enforces_the_schema(tmp_path):
     engine = build_engine(LlamaCppConfig(path=str(path), n_ctx=256, n_threads=1),
                           resolve_path=lambda p: p)
     await engine.start()
-    scorer = _GgufScorer(str(path), 256, 1)
+    scorer = GgufScorer(str(path), 256, 1)
     try:
         await assert_enforced(engine)
         await assert_label_probs(engine, scorer)
@@ -238,7 +238,7 @@ async def test_transformers_enforces_the_schema(tmp_path):
     await engine.start()
     try:
         await assert_enforced(engine)
-        await assert_label_probs(engine, _HfScorer(str(folder)))
+        await assert_label_probs(engine, HfScorer(str(folder)))
     finally:
         await engine.close()
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.evaluate import DEFAULT_SUITE, evaluate, resolve_model
-from distill.gate_checks import Expect, check_answer
+from distill.gate.checks import Expect, check_answer
 from distill.tasks import load_suite, score, summary
 from ops.cli import app
 from tests.oracle import serve_oracle
