@@ -1,10 +1,10 @@
 """The HTTP front door of the gateway: OpenAI protocol, auth, limits, metrics and logs.
 
 `Ingress` reads a request, picks its route's A/B arm (`serving.router`), forwards it to that
-variant's replicas (`serving.variant`) and answers, whole or streamed. Each request is
-accounted in a `RequestTally` (`serving.accounting`) and reported once when it ends: metrics,
-the canonical log line, and for an answer its feedback row and, when sampled, its mirrored pair
-(`serving.outbox`). `/review` is `serving.review`'s; `/v1/feedback` goes to the shadow worker.
+variant's replicas (`serving.variant`) and answers, whole or streamed. Each request is a `Call`
+reported once when it ends (`serving.reporting`: metrics, the canonical log line, its feedback
+row and mirrored pair, which leave through `serving.outbox`). `/review` is `serving.review`'s;
+`/v1/feedback` goes to the shadow worker.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,16 +30,14 @@ from serving import protocol, responses
 from serving.accounting import RequestTally
 from serving.auth import bearer_key_ok, checked_hosts, host_allowed, host_error
 from serving.config import ServerConfig
-from serving.engines.base import Delta, EngineError, GenerationRequest, PromptTooLong, Unsupported
-from serving.engines.structured import ResponseFormat
+from serving.engines.base import Delta, EngineError, PromptTooLong, Unsupported
 from serving.outbox import ShadowOutbox
+from serving.reporting import Call, CallReporter
 from serving.review import ReviewSite
-from serving.router import Arm, RouteTarget, ShadowPlan, sample, sticky_key, user_key
+from serving.router import RouteTarget, ShadowPlan, sample, sticky_key, user_key
 from shadow.config import FeedbackMetric, ShadowSettings
 from shadow.feedback import parse_feedback
 from shadow.ledger import Ledger
-from shadow.mirror import MirrorJob
-from shadow.records import Answer, ResponseRecord
 from shadow.store import open_store
 
 
@@ -87,6 +85,7 @@ class Ingress:
         self.outbox = (ShadowOutbox(shadow, self.metrics, self.ledger, self.log,
                                     params.mirror_budget, flush_responses=bool(params.feedback))
                        if shadow is not None else None)
+        self.calls = CallReporter(self.metrics, self.log, self.outbox, bool(params.feedback))
         self.review = None
         if params.server.review:
             self.review = ReviewSite(
@@ -188,7 +187,8 @@ class Ingress:
             self.metrics.requests.labels(route="-", variant="-", status=str(e.status)).inc()
             self.log.info(
                 "serving.request.completed", route="-", variant="-", status=e.status,
-                code=e.code, param=e.param, latency_ms=round((time.monotonic() - started) * 1000, 2),
+                code=e.code, param=e.param,
+                latency_ms=round((time.monotonic() - started) * 1000, 2),
             )
             raise
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
@@ -238,7 +238,7 @@ class Ingress:
                     body_out = responses.chat_completion(meta, choices, _tool_names(req))
                 else:
                     body_out = responses.completion(meta, choices)
-                self._finish(call, 200, choices)
+                self.calls.finish(call, 200, choices)
                 if call.format is not None:  # does every choice conform? (a remote may not)
                     headers["x-protege-format-valid"] = str(call.format_valid).lower()
                 return JSONResponse(body_out, headers=headers)
@@ -259,28 +259,28 @@ class Ingress:
                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
             )
         except OpenAIError as e:
-            self._finish(call, e.status)
+            self.calls.finish(call, e.status)
             raise
         except PromptTooLong as e:
-            self._finish(call, 400)
+            self.calls.finish(call, 400)
             # from the fields: a replica's error, re-raised by Ray, also carries its traceback
             message = PromptTooLong(e.prompt_tokens, e.max_tokens, e.context_window).args[0]
             raise OpenAIError.context_length_exceeded(message, req.PROMPT_PARAM) from None
         except Unsupported as e:
-            self._finish(call, 400)
+            self.calls.finish(call, 400)
             raise OpenAIError.invalid_value(e.param, e.message) from None
         except BackPressureError:
-            self._finish(call, 503)
+            self.calls.finish(call, 503)
             raise OpenAIError.busy(self.p.server.retry_after_s) from None
         except EngineError as e:
-            self._finish(call, 502)
+            self.calls.finish(call, 502)
             self.log.warning("serving.backend.failed", request_id=request_id, error=str(e))
             raise _backend_error() from None
         except asyncio.CancelledError:
-            self._finish(call, 499)
+            self.calls.finish(call, 499)
             raise
         except Exception as e:
-            self._finish(call, 500)
+            self.calls.finish(call, 500)
             self.log.exception("serving.request.failed", request_id=request_id)
             raise OpenAIError(500, f"Internal error: {type(e).__name__}", type="server_error",
                               code="internal_error") from None
@@ -303,7 +303,7 @@ class Ingress:
         try:
             async for chunk in responses.sse_stream(
                 kind, meta, batches(), req.n, req.include_usage,
-                on_delta=lambda index, delta: self._on_delta(call, index, delta),
+                on_delta=lambda index, delta: self.calls.delta(call, index, delta),
                 tool_names=_tool_names(req),
             ):
                 yield chunk
@@ -325,80 +325,7 @@ class Ingress:
                                                   type="server_error", code="internal_error"))
         finally:
             stream.cancel()
-            self._finish(call, status)
-
-    # -- accounting -------------------------------------------------------------------------
-
-    def _on_delta(self, call: Call, index: int, delta: Delta) -> None:
-        gap = call.tally.add(index, delta, time.monotonic())
-        if gap is not None:
-            self.metrics.inter_token.labels(**call.labels).observe(gap)
-
-    def _finish(self, call: Call, status: int, choices: list[Delta] | None = None) -> None:
-        """Report a request once: metrics, the canonical log line, and for an answer its
-        feedback row and mirrored pair. No failure here fails the answer."""
-        if call.done:
-            return
-        call.done = True
-        now, tally = time.monotonic(), call.tally
-        m, labels = self.metrics, call.labels
-        stream = "true" if call.stream else "false"
-        if choices is not None:
-            tally.add_whole(choices, now)
-        m.in_flight.labels(**labels).dec()
-        m.requests.labels(**labels, status=str(status)).inc()
-        m.latency.labels(**labels, stream=stream).observe(now - tally.started)
-        ttft = tally.ttft(status)
-        if ttft is not None:
-            m.ttft.labels(**labels, stream=stream).observe(ttft)
-        completion = tally.completion_total
-        if tally.prompt_tokens:
-            m.tokens.labels(**labels, kind="prompt").inc(tally.prompt_tokens)
-        if completion:
-            m.tokens.labels(**labels, kind="completion").inc(completion)
-        if call.format is not None and status == 200:
-            for index, outcome in tally.format_outcomes(call.format).items():
-                if outcome == "invalid":  # the reason may quote the answer: not logged
-                    self.log.warning("serving.format.invalid", request_id=call.request_id,
-                                     choice=index)
-                call.format_valid = call.format_valid and outcome == "valid"
-                m.structured.labels(**labels, outcome=outcome).inc()
-        try:  # the log line and the shadow's bookkeeping: no failure here fails the answer
-            self.log.info(
-                "serving.request.completed", request_id=call.request_id, route=call.t.route,
-                variant=call.arm.variant, version=tally.version, arm_key=call.arm_key,
-                status=status, stream=call.stream,
-                latency_ms=round((now - tally.started) * 1000, 2),
-                ttft_ms=round(ttft * 1000, 2) if ttft is not None else None,
-                prompt_tokens=tally.prompt_tokens, completion_tokens=completion,
-                **({"prompt": call.prompt, "answers": tally.answers}
-                   if call.prompt is not None else {}),
-            )
-            if status == 200 and self.p.feedback and self.outbox is not None:
-                self.outbox.response(ResponseRecord(
-                    call.request_id, call.t.route, call.arm.variant, tally.version,
-                    call.created_at or datetime.now(UTC).isoformat()))
-            if call.mirror is not None and status == 200:
-                plan, request = call.mirror
-                student = Answer(
-                    model=call.arm.variant, version=tally.version,
-                    text=tally.answers.get(0, ""), finish_reason=tally.finish_reasons.get(0),
-                    prompt_tokens=tally.prompt_tokens,
-                    completion_tokens=tally.completion_tokens.get(0),
-                    ttft_ms=round(ttft * 1000, 3) if ttft is not None else None,
-                    latency_ms=round((now - tally.started) * 1000, 3),
-                )
-                self.outbox.mirror(MirrorJob(
-                    pair_id=call.request_id, route=call.t.route, variant=call.arm.variant,
-                    target=plan.target, request=request, stream=call.stream, student=student,
-                    created_at=call.created_at, store_prompt=plan.store_prompt,
-                    labels=plan.labels,
-                ))
-        except Exception as e:  # noqa: BLE001 - counted; the user has the answer
-            self.log.warning("shadow.bookkeeping.failed", request_id=call.request_id,
-                             error=repr(e)[:300])
-            if call.mirror is not None and status == 200:
-                m.shadow_dropped.labels(kind="pair", reason="handoff_failed").inc()
+            self.calls.finish(call, status)
 
     def _ledger_failed(self, error: OSError) -> None:
         self.metrics.ledger_errors.inc()
@@ -438,28 +365,6 @@ class Ingress:
         if self.ledger is not None:
             self.ledger.close()
         await self.reporter.stop()
-
-
-@dataclass
-class Call:
-    """One generation request as the ingress reports it."""
-
-    t: RouteTarget
-    arm: Arm
-    arm_key: str  # what picked the arm: "user", "session" or "request"
-    request_id: str
-    stream: bool
-    format: ResponseFormat | None  # what the answers must be; each is checked at the end
-    tally: RequestTally
-    mirror: tuple[ShadowPlan, GenerationRequest] | None = None  # sampled for shadowing
-    prompt: object = None  # the prompt as logged, with log_prompts only
-    created_at: str = ""  # when the request arrived (ISO 8601 UTC), set only when mirrored
-    format_valid: bool = True
-    done: bool = False
-    labels: dict[str, str] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.labels = {"route": self.t.route, "variant": self.arm.variant}
 
 
 def _tool_names(req) -> tuple[str, ...] | None:

@@ -45,9 +45,9 @@ class Log:
 
 async def test_a_failure_mid_stream_is_an_error_event_and_a_500_not_a_200():
     call, stream = Call(), Stream()
-    ingress = SimpleNamespace(log=Log(), p=SimpleNamespace(server=None),
-                              _on_delta=lambda call, index, delta: None,
-                              _finish=lambda call, status: call.statuses.append(status))
+    calls = SimpleNamespace(delta=lambda call, index, delta: None,
+                            finish=lambda call, status: call.statuses.append(status))
+    ingress = SimpleNamespace(log=Log(), p=SimpleNamespace(server=None), calls=calls)
     req = SimpleNamespace(n=1, include_usage=False)
     first = [(0, Delta("Hello"))]
     chunks = [c async for c in Ingress._sse(ingress, "chat", ResponseMeta("chatcmpl-1", 0, "m"),
@@ -55,5 +55,5 @@ async def test_a_failure_mid_stream_is_an_error_event_and_a_500_not_a_200():
     body = b"".join(chunks)
     assert b"Hello" in body and b'"code":"internal_error"' in body
     assert not body.endswith(b"data: [DONE]\n\n")  # the client sees a cut stream, said so
-    assert call.statuses == [500]  # counted as a 5xx; _finish(500) mirrors no pair
+    assert call.statuses == [500]  # counted as a 5xx; finish(500) mirrors no pair
     assert stream.cancelled and ingress.log.errors == ["serving.request.failed"]
