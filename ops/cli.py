@@ -48,7 +48,7 @@ from serving.review import ReviewSite, asgi_app
 from shadow.export import FORMATS, FeedbackFilter, select, write_examples
 from shadow.labels import StudentBetter, latest
 from shadow.report import render, summarize
-from shadow.review import parse_time
+from shadow.review_queries import parse_time
 from shadow.store import open_store
 
 app = typer.Typer(

@@ -2,13 +2,13 @@
 
 `ReviewSite.handle` answers every `/review...` request, in the gateway's ingress or on its own
 (`protege review`, `asgi_app`). It owns the HTTP side only: auth, routing, static files and
-JSON; the queries are `shadow.review`'s and the store's (`ReviewStore`).
+JSON; the queries are `shadow.review_queries`'s and the store's (`ReviewStore`).
 
     GET  /review                       the page (serving/static/review.html), or the key form
     POST /review/login, /review/logout the page's cookie from an API key, and its removal
     GET  /review/static/review.{js,css}
     GET  /review/api/facets            routes, student versions, feedback metrics, verdicts
-    GET  /review/api/pairs?filters     a page of pairs (shadow.review.ReviewQuery)
+    GET  /review/api/pairs?filters     a page of pairs (shadow.review_queries.ReviewQuery)
     GET  /review/api/summary?filters   the summary panel
     GET  /review/api/pairs/{id}        one pair: prompt, answers, word diff, scores, feedback,
                                        labels
@@ -46,7 +46,7 @@ from core.errors import OpenAIError, clip
 from core.logging import get_logger
 from serving.auth import bearer_key_ok, host_allowed, host_error
 from shadow.labels import LabelError, parse_label
-from shadow.review import ReviewError, ReviewQuery, pair_view
+from shadow.review_queries import ReviewError, ReviewQuery, pair_view
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = {"review.js": "text/javascript; charset=utf-8", "review.css": "text/css; charset=utf-8"}

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from shadow.labels import Label
 from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
-from shadow.review import ReviewQuery
+from shadow.review_queries import ReviewQuery
 
 Record = PairRecord | ResponseRecord  # what a writer batches
 
@@ -63,7 +63,8 @@ class ReviewStore(Protocol):
         """The review page's list: `{"total", "page", "size", "sort", "items"}`."""
 
     def review_summary(self, query: ReviewQuery) -> dict:
-        """The review page's summary panel over the filtered pairs (`shadow.review.summary`)."""
+        """The review page's summary panel over the filtered pairs
+        (`shadow.review_queries.summary`)."""
 
     def review_facets(self) -> dict:
         """The routes, student versions and feedback metrics the store holds."""

@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from shadow.labels import Label
 from shadow.records import ROW_COLUMNS, FeedbackRecord, PairRecord, ResponseRecord
-from shadow.review import POSTGRES
+from shadow.review_queries import POSTGRES
 from shadow.store.base import Record
 from shadow.store.sql import (
     FEEDBACK_COLUMNS,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from shadow.labels import VERDICTS, Label
 from shadow.records import FeedbackRecord, PairRecord, ResponseRecord
-from shadow.review import (
+from shadow.review_queries import (
     Dialect,
     ReviewQuery,
     bucket_length,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from shadow.labels import Label
 from shadow.records import ROW_COLUMNS, FeedbackRecord, PairRecord, ResponseRecord
-from shadow.review import SQLITE
+from shadow.review_queries import SQLITE
 from shadow.store.base import Record
 from shadow.store.sql import (
     FEEDBACK_COLUMNS,

@@ -21,7 +21,7 @@ from serving.review import (
 )
 from shadow.labels import LabelError, parse_label
 from shadow.records import Answer, FeedbackRecord, ResponseRecord
-from shadow.review import ReviewError, ReviewQuery, like_pattern, word_diff
+from shadow.review_queries import ReviewError, ReviewQuery, like_pattern, word_diff
 from shadow.store import SqliteStore
 from shadow.store.postgres import PostgresStore
 from tests.integration.test_pgstore import dsn, pg  # noqa: F401 - the PostgreSQL fixtures
