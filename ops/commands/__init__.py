@@ -1,0 +1,1 @@
+"""The `protege` subcommands by subject; `ops.cli` puts them together."""
