@@ -183,3 +183,7 @@ def version() -> None:
     except PackageNotFoundError:
         v = "unknown (not installed)"
     typer.echo(f"protege {v}")
+
+
+if __name__ == "__main__":
+    app()

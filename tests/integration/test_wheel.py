@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,15 @@ def site(tmp_path_factory) -> Path:
     """The wheel of this checkout, installed (without its dependencies, which the test's own
     environment has) into a folder of its own."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy: building writes build/ and *.egg-info next to the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    for package in ("core", "serving", "shadow", "distill", "ops"):
+        shutil.copytree(REPO_ROOT / package, source / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(tmp / "dist"), str(REPO_ROOT)], check=True, timeout=300)
+                    "-q", "-w", str(tmp / "dist"), str(source)], check=True, timeout=300)
     (wheel,) = (tmp / "dist").glob("protege-*.whl")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(tmp / "site"), str(wheel)], check=True, timeout=300)
