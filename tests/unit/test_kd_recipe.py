@@ -306,7 +306,7 @@ def test_prompts_are_answered_by_the_teacher_once(tmp_path, zoo, monkeypatch):
     def no_generation(*args, **kwargs):
         raise AssertionError("the cached answers should be reused")
 
-    monkeypatch.setattr(tl, "_generate", no_generation)
+    monkeypatch.setattr(tl.generation, "_generate", no_generation)
     cfg["optim"]["max_steps"] = 4
     run(tmp_path, cfg, resume=True)
     assert len(losses(out)) == 4
