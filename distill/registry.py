@@ -294,6 +294,7 @@ class Registry:
         files and their hashes cannot be changed this way."""
         if {"files", "version", "entry"} & fields.keys():
             raise RegistryError("files, version and entry are fixed once registered")
+        self.manifest(version)  # a version that exists, before anything is written for it
         with self._locked(f"versions/{version}/manifest"):
             manifest = {**self.manifest(version), **fields}
             self._write_json(self._p("versions", version, MANIFEST), manifest)
@@ -414,9 +415,8 @@ class Registry:
                 break
             except FileExistsError:
                 held = _read_lease(self.fs, path)
-                if held is not None and held.get("until", 0) < time.time():
-                    with contextlib.suppress(FileNotFoundError):
-                        self.fs.rm_file(path)
+                if held is not None and held.get("until", 0) < time.time() \
+                        and self._take_over(path, held):
                     continue
                 if time.monotonic() > deadline:
                     raise RegistryError(
@@ -426,9 +426,31 @@ class Registry:
         try:
             yield
         finally:
-            if (_read_lease(self.fs, path) or {}).get("owner") == owner:
-                with contextlib.suppress(FileNotFoundError):
+            # A lock that cannot be removed is left behind: it ends with its lease.
+            with contextlib.suppress(Exception):
+                if (_read_lease(self.fs, path) or {}).get("owner") == owner:
                     self.fs.rm_file(path)
+
+    def _take_over(self, path: str, held: dict[str, Any]) -> bool:
+        """Remove the lock at `path` whose lease ended (its writer died); False when another
+        waiter is doing so. Only the waiter whose conditional put of `<lock>.dead-<owner>`
+        succeeds removes it, and only while it still names that owner, so two waiters never
+        remove a lock a third has just taken."""
+        dead = re.sub(r"[^0-9A-Za-z]", "", str(held.get("owner")))[:64] or "unreadable"
+        marker = f"{path}.dead-{dead}"
+        try:
+            self.fs.pipe_file(marker, b"", mode="create")
+        except FileExistsError:
+            return False
+        try:
+            if (_read_lease(self.fs, path) or {}).get("owner") == held.get("owner"):
+                self.fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(marker)
+        return True
 
     def _p(self, *parts: str) -> str:
         return "/".join([self.path.rstrip("/"), *parts])

@@ -347,7 +347,7 @@ def check_ab(plan: Plan) -> tuple[dict[str, Any], list[str]]:
     types: dict[str, str] = {}
     if plan.ab_settings is not None:
         s = plan.ab_settings
-        if s.shadow.store == "sqlite" and not s.resolve_path(s.shadow.store_path).is_file():
+        if s.shadow.store == "sqlite" and not (s.base_dir / s.shadow.store_path).is_file():
             return skipped(f"no store at {s.shadow.store_path}")
         store = open_store(s.shadow, s.base_dir)
         types = {name: m.type for name, m in s.feedback.items()}

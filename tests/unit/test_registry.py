@@ -193,8 +193,20 @@ def test_an_object_store_lock_left_by_a_dead_writer_expires(tmp_path, monkeypatc
         reg.promote("student", "v1")
     assert reg.promoted("student") is None
     reg.fs.pipe_file(lock, json.dumps({"owner": "dead", "until": time.time() - 1}).encode())
+    reg.fs.pipe_file(f"{lock}.dead-dead", b"")  # another waiter is already taking it over
+    with pytest.raises(RegistryError, match="locked by another writer"):
+        reg.promote("student", "v1")  # so this one leaves the lock alone and waits
+    reg.fs.rm_file(f"{lock}.dead-dead")
     assert reg.promote("student", "v1")["version"] == "v1"
-    assert not reg.fs.exists(lock)
+    assert not reg.fs.exists(lock) and not reg.fs.exists(f"{lock}.dead-dead")
+
+
+def test_updating_a_version_that_does_not_exist_writes_nothing(reg, tmp_path):
+    with pytest.raises(RegistryError, match="not in the registry"):
+        reg.update("v5", gate={"passed": True})
+    with pytest.raises(RegistryError):
+        reg.update("v1" + "/.." * 3, gate={"passed": True})
+    assert reg.register(artifact(tmp_path), entry="model.gguf")["version"] == "v1"
 
 
 def test_local_fetch_is_in_place(tmp_path):
