@@ -129,6 +129,9 @@ DELIBERATE: list[tuple[str, Callable[[Any, dict], bool], str]] = [
      "OpenAI"),
     (r"response_format", lambda v, b: isinstance(v, dict) and v.get("type") != "text",
      "the fake engine has no vocabulary to constrain: it refuses a response_format"),
+    (r"response_format\.json_schema\.name",
+     lambda v, b: not (isinstance(v, str) and re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", v)),
+     "a schema name that OpenAI refuses too: 1 to 64 of a-z, A-Z, 0-9, '_' and '-'"),
     (r"response_format\.json_schema\.schema", lambda v, b: isinstance(v, dict),
      "a generated schema that is no JSON Schema, or uses a keyword decoding cannot enforce"),
 ]
