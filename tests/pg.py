@@ -9,12 +9,13 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg
+
+from ops.gateway import free_port
 
 INSTALL_HINT = "install the Debian package `postgresql` (apt-get install postgresql)"
 
@@ -30,12 +31,6 @@ def find_bin_dir() -> Path | None:
     dirs = [Path(d).parent for d in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
     dirs.sort(key=lambda d: int(d.parent.name) if d.parent.name.isdigit() else -1)
     return dirs[-1] if dirs else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PgServer:

@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from ops.gateway import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "ops" / "dashboards"
@@ -33,12 +34,6 @@ GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "1m", "__range": "1h
 def binary(name: str) -> str | None:
     return shutil.which(name) or next((p for p in (f"/usr/bin/{name}",) if Path(p).exists()),
                                       None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prometheus:
@@ -80,7 +75,7 @@ def prometheus(config: dict, tmp: Path, startup_s: float = 30) -> Iterator[Prome
         raise RuntimeError("prometheus is not installed: `make prometheus` installs it")
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = tmp / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -9,7 +9,6 @@ needs; they share one gateway."""
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
@@ -17,7 +16,7 @@ import yaml
 
 from distill.gguf import convert_to_gguf
 from distill.registry import Registry
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
 
 pytestmark = pytest.mark.integration
@@ -79,13 +78,9 @@ def failures(gw: Gateway, mark: str) -> list[dict]:
     return [e for e in events(gw, FAILED) if mark in e.get("error", "")]
 
 
-def wait_until(check, what: str, gw: Gateway, timeout_s: float = 120):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"no {what} within {timeout_s:g} s:\n{gw.logs()}")
+def wait_for(check, what: str, gw: Gateway, timeout_s: float = 120):
+    """`check()`'s first truthy value, the gateway's log when it does not come."""
+    return wait_until(check, what, timeout_s, 0.3, gw.logs)
 
 
 def refused(gw: Gateway, mark: str, served: str) -> None:
@@ -95,14 +90,14 @@ def refused(gw: Gateway, mark: str, served: str) -> None:
         assert versions(gw, 1) == [served]
         return len(failures(gw, mark)) >= 2
 
-    wait_until(check, f"{FAILED} twice for {mark!r}", gw)
+    wait_for(check, f"{FAILED} twice for {mark!r}", gw)
 
 
 def test_a_version_whose_file_fails_verification_is_not_swapped_in(setup, monkeypatch):
     gw, registry, good = setup
     v1 = register(registry, good)
     registry.promote("tiny", v1)
-    wait_until(lambda: versions(gw, 2) == [v1, v1], f"answers from {v1}", gw)
+    wait_for(lambda: versions(gw, 2) == [v1, v1], f"answers from {v1}", gw)
 
     v2 = register(registry, good)
     manifest = registry.manifest(v2)
@@ -177,7 +172,7 @@ def test_a_good_promotion_after_failed_ones_still_swaps_in(setup):
     served = versions(gw, 1)[0]
     v4 = register(registry, good)
     registry.promote("tiny", v4)
-    wait_until(lambda: versions(gw, 2) == [v4, v4], f"answers from {v4}", gw)
+    wait_for(lambda: versions(gw, 2) == [v4, v4], f"answers from {v4}", gw)
     assert versions(gw) == [v4] * 4
     promoted = [(e["version"], e["previous"]) for e in events(gw, "serving.variant.promoted")]
     assert promoted[-1] == (v4, served), promoted

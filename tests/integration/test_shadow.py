@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ops.gateway import Gateway, free_port
+from ops.gateway import Gateway, free_port, wait_until
 from serving.engines.fake import WORDS
 from serving.router import choose_arm
 from shadow.store import SqliteStore
@@ -35,15 +35,6 @@ AB_ARMS = [("student", 1), ("student-b", 1)]  # route "ab", sticky per user
 def unique_msg() -> list[dict]:
     """A prompt no other call sends: the teacher can tell which user call it mirrors."""
     return [{"role": "user", "content": f"Explain tides. ({uuid.uuid4().hex})"}]
-
-
-def wait_until(condition, what: str, timeout_s: float = 30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"not in {timeout_s}s: {what}")
 
 
 def key(name: str, **labels) -> tuple:
