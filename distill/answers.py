@@ -103,18 +103,23 @@ async def open_engine(model: str | EngineConfig, **options: Any) -> AsyncIterato
         await engine.close()
 
 
+def chat_messages(prompt: Prompt) -> tuple[Message, ...]:
+    """The engine's messages for `prompt`: a string is one user message."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return tuple(Message(m["role"], m["content"]) for m in messages)
+
+
 def request_for(prompt: Prompt, *, max_tokens: int, temperature: float = 0.0, seed: int = 0,
                 logprobs: bool = False, response_format: ResponseFormat | None = None,
                 tools: ToolUse | None = None) -> GenerationRequest:
     """A chat request for `prompt`: a string is one user message. A `response_format` or
     `tools` constrain the answer as they do a client's request."""
-    messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
     fmt = response_format or (tools.format() if tools is not None else None)
     return GenerationRequest(
         request_id=f"distill-{uuid.uuid4().hex[:12]}",
         params=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed,
                               logprobs=0 if logprobs else None, response_format=fmt),
-        messages=tuple(Message(m["role"], m["content"]) for m in messages),
+        messages=chat_messages(prompt),
         tools=tools,
     )
 

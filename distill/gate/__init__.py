@@ -6,8 +6,8 @@
 
     config    the gate's YAML (`GateConfig`, `load_gate_config`) and the edge-case suite
     plan      what the checks share, loaded and checked before any model runs
-    runners   each check, run on the real engines (`distill.answers`) and the shadow store
-    scorers   the student's own token probabilities (llama.cpp for a GGUF, transformers)
+    runners   each check, run on the real engines (`distill.answers`; token probabilities from
+              `Engine.score`) and the shadow store
     checks    the numbers: matchers, ECE, intervals, A/B statistics (pure functions)
     report    `GateReport`, gate.json and the self-contained gate.html
     machine   the CPU, GPU and memory the gate ran on

@@ -1,16 +1,15 @@
 """The pure core of the validation gate: data in, numbers and verdicts out.
 
 Owns the edge-case expectations (`Expect`, `check_answer`), token-level calibration
-(`token_confidence`, `reliability`, `expected_calibration_error`, `overconfident_wrong`),
+(`reliability`, `expected_calibration_error`, `overconfident_wrong`),
 label probabilities, confidence intervals (`wilson_interval`, `mean_interval`), latency
 summaries and per-arm A/B statistics over feedback records. No model, file, clock or network
 here: `distill.gate.runners` runs the models and reads the store, `distill.gate.report` writes
 the page. (Over 400 lines: one section per check, each small and independent.)
 
-Calibration conventions: `logprobs` is ``[L, V]`` log-probabilities where row t is the model's
-next-token distribution after ``ids[:t + 1]``; ``counted[t]`` marks the tokens ``ids[t]`` that
-are scored (the answer), each by row t - 1. Bins are equal-width on [0, 1]: bin i holds the
-confidences in [i/B, (i+1)/B), the last bin also holds 1.0.
+Calibration takes per-token confidences (the most likely token's probability) and whether that
+token was the reference's (`serving.engines.AnswerScores`). Bins are equal-width on [0, 1]: bin i
+holds the confidences in [i/B, (i+1)/B), the last bin also holds 1.0.
 """
 
 from __future__ import annotations
@@ -207,33 +206,6 @@ def _fields_match(value: dict, fields: dict) -> tuple[bool, str]:
 
 
 # --- calibration ---------------------------------------------------------------------------------
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of ``[L, V]`` logits, float64."""
-    x = np.asarray(logits, dtype=np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
-def token_confidence(logprobs: np.ndarray, ids: Sequence[int],
-                     counted: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
-    """Teacher-forced (confidence, correct) per counted token: the max next-token probability
-    of row t - 1, and whether its argmax is ``ids[t]`` (see the module docstring)."""
-    if len(ids) != len(counted) or logprobs.shape[0] < len(ids):
-        raise ValueError(f"{len(ids)} ids, {len(counted)} counted flags, "
-                         f"{logprobs.shape[0]} rows of logprobs")
-    rows = np.array([t - 1 for t in range(1, len(ids)) if counted[t]], dtype=np.int64)
-    if rows.size == 0:
-        return np.zeros(0), np.zeros(0, dtype=bool)
-    at = logprobs[rows]
-    targets = np.asarray(ids)[rows + 1]
-    return np.exp(at.max(axis=-1)), at.argmax(axis=-1) == targets
-
-
-def sequence_logprob(logprobs: np.ndarray, ids: Sequence[int], counted: Sequence[bool]) -> float:
-    """Sum of the counted tokens' log-probabilities (each from the row before it)."""
-    return float(sum(logprobs[t - 1, ids[t]] for t in range(1, len(ids)) if counted[t]))
 
 
 def softmax(scores: Sequence[float]) -> list[float]:

@@ -12,15 +12,15 @@ from typing import Any
 import numpy as np
 
 from distill import paired
-from distill.answers import Answer, answer_one, engine_config_for, open_engine
+from distill.answers import Answer, answer_one, chat_messages, engine_config_for, open_engine
 from distill.fidelity import text_fidelity
 from distill.gate import checks as gc
 from distill.gate.config import EdgeCase, LatencyConfig, Messages
 from distill.gate.machine import gpu_peak_mb, mb, reset_peak_memory, status_kb
 from distill.gate.plan import Plan, skipped
-from distill.gate.scorers import GgufScorer, HfScorer
 from distill.tasks import score as score_tasks
 from distill.tasks import summary as task_summary
+from serving.engines import AnswerScores, Engine, PromptTooLong
 from serving.engines.config import LlamaCppEngine, TransformersEngine
 from shadow.embedder import SemanticEmbedder
 from shadow.scoring import exact_match, rouge_l
@@ -99,34 +99,34 @@ def check_fidelity(plan: Plan) -> tuple[dict[str, Any], list[str]]:
              **scores, "rows": pairs, "notes": notes}, [f for f in failures if f])
 
 
-def _scorer(model: str, plan: Plan) -> GgufScorer | HfScorer | None:
-    """A token-probability scorer for `model`; None when its engine has none (remote, fake)."""
-    engine = engine_config_for(model)
-    if isinstance(engine, LlamaCppEngine):
-        return GgufScorer(engine.path, plan.config.calibration.n_ctx, plan.config.n_threads)
-    if isinstance(engine, TransformersEngine):
-        return HfScorer(engine.model)
-    return None
+def _scored(model: str, plan: Plan, label_cases: list[EdgeCase]
+            ) -> tuple[list[AnswerScores | None], list[dict[str, Any]]] | None:
+    """`model`'s teacher-forced scores of each held-out reference (None: longer than
+    calibration.n_ctx) and its label probabilities for `label_cases`, from the engine that
+    serves it; None when that engine has no token probabilities (remote, fake)."""
+    config = engine_config_for(model, n_ctx=plan.config.calibration.n_ctx,
+                               n_threads=plan.config.n_threads)
+    if not isinstance(config, (LlamaCppEngine, TransformersEngine)):
+        return None
+
+    async def run() -> tuple[list[AnswerScores | None], list[dict[str, Any]]]:
+        async with open_engine(config) as engine:
+            scores: list[AnswerScores | None] = []
+            for _, messages, reference, complete in plan.heldout:
+                try:
+                    scores.append(await engine.score(chat_messages(messages), reference, end=complete))
+                except PromptTooLong:
+                    scores.append(None)
+            return scores, [await _label_probs(engine, case) for case in label_cases]
+
+    return asyncio.run(run())
 
 
-def _token_scores(scorer: GgufScorer | HfScorer, plan: Plan
-                  ) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """Per held-out pair: the confidence and correctness of each teacher token under the
-    model (None: longer than calibration.n_ctx)."""
-    out: list[tuple[np.ndarray, np.ndarray] | None] = []
-    for _, messages, reference, complete in plan.heldout:
-        ids, counted = scorer.encode(messages, reference, end=complete)
-        out.append(None if len(ids) > plan.config.calibration.n_ctx
-                   else gc.token_confidence(scorer.logprobs(ids), ids, counted))
-    return out
-
-
-def _ece_of(scores: list[tuple[np.ndarray, np.ndarray]], bins: int) -> Callable[[np.ndarray],
-                                                                               float]:
+def _ece_of(scores: list[AnswerScores], bins: int) -> Callable[[np.ndarray], float]:
     """ECE over the tokens of the chosen cases (for the paired bootstrap)."""
     def ece(index: np.ndarray) -> float:
-        c = np.concatenate([scores[i][0] for i in index])
-        k = np.concatenate([scores[i][1] for i in index])
+        c = np.concatenate([scores[i].confidence for i in index])
+        k = np.concatenate([scores[i].correct for i in index])
         return gc.expected_calibration_error(c, k, bins) if len(c) else float("nan")
     return ece
 
@@ -140,28 +140,20 @@ def check_calibration(plan: Plan) -> tuple[dict[str, Any], list[str]]:
                         f"folder (not {engine.engine})")
     if not plan.heldout and not label_cases:
         return skipped("no held-out pairs and no label edge cases")
-    scorer = _scorer(plan.student, plan)
-    try:
-        scores = _token_scores(scorer, plan)
-        labels = [_label_probs(scorer, case) for case in label_cases]
-    finally:
-        scorer.close()
-    confidence = [x for s in scores if s is not None for x in s[0].tolist()]
-    correct = [x for s in scores if s is not None for x in s[1].tolist()]
+    scores, labels = _scored(plan.student, plan, label_cases)
+    confidence = [x for s in scores if s is not None for x in s.confidence.tolist()]
+    correct = [x for s in scores if s is not None for x in s.correct.tolist()]
     too_long = sum(s is None for s in scores)
     notes = []
     if plan.champion is not None and plan.heldout:
-        champion_scorer = _scorer(plan.champion, plan)
-        if champion_scorer is None:
+        champion = _scored(plan.champion, plan, [])
+        if champion is None:
             notes.append("calibration.ece not compared: the champion has no token "
                          "probabilities")
         else:
-            try:
-                theirs = _token_scores(champion_scorer, plan)
-            finally:
-                champion_scorer.close()
+            theirs, _ = champion
             both = [(a, b) for a, b in zip(theirs, scores)
-                    if a is not None and b is not None and len(a[0]) and len(b[0])]
+                    if a is not None and b is not None and len(a.tokens) and len(b.tokens)]
             if both:
                 plan.compare("calibration.ece", both, both, higher_is_better=False, by_index=(
                     _ece_of([a for a, _ in both], cfg.bins),
@@ -195,12 +187,10 @@ def check_calibration(plan: Plan) -> tuple[dict[str, Any], list[str]]:
     return result, [f for f in failures if f]
 
 
-def _label_probs(scorer: GgufScorer | HfScorer, case: EdgeCase) -> dict[str, Any]:
+async def _label_probs(engine: Engine, case: EdgeCase) -> dict[str, Any]:
     """P(label | prompt) over the case's label set, from each label's sequence logprob."""
-    scores = []
-    for label in case.expect.labels:
-        ids, counted = scorer.encode(case.messages, label, end=False)
-        scores.append(gc.sequence_logprob(scorer.logprobs(ids), ids, counted))
+    scores = [(await engine.score(chat_messages(case.messages), label)).total
+              for label in case.expect.labels]
     probs = dict(zip(case.expect.labels, gc.softmax(scores)))
     return {"id": case.id, "expected": case.expect.label, "probs": probs,
             "predicted": max(probs, key=probs.get)}

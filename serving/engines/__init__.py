@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serving.engines.base import (
+    AnswerScores,
     Delta,
     Engine,
     EngineError,
@@ -39,6 +40,7 @@ __all__ = [
     "parse_response_format",
     "parse_tools",
     "split_calls",
+    "AnswerScores",
     "Delta",
     "Engine",
     "EngineError",

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from serving.engines.structured import ResponseFormat
 from serving.engines.tools import ToolCall, ToolUse
 
@@ -88,6 +90,51 @@ class Delta:
     finish_assumed: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class AnswerScores:
+    """A given answer's tokens scored teacher-forced after a prompt (`Engine.score`): per token,
+    its log-probability and the log-probability and id of the model's most likely token there."""
+
+    tokens: np.ndarray  # [T] int64, the answer's token ids
+    logprob: np.ndarray  # [T] float64, log P(token | prompt, answer so far)
+    top_logprob: np.ndarray  # [T] float64, the best token's log-probability
+    top_token: np.ndarray  # [T] int64, the best token's id
+
+    @classmethod
+    def of(cls, logits: np.ndarray, tokens: Sequence[int]) -> AnswerScores:
+        """Scores from the logits rows that predict each of `tokens` (row t predicts token t)."""
+        x = np.asarray(logits, dtype=np.float64).reshape(len(tokens), -1)
+        x = x - x.max(axis=-1, keepdims=True)
+        logprobs = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+        ids = np.asarray(tokens, dtype=np.int64)
+        best = logprobs.argmax(axis=-1) if len(ids) else np.zeros(0, dtype=np.int64)
+        rows = np.arange(len(ids))
+        return cls(ids, logprobs[rows, ids], logprobs[rows, best], best.astype(np.int64))
+
+    @classmethod
+    def join(cls, parts: Sequence[AnswerScores]) -> AnswerScores:
+        if not parts:
+            ints, floats = np.zeros(0, dtype=np.int64), np.zeros(0)
+            return cls(ints, floats, floats, ints)
+        return cls(*(np.concatenate([getattr(p, f) for p in parts])
+                     for f in ("tokens", "logprob", "top_logprob", "top_token")))
+
+    @property
+    def total(self) -> float:
+        """log P(answer | prompt)."""
+        return float(self.logprob.sum())
+
+    @property
+    def confidence(self) -> np.ndarray:
+        """The most likely token's probability at each position."""
+        return np.exp(self.top_logprob)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """Whether the most likely token at each position is the answer's."""
+        return self.top_token == self.tokens
+
+
 class PromptTooLong(ValueError):
     """The prompt plus `max_tokens` does not fit the model's context window."""
 
@@ -142,6 +189,13 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Delta]:
         """Yield deltas for one choice. Raises `PromptTooLong` before the first delta."""
+
+    async def score(self, messages: Sequence[Message], answer: str, *,
+                    end: bool = False) -> AnswerScores:
+        """Score `answer` (tokenized on its own, then end-of-sequence when `end`) as this model's
+        reply to chat `messages`, teacher-forced. Raises `PromptTooLong` when the two do not fit
+        the context window, `Unsupported` for an engine without token probabilities."""
+        raise Unsupported("score", f"{self.info.model}: this engine cannot score tokens")
 
     async def close(self) -> None:
         """Free the model. Default: nothing to free."""

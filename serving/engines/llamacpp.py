@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.engines.base import (
+    AnswerScores,
     Delta,
     EngineError,
     EngineInfo,
@@ -162,18 +163,36 @@ class LlamaCppEngine(WorkerThreadEngine):
                    label_probs=self._label_probs(prompt, p)))
         return True
 
-    def _sequence_logprob(self, prompt: list[int], text: str) -> float:
-        """One token at a time after the prompt (whose KV cache is reused), so only the last
-        position's logits are ever read."""
+    def _text_tokens(self, text: str) -> list[int]:
+        return self._llm.tokenize(text.encode(), add_bos=False, special=False)
+
+    def _end_token(self) -> int | None:
+        eos = self._llm.token_eos()
+        return None if eos == -1 else eos
+
+    def _score_tokens(self, prompt: list[int], tokens: list[int]) -> AnswerScores:
+        """The prompt through `_prefill` (its KV cache reused), then the answer in batches of
+        `n_batch` with the logits of every position kept."""
         llm = self._llm
-        tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
         self._prefill(prompt)
-        total = 0.0
-        for k, token in enumerate(tokens):
-            total += _log_softmax(self._last_logits())[token]
-            if k + 1 < len(tokens):
-                llm.eval([token])
-        return float(total)
+        parts = [AnswerScores.of(self._last_logits(), tokens[:1])]
+        for start in range(0, len(tokens) - 1, llm.n_batch):
+            chunk = tokens[start:min(start + llm.n_batch, len(tokens) - 1)]
+            parts.append(AnswerScores.of(self._eval_all_logits(chunk),
+                                         tokens[start + 1:start + 1 + len(chunk)]))
+        return AnswerScores.join(parts)
+
+    def _eval_all_logits(self, chunk: list[int]) -> np.ndarray:
+        """Evaluate `chunk` (at most `n_batch` tokens) after what the context holds, keeping
+        the logits of each position: `[len(chunk), n_vocab]`."""
+        llm = self._llm
+        n_past = llm.n_tokens
+        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+        llm._batch.set_batch(chunk, n_past=n_past, logits_all=True)
+        llm._ctx.decode(llm._batch)
+        llm.input_ids[n_past:n_past + len(chunk)] = chunk
+        llm.n_tokens = n_past + len(chunk)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), llm.n_vocab()))
 
     def _last_logits(self) -> np.ndarray:
         llm = self._llm

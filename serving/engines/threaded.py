@@ -4,8 +4,9 @@ A subclass implements `tokenize_request` (event-loop thread) and `_decode` (work
 deltas). Generations run one at a time, in order; closing a generation's iterator sets its stop
 event, which `_decode` checks at every token; `close` stops running and queued work.
 
-A label-constrained answer asked with logprobs also gets `label_probs`: each label's sequence
-logprob after the prompt (`_sequence_logprob`, the subclass's), softmaxed over the labels.
+A subclass also scores a given answer teacher-forced (`_score_tokens`, worker thread): `score`
+for callers such as the release gate, and `label_probs` for a label-constrained answer asked
+with logprobs (each label's sequence logprob after the prompt, softmaxed over the labels).
 """
 
 from __future__ import annotations
@@ -13,14 +14,25 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
-from serving.engines.base import Delta, Engine, EngineError, GenerationRequest, SamplingParams
+from serving.engines.base import (
+    AnswerScores,
+    Delta,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    Message,
+    PromptTooLong,
+    SamplingParams,
+)
 
 _DONE = object()
+_T = TypeVar("_T")
 
 
 class WorkerThreadEngine(Engine):
@@ -29,9 +41,10 @@ class WorkerThreadEngine(Engine):
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._running: set[threading.Event] = set()  # stop events of queued and running work
 
-    async def _in_worker(self, fn: Callable[[], None]) -> None:
-        """Run `fn` on the worker thread (model loading: the thread that will use the model)."""
-        await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+    async def _in_worker(self, fn: Callable[[], _T]) -> _T:
+        """Run `fn` on the worker thread, the one thread that uses the model, after the work
+        queued before it."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     @abc.abstractmethod
     def tokenize_request(self, request: GenerationRequest) -> list[int]:
@@ -52,8 +65,30 @@ class WorkerThreadEngine(Engine):
         """
 
     @abc.abstractmethod
-    def _sequence_logprob(self, prompt: list[int], text: str) -> float:
-        """log P(text | prompt) under the model, `text` tokenized on its own (worker thread)."""
+    def _text_tokens(self, text: str) -> list[int]:
+        """`text` tokenized on its own: no BOS, special-token text kept as text."""
+
+    @abc.abstractmethod
+    def _end_token(self) -> int | None:
+        """The end-of-sequence token a finished answer ends with; None when the model has none."""
+
+    @abc.abstractmethod
+    def _score_tokens(self, prompt: list[int], tokens: list[int]) -> AnswerScores:
+        """`tokens` scored teacher-forced after `prompt` (worker thread; `tokens` not empty)."""
+
+    async def score(self, messages: Sequence[Message], answer: str, *,
+                    end: bool = False) -> AnswerScores:
+        prompt = self.tokenize_request(GenerationRequest(
+            "score", SamplingParams(max_tokens=0), messages=tuple(messages)))
+        tokens = self._text_tokens(answer)
+        eos = self._end_token() if end else None
+        tokens += [] if eos is None else [eos]
+        window = self.info.context_window
+        if window is not None and len(prompt) + len(tokens) > window:
+            raise PromptTooLong(len(prompt), len(tokens), window)
+        if not tokens:
+            return AnswerScores.join([])
+        return await self._in_worker(lambda: self._score_tokens(prompt, tokens))
 
     def _label_probs(self, prompt: list[int], p: SamplingParams) -> dict[str, float] | None:
         """P(label | prompt) over a label-constrained answer's labels when logprobs are asked
@@ -61,7 +96,8 @@ class WorkerThreadEngine(Engine):
         fmt = p.response_format
         if fmt is None or fmt.type != "choice" or p.logprobs is None:
             return None
-        scores = np.array([self._sequence_logprob(prompt, label) for label in fmt.labels])
+        scores = np.array([self._score_tokens(prompt, self._text_tokens(label)).total
+                           for label in fmt.labels])
         probs = np.exp(scores - scores.max())
         return dict(zip(fmt.labels, (probs / probs.sum()).tolist(), strict=True))
 

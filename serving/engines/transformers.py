@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from serving.engines.base import (
+    AnswerScores,
     Delta,
     EngineError,
     EngineInfo,
@@ -213,16 +214,20 @@ class TransformersEngine(WorkerThreadEngine):
                    label_probs=self._label_probs(prompt, p)))
         return True
 
-    def _sequence_logprob(self, prompt: list[int], text: str) -> float:
+    def _text_tokens(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _end_token(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    def _score_tokens(self, prompt: list[int], tokens: list[int]) -> AnswerScores:
+        """One forward pass over prompt and answer."""
         import torch
 
-        tokens = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         ids = torch.tensor([prompt + tokens], device=self.config.device)
         with torch.inference_mode():
-            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        chosen = torch.tensor(tokens, device=logprobs.device)
-        return float(logprobs.gather(1, chosen[:, None]).sum())
+            logits = self.model(input_ids=ids).logits[0, len(prompt) - 1:-1]
+        return AnswerScores.of(logits.double().cpu().numpy(), tokens)
 
     def _logprobs(self, logits: Any, token: int, k: int) -> TokenLogprob:
         import torch

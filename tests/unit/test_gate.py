@@ -20,6 +20,7 @@ from distill.gate.config import GateConfig, GateError, load_edge_cases, load_gat
 from distill.gate.run import validate
 from ops.cli import app
 from ops.settings import load_settings
+from serving.engines import AnswerScores
 from shadow.records import FeedbackRecord, ResponseRecord
 from shadow.store import SqliteStore
 from tests.oracle import serve_oracle
@@ -71,13 +72,15 @@ def test_overconfident_wrong():
     assert gc.overconfident_wrong([0.95], [True]) is None
 
 
-def test_token_confidence_and_sequence_logprob():
-    logprobs = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [1 / 3, 1 / 3, 1 / 3]]))
-    ids, counted = [0, 1, 2], [False, True, True]
-    conf, correct = gc.token_confidence(logprobs, ids, counted)
-    assert conf.tolist() == pytest.approx([0.7, 0.6])  # row 0 scores ids[1], row 1 ids[2]
-    assert correct.tolist() == [False, True]
-    assert gc.sequence_logprob(logprobs, ids, counted) == pytest.approx(math.log(0.2 * 0.6))
+def test_answer_scores_from_logits():
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]])) + 5.0  # any shift
+    scores = AnswerScores.of(logits, [1, 2])  # row 0 predicts token 1, row 1 token 2
+    assert scores.confidence.tolist() == pytest.approx([0.7, 0.6])
+    assert scores.correct.tolist() == [False, True]
+    assert scores.total == pytest.approx(math.log(0.2 * 0.6))
+    both = AnswerScores.join([scores, AnswerScores.of(logits[:1], [0])])
+    assert both.tokens.tolist() == [1, 2, 0] and both.correct.tolist() == [False, True, True]
+    assert AnswerScores.join([]).total == 0.0
     assert gc.softmax([math.log(1), math.log(3)]) == pytest.approx([0.25, 0.75])
 
 

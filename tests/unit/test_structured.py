@@ -8,12 +8,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json
 
+import numpy as np
 import pytest
 
-from distill.gate.scorers import GgufScorer, HfScorer
 from serving.engines import (
     GenerationRequest,
     Message,
+    PromptTooLong,
     SamplingParams,
     Unsupported,
     build_engine,
@@ -192,11 +193,65 @@ async def assert_enforced(engine):
     assert all(check_answer(ticket, out.text) is not None for _, out in free)
 
 
-async def assert_label_probs(engine, scorer):
-    """A label answer asked with logprobs carries P(label | prompt), equal to the gate's own
-    teacher-forced scorer over the whole sequence; without logprobs, none."""
-    from distill.gate import checks as gc
+def gguf_reference(path):
+    """log P(token | ids before it) for each of `tokens` after `prompt`, from a separate
+    llama.cpp context that keeps every position's logits (`logits_all`)."""
+    from llama_cpp import Llama
 
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+
+    def reference(prompt, tokens):
+        llm.reset()
+        llm.eval(prompt + tokens)
+        rows = llm.scores[len(prompt) - 1:len(prompt) + len(tokens) - 1].astype(np.float64)
+        return _log_softmax(rows), llm.token_eos()
+
+    return reference
+
+
+def hf_reference(folder):
+    """The same from one transformers forward pass over prompt and answer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    eos = AutoTokenizer.from_pretrained(folder).eos_token_id
+
+    def reference(prompt, tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens])).logits[0].double().numpy()
+        return _log_softmax(logits[len(prompt) - 1:-1]), eos
+
+    return reference
+
+
+def _log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+async def assert_scores(engine, reference):
+    """`score` equals the reference, token by token, with EOS appended only when `end`; an
+    answer past the context window is refused."""
+    prompt = engine.tokenize_request(GenerationRequest("r", SamplingParams(1), messages=MESSAGES))
+    answer = "billing, network and the account manager " * 2
+    scores = await engine.score(MESSAGES, answer, end=True)
+    logprobs, eos = reference(prompt, scores.tokens.tolist())
+    assert scores.tokens[-1] == eos and len(scores.tokens) > 20
+    assert scores.tokens[:-1].tolist() == engine._text_tokens(answer)
+    rows = np.arange(len(scores.tokens))
+    assert scores.logprob == pytest.approx(logprobs[rows, scores.tokens], abs=1e-4)
+    assert scores.top_logprob == pytest.approx(logprobs.max(axis=-1), abs=1e-4)
+    assert (scores.correct == (logprobs.argmax(axis=-1) == scores.tokens)).all()
+    unended = await engine.score(MESSAGES, answer)
+    assert unended.tokens.tolist() == scores.tokens[:-1].tolist()
+    with pytest.raises(PromptTooLong):
+        await engine.score(MESSAGES, "billing " * 2000)
+
+
+async def assert_label_probs(engine, reference):
+    """A label answer asked with logprobs carries P(label | prompt), equal to the reference's
+    teacher-forced sequence logprobs softmaxed over the labels; without logprobs, none."""
     labels = choice_of(["billing", "network", "account manager"])
     asked = SamplingParams(20, seed=3, response_format=labels, logprobs=0)
     for params in (asked, SamplingParams(20, seed=3, response_format=labels)):
@@ -206,39 +261,45 @@ async def assert_label_probs(engine, scorer):
     assert out.label_probs is None
     got = merge_deltas([d async for d in engine.generate(
         GenerationRequest("r", asked, messages=MESSAGES))]).label_probs
-    messages = [{"role": "user", "content": MESSAGES[0].content}]
+    prompt = engine.tokenize_request(GenerationRequest("r", asked, messages=MESSAGES))
     scores = []
     for label in labels.labels:
-        ids, counted = scorer.encode(messages, label, end=False)
-        scores.append(gc.sequence_logprob(scorer.logprobs(ids), ids, counted))
-    expected = dict(zip(labels.labels, gc.softmax(scores)))
+        tokens = engine._text_tokens(label)
+        logprobs, _ = reference(prompt, tokens)
+        scores.append(logprobs[np.arange(len(tokens)), tokens].sum())
+    weights = np.exp(np.array(scores) - max(scores))
+    expected = dict(zip(labels.labels, (weights / weights.sum()).tolist()))
     assert list(got) == list(expected)
     assert got == pytest.approx(expected, abs=1e-4)
     assert sum(got.values()) == pytest.approx(1.0)
 
 
-async def test_llamacpp_enforces_the_schema(tmp_path):
+async def test_llamacpp_enforces_the_schema_and_scores(tmp_path):
     path = write_tiny_gguf(tmp_path / "tiny.gguf")
-    engine = build_engine(LlamaCppConfig(path=str(path), n_ctx=256, n_threads=1),
+    # n_batch 8: a scored answer spans several batches.
+    engine = build_engine(LlamaCppConfig(path=str(path), n_ctx=256, n_threads=1, n_batch=8),
                           resolve_path=lambda p: p)
     await engine.start()
-    scorer = GgufScorer(str(path), 256, 1)
+    reference = gguf_reference(path)
     try:
         await assert_enforced(engine)
-        await assert_label_probs(engine, scorer)
+        await assert_label_probs(engine, reference)
+        await assert_scores(engine, reference)
+        await assert_enforced(engine)  # scoring left the context's prefix cache coherent
     finally:
-        scorer.close()
         await engine.close()
 
 
-async def test_transformers_enforces_the_schema(tmp_path):
+async def test_transformers_enforces_the_schema_and_scores(tmp_path):
     tokenizer = bpe_tokenizer()
     folder = save(tmp_path / "tiny", tiny_model("llama", tokenizer), tokenizer)
     engine = build_engine(TransformersConfig(model=str(folder)), resolve_path=lambda p: p)
     await engine.start()
     try:
         await assert_enforced(engine)
-        await assert_label_probs(engine, HfScorer(str(folder)))
+        reference = hf_reference(folder)
+        await assert_label_probs(engine, reference)
+        await assert_scores(engine, reference)
     finally:
         await engine.close()
 
@@ -250,3 +311,6 @@ async def test_the_fake_engine_refuses_a_response_format():
     with pytest.raises(Unsupported) as e:
         engine.generate(request(ResponseFormat("json_object")))
     assert e.value.param == "response_format"
+    with pytest.raises(Unsupported) as e:  # no token probabilities to score with
+        await engine.score(MESSAGES, "an answer")
+    assert e.value.param == "score"
