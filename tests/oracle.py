@@ -8,7 +8,6 @@ import json
 import re
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,6 +19,7 @@ from starlette.routing import Route
 
 from distill.evaluate import DEFAULT_SUITE
 from distill.tasks import load_suite
+from ops.gateway import wait_until
 
 
 class Oracle:
@@ -84,10 +84,7 @@ def serve_app(app) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.01)
+    wait_until(lambda: server.started, "test server start", timeout_s=10, interval_s=0.01)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     finally:

@@ -150,3 +150,32 @@ def test_a_cycle_is_caught():
          "shadow.d": {"shadow.a"}}
     assert cycles(g) == [["shadow.a", "shadow.b", "shadow.c"]]
     assert cycles({"shadow.a": {"shadow.b"}, "shadow.b": set()}) == []
+
+
+# What starts a server or opens a socket belongs to tests/integration and tests/e2e.
+SERVER_MODULES = ("socket", "socketserver", "http.server", "uvicorn", "ray.serve", "ray.train",
+                  "psycopg",
+                  "ops.gateway", "tests.oracle", "tests.promserver")
+
+
+def server_imports(path: Path) -> list[str]:
+    """The modules of SERVER_MODULES (or below them) that `path` imports."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module or "")
+    return sorted({n for n in names for s in SERVER_MODULES if n == s or n.startswith(s + ".")})
+
+
+def test_unit_tests_start_no_servers():
+    found = {str(p.relative_to(REPO_ROOT)): server_imports(p)
+             for p in sorted((REPO_ROOT / "tests" / "unit").glob("*.py"))}
+    assert {p: names for p, names in found.items() if names} == {}
+
+
+def test_a_server_import_is_caught(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import json, ray\nfrom tests.oracle import serve_oracle\nimport ray.serve\n")
+    assert server_imports(probe) == ["ray.serve", "tests.oracle"]
