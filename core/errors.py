@@ -101,20 +101,14 @@ class OpenAIError(Exception):
     def invalid_value(
         cls, param: str | None, message: str, code: str | None = "invalid_value"
     ) -> OpenAIError:
-        return cls(400, message, "invalid_request_error", param, code)
+        return cls(400, message, param=param, code=code)
 
     @classmethod
     def invalid_json(cls, detail: str | None = None) -> OpenAIError:
         """`detail`: the parser's words, e.g. "EOF while parsing a value at line 1 column 9"."""
         where = f" ({clip(detail, MAX_ECHO)})" if detail else ""
-        return cls(
-            400,
-            f"We could not parse the JSON body of your request{where}. The body must be valid "
-            "JSON (UTF-8) holding one object.",
-            "invalid_request_error",
-            None,
-            "invalid_json",
-        )
+        return cls(400, f"We could not parse the JSON body of your request{where}. The body "
+                   "must be valid JSON (UTF-8) holding one object.", code="invalid_json")
 
     @classmethod
     def load_json(cls, body: bytes) -> Any:
@@ -129,119 +123,68 @@ class OpenAIError(Exception):
 
     @classmethod
     def not_json_object(cls, got: str) -> OpenAIError:
-        return cls(
-            400,
-            f"The request body must be a JSON object, but got {got} instead.",
-            "invalid_request_error",
-            None,
-            "invalid_json",
-        )
+        return cls(400, f"The request body must be a JSON object, but got {got} instead.",
+                   code="invalid_json")
 
     @classmethod
     def context_length_exceeded(cls, message: str, param: str = "messages") -> OpenAIError:
         """The prompt does not fit: pass `str(PromptTooLong)`; param "messages" or "prompt"."""
-        return cls(400, message, "invalid_request_error", param, "context_length_exceeded")
+        return cls(400, message, param=param, code="context_length_exceeded")
 
     # -- 401 / 404 / 408 / 413 / 415 ---------------------------------------------------------
 
     @classmethod
     def bad_auth(cls) -> OpenAIError:
-        return cls(
-            401,
-            "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`.",
-            "authentication_error",
-            None,
-            "invalid_api_key",
-        )
+        return cls(401, "Incorrect or missing API key. Send it as `Authorization: Bearer <key>`.",
+                   "authentication_error", code="invalid_api_key")
 
     @classmethod
     def unknown_model(cls, model: str) -> OpenAIError:
         """Names only what the client sent; never the list of routes or variants."""
-        return cls(
-            404,
-            f"The model `{clip(model, MAX_ECHO)}` does not exist or you do not have access to "
-            "it. GET /v1/models lists the models you can use.",
-            "not_found_error",
-            "model",
-            "model_not_found",
-        )
+        return cls(404, f"The model `{clip(model, MAX_ECHO)}` does not exist or you do not have "
+                   "access to it. GET /v1/models lists the models you can use.",
+                   "not_found_error", "model", "model_not_found")
 
     @classmethod
     def not_found(cls, path: str) -> OpenAIError:
-        return cls(
-            404,
-            f"Unknown request URL: {clip(path, MAX_ECHO)}. Please check the URL and method.",
-            "not_found_error",
-            None,
-            "unknown_url",
-        )
+        return cls(404, f"Unknown request URL: {clip(path, MAX_ECHO)}. Please check the URL and "
+                   "method.", "not_found_error", code="unknown_url")
 
     @classmethod
     def timeout(cls, seconds: float | None = None) -> OpenAIError:
         after = f" after {seconds:g} s" if seconds is not None else ""
-        return cls(
-            408,
-            f"The request timed out{after} before the model finished. Retry, or ask for fewer "
-            "tokens.",
-            "timeout_error",
-            None,
-            "timeout",
-        )
+        return cls(408, f"The request timed out{after} before the model finished. Retry, or ask "
+                   "for fewer tokens.", "timeout_error", code="timeout")
 
     @classmethod
     def body_too_large(cls, limit: int) -> OpenAIError:
-        return cls(
-            413,
-            f"The request body is larger than the limit of {limit} bytes.",
-            "invalid_request_error",
-            None,
-            "body_too_large",
-        )
+        return cls(413, f"The request body is larger than the limit of {limit} bytes.",
+                   code="body_too_large")
 
     @classmethod
     def unsupported_media_type(cls, content_type: str | None) -> OpenAIError:
         got = clip(content_type, MAX_ECHO) if content_type else "none"
-        return cls(
-            415,
-            f"Unsupported Content-Type {got!r}: send the body as application/json.",
-            "invalid_request_error",
-            None,
-            "unsupported_media_type",
-        )
+        return cls(415, f"Unsupported Content-Type {got!r}: send the body as application/json.",
+                   code="unsupported_media_type")
 
     # -- 429 / 500 / 503 ---------------------------------------------------------------------
 
     @classmethod
     def rate_limited(cls, retry_after: float = 1) -> OpenAIError:
-        return cls(
-            429,
-            "Too many requests. Please slow down and retry after the Retry-After delay.",
-            "rate_limit_error",
-            None,
-            "rate_limit_exceeded",
-            {"Retry-After": _seconds(retry_after)},
-        )
+        return cls(429, "Too many requests. Please slow down and retry after the Retry-After "
+                   "delay.", "rate_limit_error", code="rate_limit_exceeded",
+                   headers={"Retry-After": _seconds(retry_after)})
 
     @classmethod
     def server_error(cls) -> OpenAIError:
-        return cls(
-            500,
-            "The server had an error while processing your request. Sorry about that!",
-            "server_error",
-            None,
-            None,
-        )
+        return cls(500, "The server had an error while processing your request. Sorry about "
+                   "that!", "server_error")
 
     @classmethod
     def busy(cls, retry_after: float = 1) -> OpenAIError:
-        return cls(
-            503,
-            "The server is busy with other requests. Please retry after the Retry-After delay.",
-            "server_error",
-            None,
-            "server_busy",
-            {"Retry-After": _seconds(retry_after)},
-        )
+        return cls(503, "The server is busy with other requests. Please retry after the "
+                   "Retry-After delay.", "server_error", code="server_busy",
+                   headers={"Retry-After": _seconds(retry_after)})
 
     # -- other names for the same errors ------------------------------------------------------
 

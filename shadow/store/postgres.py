@@ -22,19 +22,8 @@ from psycopg.conninfo import conninfo_to_dict
 from shadow.labels import Label
 from shadow.records import ROW_COLUMNS, FeedbackRecord, PairRecord, ResponseRecord
 from shadow.review_queries import POSTGRES
+from shadow.store import sql as shared
 from shadow.store.base import Record
-from shadow.store.sql import (
-    FEEDBACK_COLUMNS,
-    LABEL_COLUMNS,
-    RESPONSE_COLUMNS,
-    ReviewReads,
-    feedback_from_row,
-    feedback_row,
-    insert_label_sql,
-    label_params,
-    pairs_query,
-    split_batch,
-)
 
 # MIGRATIONS[i] takes the schema from version i to i + 1, as SQLite's do. Append; never edit one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -100,11 +89,11 @@ def _insert(table: str, columns: Sequence[str]) -> str:
 
 
 _INSERT_PAIR = _insert("pairs", ROW_COLUMNS)
-_INSERT_RESPONSE = _insert("responses", RESPONSE_COLUMNS)
-_INSERT_FEEDBACK = _insert("feedback", FEEDBACK_COLUMNS)
+_INSERT_RESPONSE = _insert("responses", shared.RESPONSE_COLUMNS)
+_INSERT_FEEDBACK = _insert("feedback", shared.FEEDBACK_COLUMNS)
 
 
-class PostgresStore(ReviewReads):
+class PostgresStore(shared.ReviewReads):
     """Pairs in PostgreSQL. Each call opens its own connection (`timeout_s` bounds connecting
     and a write's wait for a lock), so a server that goes down fails the calls (the writer
     spills) and the store works again once it is back, without a restart. Thread-safe.
@@ -150,7 +139,7 @@ class PostgresStore(ReviewReads):
                 conn.execute("INSERT INTO protege_schema (version) VALUES (%s)", (number,))
 
     def write_batch(self, records: Sequence[Record]) -> None:
-        pairs, responses = split_batch(records)  # serialise before connecting
+        pairs, responses = shared.split_batch(records)  # serialise before connecting
         if not (pairs or responses):
             return
         with self._connect() as conn, conn.transaction(), conn.cursor() as cur:
@@ -175,7 +164,7 @@ class PostgresStore(ReviewReads):
         self, *, route: str | None = None, since: str | None = None, until: str | None = None,
         min_disagreement: float | None = None, limit: int | None = None,
     ) -> Iterator[PairRecord]:
-        sql, params = pairs_query("%s", route=route, since=since, until=until,
+        sql, params = shared.pairs_query("%s", route=route, since=since, until=until,
                                   min_disagreement=min_disagreement, limit=limit)
         for (text,) in self._stream(sql, params):
             yield PairRecord.from_json(text)
@@ -196,29 +185,29 @@ class PostgresStore(ReviewReads):
     def get_response(self, response_id: str) -> ResponseRecord | None:
         with self._connect() as conn:
             row = conn.execute(
-                f"SELECT {', '.join(RESPONSE_COLUMNS)} FROM responses WHERE response_id = %s",
+                f"SELECT {', '.join(shared.RESPONSE_COLUMNS)} FROM responses WHERE response_id = %s",
                 (response_id,)).fetchone()
         return None if row is None else ResponseRecord(*row)
 
     def add_feedback(self, feedback: FeedbackRecord) -> None:
         with self._connect() as conn:
-            conn.execute(_INSERT_FEEDBACK, feedback_row(feedback))
+            conn.execute(_INSERT_FEEDBACK, shared.feedback_row(feedback))
 
     def iter_feedback(self, *, since: str | None = None) -> Iterator[FeedbackRecord]:
-        sql = f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback"
+        sql = f"SELECT {', '.join(shared.FEEDBACK_COLUMNS)} FROM feedback"
         params: list = []
         if since is not None:
             sql += " WHERE created_at >= %s"
             params.append(since)
-        yield from map(feedback_from_row,
+        yield from map(shared.feedback_from_row,
                        self._stream(sql + " ORDER BY created_at, feedback_id", params))
 
     def add_label(self, label: Label) -> bool:
         with self._connect() as conn:
-            return conn.execute(insert_label_sql("%s"), label_params(label)).rowcount == 1
+            return conn.execute(shared.insert_label_sql("%s"), shared.label_params(label)).rowcount == 1
 
     def iter_labels(self) -> Iterator[Label]:
-        sql = f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels ORDER BY created_at, label_id"
+        sql = f"SELECT {', '.join(shared.LABEL_COLUMNS)} FROM labels ORDER BY created_at, label_id"
         yield from (Label(*r) for r in self._stream(sql, ()))
 
     def _rows(self, sql: str, params: Sequence) -> list[tuple]:

@@ -12,19 +12,8 @@ from pathlib import Path
 from shadow.labels import Label
 from shadow.records import ROW_COLUMNS, FeedbackRecord, PairRecord, ResponseRecord
 from shadow.review_queries import SQLITE
+from shadow.store import sql as shared
 from shadow.store.base import Record
-from shadow.store.sql import (
-    FEEDBACK_COLUMNS,
-    LABEL_COLUMNS,
-    RESPONSE_COLUMNS,
-    ReviewReads,
-    feedback_from_row,
-    feedback_row,
-    insert_label_sql,
-    label_params,
-    pairs_query,
-    split_batch,
-)
 
 # MIGRATIONS[i] takes the schema from `user_version` i to i + 1. Append; never edit one.
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -82,16 +71,16 @@ _INSERT = (
     f"VALUES ({', '.join(':' + c for c in ROW_COLUMNS)}) ON CONFLICT (pair_id) DO NOTHING"
 )
 _INSERT_RESPONSE = (
-    f"INSERT INTO responses ({', '.join(RESPONSE_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in RESPONSE_COLUMNS)}) ON CONFLICT DO NOTHING"
+    f"INSERT INTO responses ({', '.join(shared.RESPONSE_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in shared.RESPONSE_COLUMNS)}) ON CONFLICT DO NOTHING"
 )
 _INSERT_FEEDBACK = (
-    f"INSERT INTO feedback ({', '.join(FEEDBACK_COLUMNS)}) "
-    f"VALUES ({', '.join(':' + c for c in FEEDBACK_COLUMNS)}) ON CONFLICT DO NOTHING"
+    f"INSERT INTO feedback ({', '.join(shared.FEEDBACK_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in shared.FEEDBACK_COLUMNS)}) ON CONFLICT DO NOTHING"
 )
 
 
-class SqliteStore(ReviewReads):
+class SqliteStore(shared.ReviewReads):
     """Pairs in one SQLite file (WAL, synchronous=NORMAL). Each call opens its own connection,
     so a file that was removed, replaced or unreachable fails that call (and the writer
     spills) instead of writing into a deleted file, and the store recovers with the file."""
@@ -146,7 +135,7 @@ class SqliteStore(ReviewReads):
             raise
 
     def write_batch(self, records: Sequence[Record]) -> None:
-        pairs, responses = split_batch(records)  # serialise before taking the write lock
+        pairs, responses = shared.split_batch(records)  # serialise before taking the write lock
         if not (pairs or responses):
             return
         with contextlib.closing(self._connect()) as conn:
@@ -173,7 +162,7 @@ class SqliteStore(ReviewReads):
         self, *, route: str | None = None, since: str | None = None, until: str | None = None,
         min_disagreement: float | None = None, limit: int | None = None,
     ) -> Iterator[PairRecord]:
-        sql, params = pairs_query("?", route=route, since=since, until=until,
+        sql, params = shared.pairs_query("?", route=route, since=since, until=until,
                                   min_disagreement=min_disagreement, limit=limit)
         with contextlib.closing(self._connect()) as conn:
             cursor = conn.execute(sql, params)
@@ -194,16 +183,16 @@ class SqliteStore(ReviewReads):
     def get_response(self, response_id: str) -> ResponseRecord | None:
         with contextlib.closing(self._connect()) as conn:
             row = conn.execute(
-                f"SELECT {', '.join(RESPONSE_COLUMNS)} FROM responses WHERE response_id = ?",
+                f"SELECT {', '.join(shared.RESPONSE_COLUMNS)} FROM responses WHERE response_id = ?",
                 (response_id,)).fetchone()
         return None if row is None else ResponseRecord(*row)
 
     def add_feedback(self, feedback: FeedbackRecord) -> None:
         with contextlib.closing(self._connect()) as conn:
-            conn.execute(_INSERT_FEEDBACK, feedback_row(feedback))
+            conn.execute(_INSERT_FEEDBACK, shared.feedback_row(feedback))
 
     def iter_feedback(self, *, since: str | None = None) -> Iterator[FeedbackRecord]:
-        sql = f"SELECT {', '.join(FEEDBACK_COLUMNS)} FROM feedback"
+        sql = f"SELECT {', '.join(shared.FEEDBACK_COLUMNS)} FROM feedback"
         params: list = []
         if since is not None:
             sql += " WHERE created_at >= ?"
@@ -211,15 +200,15 @@ class SqliteStore(ReviewReads):
         with contextlib.closing(self._connect()) as conn:
             cursor = conn.execute(sql + " ORDER BY created_at, feedback_id", params)
             while rows := cursor.fetchmany(500):
-                yield from map(feedback_from_row, rows)
+                yield from map(shared.feedback_from_row, rows)
 
     def add_label(self, label: Label) -> bool:
         with contextlib.closing(self._connect()) as conn:
-            return conn.execute(insert_label_sql("?"), label_params(label)).rowcount == 1
+            return conn.execute(shared.insert_label_sql("?"), shared.label_params(label)).rowcount == 1
 
     def iter_labels(self) -> Iterator[Label]:
         with contextlib.closing(self._connect()) as conn:
-            cursor = conn.execute(f"SELECT {', '.join(LABEL_COLUMNS)} FROM labels "
+            cursor = conn.execute(f"SELECT {', '.join(shared.LABEL_COLUMNS)} FROM labels "
                                   "ORDER BY created_at, label_id")
             while rows := cursor.fetchmany(500):
                 yield from (Label(*r) for r in rows)
