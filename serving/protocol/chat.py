@@ -27,7 +27,6 @@ from serving.protocol.fields import (
     Stop,
     StreamOptions,
     fail,
-    sampling,
     show,
 )
 
@@ -316,26 +315,7 @@ class ChatCompletionRequest(OpenAIBaseModel):
         self, request_id: str, defaults: SamplingDefaults | None = None,
         constraint: ResponseFormat | None = None,
     ) -> list[GenerationRequest]:
-        messages = self.engine_messages()
-        temperature, top_p = self.sampling_values(defaults)
         use = self.tool_use
         fmt = constraint or self.response_format or (use.format() if use else None)
-        return [
-            GenerationRequest(
-                request_id=request_id,
-                params=sampling(
-                    max_tokens=self.max_output_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    stop=self.stop,
-                    seed=self.seed,
-                    logprobs=self.logprobs_k,
-                    i=i,
-                    response_format=fmt,
-                ),
-                messages=messages,
-                choice=i,
-                tools=use,
-            )
-            for i in range(self.n)
-        ]
+        return self.choices(request_id, defaults, fmt, messages=self.engine_messages(),
+                            tools=use)

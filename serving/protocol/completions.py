@@ -21,7 +21,6 @@ from serving.protocol.fields import (
     Stop,
     StreamOptions,
     fail,
-    sampling,
 )
 
 # -- completions --------------------------------------------------------------------------------
@@ -128,22 +127,4 @@ class CompletionRequest(OpenAIBaseModel):
         self, request_id: str, defaults: SamplingDefaults | None = None,
         constraint: ResponseFormat | None = None,
     ) -> list[GenerationRequest]:
-        temperature, top_p = self.sampling_values(defaults)
-        return [
-            GenerationRequest(
-                request_id=request_id,
-                params=sampling(
-                    max_tokens=self.max_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    stop=self.stop,
-                    seed=self.seed,
-                    logprobs=self.logprobs,
-                    i=i,
-                    response_format=constraint,
-                ),
-                prompt=self.prompt,
-                choice=i,
-            )
-            for i in range(self.n)
-        ]
+        return self.choices(request_id, defaults, constraint, prompt=self.prompt)

@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 
 from core.errors import MAX_ECHO, clip, json_type
 from serving.defaults import SamplingDefaults
-from serving.engines.base import SamplingParams
+from serving.engines.base import GenerationRequest, SamplingParams
 from serving.engines.structured import ResponseFormat
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -101,6 +101,21 @@ class OpenAIBaseModel(BaseModel):
         return (self.temperature if "temperature" in sent else d.temperature,
                 self.top_p if "top_p" in sent else d.top_p)
 
+    def choices(self, request_id: str, defaults: SamplingDefaults | None,
+                response_format: ResponseFormat | None, **inputs: Any) -> list[GenerationRequest]:
+        """One `GenerationRequest` per choice of `n`, with `inputs` (the messages or prompt);
+        choice i is seeded `seed + i`. A top_p of 0 keeps only the most likely token: greedy."""
+        temperature, top_p = self.sampling_values(defaults)
+        if top_p == 0.0:
+            temperature, top_p = 0.0, 1.0
+        return [GenerationRequest(
+            request_id=request_id,
+            params=SamplingParams(
+                max_tokens=self.max_output_tokens, temperature=float(temperature),
+                top_p=float(top_p), stop=self.stop, seed=_seed_for(self.seed, i),
+                logprobs=self.logprobs_k, response_format=response_format),
+            choice=i, **inputs) for i in range(self.n)]
+
 
 # -- shared field validators -------------------------------------------------------------------
 
@@ -156,30 +171,6 @@ def _seed_for(seed: int | None, i: int) -> int | None:
     if seed is None:
         return None
     return (seed + i - INT64_MIN) % 2**64 + INT64_MIN
-
-
-def sampling(
-    *,
-    max_tokens: int | None,
-    temperature: float,
-    top_p: float,
-    stop: tuple[str, ...],
-    seed: int | None,
-    logprobs: int | None,
-    i: int,
-    response_format: ResponseFormat | None = None,
-) -> SamplingParams:
-    if top_p == 0.0:  # nucleus of mass 0 keeps only the most likely token: greedy
-        temperature, top_p = 0.0, 1.0
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=float(temperature),
-        top_p=float(top_p),
-        stop=stop,
-        seed=_seed_for(seed, i),
-        logprobs=logprobs,
-        response_format=response_format,
-    )
 
 
 # Field types shared by both requests, each with its own check.
