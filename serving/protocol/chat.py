@@ -14,7 +14,6 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import json_type
 from serving.defaults import SamplingDefaults
 from serving.engines.base import GenerationRequest, Message
 from serving.engines.structured import FormatError, ResponseFormat, parse_response_format
@@ -28,6 +27,7 @@ from serving.protocol.fields import (
     StreamOptions,
     fail,
     show,
+    wrong_type,
 )
 
 # -- chat ---------------------------------------------------------------------------------------
@@ -59,11 +59,7 @@ def _parse_content(value: Any, role: str, where: str) -> str:
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
-        raise fail(
-            f"{where}.content",
-            f"Invalid type for '{where}.content': expected a string or an array of text parts, "
-            f"but got {json_type(value)} instead.",
-        )
+        raise wrong_type(f"{where}.content", "a string or an array of text parts", value)
     if not value:
         raise fail(
             f"{where}.content",
@@ -74,10 +70,7 @@ def _parse_content(value: Any, role: str, where: str) -> str:
     for j, part in enumerate(value):
         at = f"{where}.content[{j}]"
         if not isinstance(part, dict):
-            raise fail(
-                at,
-                f"Invalid type for '{at}': expected an object, but got {json_type(part)} instead.",
-            )
+            raise wrong_type(at, "an object", part)
         kind = part.get("type")
         field = "text"
         if kind == "refusal" and role == "assistant":
@@ -90,22 +83,14 @@ def _parse_content(value: Any, role: str, where: str) -> str:
             )
         text = part.get(field)
         if not isinstance(text, str):
-            raise fail(
-                f"{at}.{field}",
-                f"Invalid type for '{at}.{field}': expected a string, but got "
-                f"{json_type(text)} instead.",
-            )
+            raise wrong_type(f"{at}.{field}", "a string", text)
         texts.append(text)
     return "\n".join(texts)
 
 
 def _parse_messages(value: Any) -> list[ChatMessage]:
     if not isinstance(value, list):
-        raise fail(
-            "messages",
-            f"Invalid type for 'messages': expected an array of messages, but got "
-            f"{json_type(value)} instead.",
-        )
+        raise wrong_type("messages", "an array of messages", value)
     if not value:
         raise fail(
             "messages",
@@ -115,10 +100,7 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
     for i, m in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise fail(
-                where,
-                f"Invalid type for '{where}': expected an object, but got {json_type(m)} instead.",
-            )
+            raise wrong_type(where, "an object", m)
         role = m.get("role")
         if role not in _ROLES:
             if role is None:
@@ -131,11 +113,7 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
             raise fail(f"{where}.role", msg)
         name = m.get("name")
         if name is not None and not isinstance(name, str):
-            raise fail(
-                f"{where}.name",
-                f"Invalid type for '{where}.name': expected a string, but got "
-                f"{json_type(name)} instead.",
-            )
+            raise wrong_type(f"{where}.name", "a string", name)
         calls = _parse_tool_calls(m.get("tool_calls"), role, where)
         call_id = m.get("tool_call_id")
         if role == "tool" and not isinstance(call_id, str):
@@ -157,8 +135,7 @@ def _parse_tool_calls(value: Any, role: str, where: str) -> tuple[ToolCall, ...]
     if role != "assistant":
         raise fail(at, f"Invalid '{at}': only assistant messages carry tool calls.")
     if not isinstance(value, list):
-        raise fail(at, f"Invalid type for '{at}': expected an array, but got "
-                    f"{json_type(value)} instead.")
+        raise wrong_type(at, "an array", value)
     calls = []
     for k, c in enumerate(value):
         if isinstance(c, dict) and c.get("type") not in (None, "function"):
@@ -288,10 +265,6 @@ class ChatCompletionRequest(OpenAIBaseModel):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     @property
     def wants_logprobs(self) -> bool:

@@ -10,7 +10,6 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import json_type
 from serving.defaults import SamplingDefaults
 from serving.engines.base import GenerationRequest
 from serving.engines.structured import ResponseFormat
@@ -21,6 +20,7 @@ from serving.protocol.fields import (
     Stop,
     StreamOptions,
     fail,
+    wrong_type,
 )
 
 # -- completions --------------------------------------------------------------------------------
@@ -45,10 +45,7 @@ def _parse_prompt(value: Any) -> str:
             f"string, or an array holding exactly one string), but got {got} instead. Send one "
             "request per prompt.",
         )
-    raise fail(
-        "prompt",
-        f"Invalid type for 'prompt': expected a string, but got {json_type(value)} instead.",
-    )
+    raise wrong_type("prompt", "a string", value)
 
 
 class CompletionRequest(OpenAIBaseModel):
@@ -110,10 +107,6 @@ class CompletionRequest(OpenAIBaseModel):
     @property
     def max_output_tokens(self) -> int:
         return self.max_tokens
-
-    @property
-    def include_usage(self) -> bool:
-        return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     @property
     def wants_logprobs(self) -> bool:

@@ -28,6 +28,12 @@ def fail(param: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("openai", "{message}", {"param": param, "message": message})
 
 
+def wrong_type(param: str, expected: str, value: Any) -> PydanticCustomError:
+    """`param` holds a value of the wrong JSON type; `expected` as a message says it."""
+    return fail(param, f"Invalid type for '{param}': expected {expected}, but got "
+                f"{json_type(value)} instead.")
+
+
 def show(value: Any) -> str:
     """A client value quoted in a message: JSON, bounded."""
     try:
@@ -101,6 +107,13 @@ class OpenAIBaseModel(BaseModel):
         return (self.temperature if "temperature" in sent else d.temperature,
                 self.top_p if "top_p" in sent else d.top_p)
 
+    @property
+    def include_usage(self) -> bool:
+        """A streamed answer ends with a usage chunk (`stream_options.include_usage`)."""
+        options = getattr(self, "stream_options", None)
+        return bool(getattr(self, "stream", False) and options is not None
+                    and options.include_usage)
+
     def choices(self, request_id: str, defaults: SamplingDefaults | None,
                 response_format: ResponseFormat | None, **inputs: Any) -> list[GenerationRequest]:
         """One `GenerationRequest` per choice of `n`, with `inputs` (the messages or prompt);
@@ -132,18 +145,10 @@ def parse_stop(value: Any) -> tuple[str, ...]:
             )
         for i, s in enumerate(value):
             if not isinstance(s, str):
-                raise fail(
-                    f"stop[{i}]",
-                    f"Invalid type for 'stop[{i}]': expected a string, but got "
-                    f"{json_type(s)} instead.",
-                )
+                raise wrong_type(f"stop[{i}]", "a string", s)
         items = value
     else:
-        raise fail(
-            "stop",
-            "Invalid type for 'stop': expected a string or an array of strings, but got "
-            f"{json_type(value)} instead.",
-        )
+        raise wrong_type("stop", "a string or an array of strings", value)
     # An empty stop string would end every answer before it starts: it asks for nothing.
     return tuple(dict.fromkeys(s for s in items if s))
 
