@@ -18,7 +18,6 @@ from __future__ import annotations
 import codecs
 import os
 import random
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,18 +25,14 @@ import numpy as np
 
 from serving.engines.base import (
     AnswerScores,
-    Delta,
     EngineError,
     EngineInfo,
-    GenerationRequest,
     SamplingParams,
-    StopMatcher,
     TokenLogprob,
 )
 from serving.engines.config import LlamaCppEngine as LlamaCppEngineConfig
 from serving.engines.constrain import TokenConstraint, sample, vocabulary_from_llamacpp
-from serving.engines.threaded import WorkerThreadEngine
-from serving.engines.tools import prompt_messages, renders_tools
+from serving.engines.threaded import Job, TokenOutput, WorkerThreadEngine
 
 
 class LlamaCppEngine(WorkerThreadEngine):
@@ -52,8 +47,8 @@ class LlamaCppEngine(WorkerThreadEngine):
             max_concurrency=1,
         )
         self._llm = None
-        self._chat = None  # Jinja2ChatFormatter, or None when the GGUF has no chat template
-        self._native_tools = False  # the template renders tools itself (`serving.engines.tools`)
+        self._template: str | None = None  # the GGUF's tokenizer.chat_template
+        self._chat = None  # its Jinja2ChatFormatter
         self._vocabulary = None  # llguidance's view of the vocabulary, made at the first need
 
     async def start(self) -> None:
@@ -88,7 +83,7 @@ class LlamaCppEngine(WorkerThreadEngine):
                 bos_token=model.token_get_text(bos) if bos != -1 else "",
                 add_generation_prompt=True,
             )
-            self._native_tools = renders_tools(template)
+            self._template = template
         self._llm = llm
 
     async def close(self) -> None:
@@ -97,35 +92,23 @@ class LlamaCppEngine(WorkerThreadEngine):
             self._llm.close()
             self._llm = None
 
-    def tokenize_request(self, request: GenerationRequest) -> list[int]:
-        """The prompt tokens, chat messages rendered with the model's own template."""
-        if self._llm is None:
-            raise EngineError("llamacpp engine: call start() before generate()")
-        if request.messages is not None:
-            if self._chat is None:
-                raise EngineError(
-                    f"{self.path.name} has no chat template (tokenizer.chat_template); "
-                    "use completions with a prompt instead"
-                )
-            messages, tools = prompt_messages(request.messages, request.tools,
-                                              self._native_tools)
-            rendered = self._chat(messages=messages, tools=tools)
-            return self._llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
-        if request.prompt is None:
-            raise ValueError("GenerationRequest needs `messages` or `prompt`")
-        return self._llm.tokenize(request.prompt.encode(), add_bos=True, special=True)
+    def _loaded(self) -> bool:
+        return self._llm is not None
 
-    def _decode(
-        self,
-        prompt: list[int],
-        p: SamplingParams,
-        budget: int,
-        stop: threading.Event,
-        emit: Callable[[object], None],
-    ) -> bool:
+    def _chat_template(self) -> str | None:
+        return self._template
+
+    def _chat_tokens(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        rendered = self._chat(messages=messages, tools=tools)
+        return self._llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
+
+    def _prompt_tokens(self, prompt: str) -> list[int]:
+        return self._llm.tokenize(prompt.encode(), add_bos=True, special=True)
+
+    def _decode(self, job: Job) -> bool:
         import llama_cpp
 
-        llm = self._llm
+        llm, p = self._llm, job.params
         vocab = llm._model.vocab
         seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**31)
         constraint = None
@@ -133,34 +116,22 @@ class LlamaCppEngine(WorkerThreadEngine):
             if self._vocabulary is None:
                 self._vocabulary = vocabulary_from_llamacpp(vocab)
             constraint = TokenConstraint(self._vocabulary, p.response_format)
-            tokens = self._constrained(prompt, p, seed, constraint)
+            tokens = self._constrained(job.prompt, p, seed, constraint)
         else:
             llm.set_seed(seed)
-            tokens = llm.generate(prompt, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
+            tokens = llm.generate(job.prompt, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
                                   temp=p.temperature, repeat_penalty=1.0, reset=True)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = StopMatcher(p.stop)
-        n, finish, hit = 0, "length", False
-        if budget > 0:
+        out = TokenOutput(job, lambda t: decoder.decode(llm.detokenize([t])),
+                          lambda: decoder.decode(b"", final=True), constraint)
+        if job.budget > 0:
             for token in tokens:
-                if stop.is_set():
+                if job.stop.is_set():
                     return False
-                n += 1
-                logprobs = (self._logprobs(token, p.logprobs),) if p.logprobs is not None else None
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    emit(Delta("", (token,), logprobs))
+                logprob = None if p.logprobs is None else self._logprobs(token, p.logprobs)
+                if out.push(token, logprob, llama_cpp.llama_vocab_is_eog(vocab, token)):
                     break
-                text, hit = matcher.push(decoder.decode(llm.detokenize([token])))
-                emit(Delta(text, (token,), logprobs))
-                if hit or (constraint is not None and constraint.done):
-                    finish = "stop"
-                    break
-                if n >= budget:
-                    break
-        tail = "" if hit else decoder.decode(b"", final=True) + matcher.flush()
-        emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n,
-                   label_probs=self._label_probs(prompt, p)))
+        out.close(self._label_probs(job.prompt, p))
         return True
 
     def _text_tokens(self, text: str) -> list[int]:

@@ -1,8 +1,9 @@
 """The bridge for engines whose token loop runs in one worker thread (llama.cpp, transformers).
 
-A subclass implements `tokenize_request` (event-loop thread) and `_decode` (worker thread, emits
-deltas). Generations run one at a time, in order; closing a generation's iterator sets its stop
-event, which `_decode` checks at every token; `close` stops running and queued work.
+A subclass implements `tokenize_request` (event-loop thread) and `_decode` (worker thread: the
+token loop of one `Job`, which hands each token to a `TokenOutput` that cuts the answer and emits
+the deltas). Generations run one at a time, in order; closing a generation's iterator sets its
+stop event, which `_decode` checks at every token; `close` stops running and queued work.
 
 A subclass also scores a given answer teacher-forced (`_score_tokens`, worker thread): `score`
 for callers such as the release gate, and `label_probs` for a label-constrained answer asked
@@ -16,7 +17,8 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -29,10 +31,66 @@ from serving.engines.base import (
     Message,
     PromptTooLong,
     SamplingParams,
+    StopMatcher,
+    TokenLogprob,
 )
+from serving.engines.tools import prompt_messages, renders_tools
 
 _DONE = object()
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One generation on the worker thread: its prompt, sampling, completion-token budget, the
+    event that aborts it and where its deltas go."""
+
+    prompt: list[int]
+    params: SamplingParams
+    budget: int
+    stop: threading.Event
+    emit: Callable[[object], None]
+
+
+class Grammar(Protocol):
+    done: bool  # the grammar accepts nothing more: the answer is complete
+
+
+class TokenOutput:
+    """A generation's output: each sampled token becomes a delta, cut at an end-of-generation
+    token, a stop string, a complete grammar or the budget; `close` emits the last delta with the
+    finish reason and counts."""
+
+    def __init__(self, job: Job, text_of: Callable[[int], str], rest: Callable[[], str],
+                 grammar: Grammar | None = None):
+        self.job, self.text_of, self.rest, self.grammar = job, text_of, rest, grammar
+        self.matcher = StopMatcher(job.params.stop)
+        self.n, self.finish, self.hit = 0, "length", False
+
+    def push(self, token: int, logprob: TokenLogprob | None, end: bool) -> bool:
+        """Emit `token` (`end`: it ends the generation, no text); True when the answer is over."""
+        self.n += 1
+        logprobs = None if logprob is None else (logprob,)
+        if end:
+            self.finish = "stop"
+            self.job.emit(Delta("", (token,), logprobs))
+            return True
+        text, self.hit = self.matcher.push(self.text_of(token))
+        self.job.emit(Delta(text, (token,), logprobs))
+        if self.hit or (self.grammar is not None and self.grammar.done):
+            self.finish = "stop"
+            return True
+        return self.n >= self.job.budget
+
+    def close(self, label_probs: dict[str, float] | None) -> None:
+        """The last delta: text held back (partial characters, a partial stop string) unless a
+        stop string cut the answer, the finish reason and the counts."""
+        tail = ""
+        if not self.hit:
+            tail, self.hit = self.matcher.push(self.rest())
+            tail += "" if self.hit else self.matcher.flush()
+        self.job.emit(Delta(tail, finish_reason=self.finish, prompt_tokens=len(self.job.prompt),
+                            completion_tokens=self.n, label_probs=label_probs))
 
 
 class WorkerThreadEngine(Engine):
@@ -46,22 +104,45 @@ class WorkerThreadEngine(Engine):
         queued before it."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
-    @abc.abstractmethod
     def tokenize_request(self, request: GenerationRequest) -> list[int]:
-        """The prompt's token ids (chat template applied for chat requests)."""
+        """The prompt's token ids: chat messages rendered with the model's own chat template
+        (with the request's tools, `serving.engines.tools`), or the completion prompt."""
+        if not self._loaded():
+            raise EngineError(f"{self._name} engine: call start() before generate()")
+        if request.messages is not None:
+            template = self._chat_template()
+            if not template:
+                raise EngineError(f"{self.info.model} has no chat template "
+                                  "(tokenizer.chat_template); use completions with a prompt")
+            messages, tools = prompt_messages(request.messages, request.tools,
+                                              renders_tools(template))
+            return self._chat_tokens(messages, tools)
+        if request.prompt is None:
+            raise ValueError("GenerationRequest needs `messages` or `prompt`")
+        return self._prompt_tokens(request.prompt)
 
     @abc.abstractmethod
-    def _decode(
-        self,
-        prompt: list[int],
-        p: SamplingParams,
-        budget: int,
-        stop: threading.Event,
-        emit: Callable[[object], None],
-    ) -> bool:
+    def _loaded(self) -> bool:
+        """The model is loaded (`start` ran)."""
+
+    @abc.abstractmethod
+    def _chat_template(self) -> str | None:
+        """The model's chat template (Jinja); None when it has none."""
+
+    @abc.abstractmethod
+    def _chat_tokens(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        """Chat `messages` (and `tools`, as `prompt_messages` gives them) rendered with the
+        template, with the generation prompt, tokenized."""
+
+    @abc.abstractmethod
+    def _prompt_tokens(self, prompt: str) -> list[int]:
+        """A completion prompt tokenized as the model expects it (BOS where it uses one)."""
+
+    @abc.abstractmethod
+    def _decode(self, job: Job) -> bool:
         """The token loop (worker thread): emits deltas, the last with finish and counts.
 
-        Returns False when `stop` ended it early (no final delta), True otherwise.
+        Returns False when `job.stop` ended it early (no final delta), True otherwise.
         """
 
     @abc.abstractmethod
@@ -121,7 +202,8 @@ class WorkerThreadEngine(Engine):
 
         def work() -> None:
             try:
-                finished = not stop.is_set() and self._decode(tokens, params, budget, stop, emit)
+                job = Job(tokens, params, budget, stop, emit)
+                finished = not stop.is_set() and self._decode(job)
                 if not finished:  # unheard when the consumer left; else close() stopped it
                     emit(EngineError("generation aborted: the engine is closing"))
             except Exception as e:  # noqa: BLE001 - handed to the consumer

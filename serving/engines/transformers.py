@@ -19,25 +19,20 @@ from __future__ import annotations
 
 import inspect
 import random
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from serving.engines.base import (
     AnswerScores,
-    Delta,
     EngineError,
     EngineInfo,
-    GenerationRequest,
     SamplingParams,
-    StopMatcher,
     TokenLogprob,
 )
 from serving.engines.config import TransformersEngine as TransformersEngineConfig
 from serving.engines.constrain import TokenConstraint, vocabulary_from_hf
-from serving.engines.threaded import WorkerThreadEngine
-from serving.engines.tools import prompt_messages, renders_tools
+from serving.engines.threaded import Job, TokenOutput, WorkerThreadEngine
 
 
 class IncrementalDetokenizer:
@@ -137,35 +132,24 @@ class TransformersEngine(WorkerThreadEngine):
         await self._stop_worker()
         self.model = self.tokenizer = None
 
-    def tokenize_request(self, request: GenerationRequest) -> list[int]:
-        """The prompt tokens, chat messages rendered with the tokenizer's chat template."""
-        if self.tokenizer is None:
-            raise EngineError("transformers engine: call start() before generate()")
-        if request.messages is not None:
-            if not self.tokenizer.chat_template:
-                raise EngineError(
-                    f"{self.info.model} has no chat template; use completions with a prompt"
-                )
-            messages, tools = prompt_messages(
-                request.messages, request.tools, renders_tools(self.tokenizer.chat_template))
-            text = self.tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if request.prompt is None:
-            raise ValueError("GenerationRequest needs `messages` or `prompt`")
-        return list(self.tokenizer(request.prompt)["input_ids"])
+    def _loaded(self) -> bool:
+        return self.tokenizer is not None
 
-    def _decode(
-        self,
-        prompt: list[int],
-        p: SamplingParams,
-        budget: int,
-        stop: threading.Event,
-        emit: Callable[[object], None],
-    ) -> bool:
+    def _chat_template(self) -> str | None:
+        return self.tokenizer.chat_template
+
+    def _chat_tokens(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                  add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _prompt_tokens(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def _decode(self, job: Job) -> bool:
         import torch
 
-        device = self.config.device
+        device, p = self.config.device, job.params
         generator = torch.Generator(device=device)
         seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
         generator.manual_seed(seed)
@@ -175,43 +159,27 @@ class TransformersEngine(WorkerThreadEngine):
                 self._vocabulary = vocabulary_from_hf(self.tokenizer, self._eos)
             constraint = TokenConstraint(self._vocabulary, p.response_format)
         detok = IncrementalDetokenizer(self.tokenizer)
-        matcher = StopMatcher(p.stop)
-        n, finish, hit = 0, "length", False
-        inputs = torch.tensor([prompt], device=device)
+        out = TokenOutput(job, detok.push, detok.flush, constraint)
+        inputs = torch.tensor([job.prompt], device=device)
         past = None
         with torch.inference_mode():
-            while n < budget:
-                out = self.model(input_ids=inputs, use_cache=True, **{self._cache_name: past})
-                past = getattr(out, self._cache_name)
-                logits = out.logits[0, -1].float()
+            while out.n < job.budget:
+                result = self.model(input_ids=inputs, use_cache=True, **{self._cache_name: past})
+                past = getattr(result, self._cache_name)
+                logits = result.logits[0, -1].float()
                 if constraint is None:
                     token = _sample(logits, p, generator)
                 else:
                     allowed = torch.from_numpy(constraint.allowed(logits.numel())).to(device)
                     token = _sample(logits.masked_fill(~allowed, float("-inf")), p, generator)
                     constraint.accept(token)
-                if stop.is_set():
+                if job.stop.is_set():
                     return False
-                n += 1
-                logprobs = None
-                if p.logprobs is not None:
-                    logprobs = (self._logprobs(logits, token, p.logprobs),)
-                if token in self._eos:
-                    finish = "stop"
-                    emit(Delta("", (token,), logprobs))
-                    break
-                text, hit = matcher.push(detok.push(token))
-                emit(Delta(text, (token,), logprobs))
-                if hit or (constraint is not None and constraint.done):
-                    finish = "stop"
+                logprob = None if p.logprobs is None else self._logprobs(logits, token, p.logprobs)
+                if out.push(token, logprob, token in self._eos):
                     break
                 inputs = torch.tensor([[token]], device=device)
-        tail = ""
-        if not hit:
-            tail, hit = matcher.push(detok.flush())
-            tail += "" if hit else matcher.flush()
-        emit(Delta(tail, finish_reason=finish, prompt_tokens=len(prompt), completion_tokens=n,
-                   label_probs=self._label_probs(prompt, p)))
+        out.close(self._label_probs(job.prompt, p))
         return True
 
     def _text_tokens(self, text: str) -> list[int]:
