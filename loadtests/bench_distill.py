@@ -95,8 +95,8 @@ from distill.config import RecipeConfig
 from distill.recipes.kd import KDRecipe
 from loadtests.bench_gateway import Meter, loadavg
 from loadtests.bench_stats import fmt_num, fmt_ratio, ratio, table
+from loadtests.benchrun import BenchRun
 
-OUT_DIR = REPO / "loadtests" / "out"
 DEMO_CONFIG = REPO / "examples" / "distill" / "demo.yaml"
 SCORER = REPO / "models" / "scorer" / "all-MiniLM-L6-v2"
 IGNORE = -100
@@ -707,12 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         quiet()
     torch.set_num_threads(args.threads)
-    started = time.time()
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
-    out_path = args.out or OUT_DIR / f"bench_distill_{stamp}.json"
-
-    def log(line: str) -> None:
-        print(f"[{time.time() - started:6.1f}s] {line}", flush=True)
+    run = BenchRun("bench_distill", args.out)
+    stamp, log = run.stamp, run.log
 
     import transformers
     import trl
@@ -732,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             result["b"] = part_b(args, Path(tmp), log)
     result["loadavg_after"] = loadavg()
-    result["seconds"] = time.time() - started
+    result["seconds"] = time.time() - run.started
 
     print(f"\nprotege distillation benchmark ({stamp}, {os.cpu_count()} CPUs, load avg before "
           f"{result['loadavg_before']}, after {result['loadavg_after']}, "
@@ -754,10 +750,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{b['steps']} steps{', QUICK prompt subset' * args.quick}): teacher "
               "SmolLM2-135M fp32 (from the Q4_1 GGUF) vs its layer-cut student\n")
         print(b_table(b))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\nwrote {out_path}")
-    return 0
+    return run.write(result)
 
 
 if __name__ == "__main__":

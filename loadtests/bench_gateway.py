@@ -62,6 +62,7 @@ from loadtests.bench_stats import (  # noqa: E402
     table,
     tokens_per_s,
 )
+from loadtests.benchrun import BenchRun, on_sigterm
 from ops.gateway import Gateway  # noqa: E402
 from serving import protocol, responses  # noqa: E402
 from serving.engines import (  # noqa: E402
@@ -74,7 +75,6 @@ from serving.engines import (  # noqa: E402
 from serving.engines.config import FakeEngine as FakeEngineConfig  # noqa: E402
 from serving.engines.config import LlamaCppEngine as LlamaCppEngineConfig  # noqa: E402
 
-OUT_DIR = REPO / "loadtests" / "out"
 NOOP_PREFIX = "/bench-noop"
 JSON_HEADERS = {"content-type": "application/json"}
 
@@ -415,7 +415,7 @@ def part_a(args, tmp: Path, log: Callable[[str], None]) -> dict:
         start_local_ray(include_dashboard=False, log_to_driver=False, namespace="bench",
                         object_store_memory=256 * 1024 * 1024)  # its token reaches the gateway
         ctx = ray.get_runtime_context()
-        signal.signal(signal.SIGTERM, _on_sigterm)  # ray.init installed one of its own
+        signal.signal(signal.SIGTERM, on_sigterm)  # ray.init installed one of its own
         address = ctx.gcs_address
         log(f"A: starting the gateway (fake engine), joining {address}...")
         gw = BenchGateway(cfg, tmp, env={"RAY_ADDRESS": address}, startup_s=300)
@@ -805,19 +805,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    started = time.time()
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
-    out_path = args.out or OUT_DIR / f"bench_{stamp}.json"
-
-    def log(line: str) -> None:
-        print(f"[{time.time() - started:6.1f}s] {line}", flush=True)
+    run = BenchRun("bench", args.out)
+    stamp, log = run.stamp, run.log
 
     result: dict = {
         "started": stamp, "argv": sys.argv[1:], "args": {k: str(v) for k, v in
@@ -834,7 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_b:
             result["b"] = part_b(args, Path(tmp), log)
     result["loadavg_after"] = loadavg()
-    result["seconds"] = time.time() - started
+    result["seconds"] = time.time() - run.started
 
     print()
     print(f"protege gateway benchmark  ({stamp}, {os.cpu_count()} CPUs, "
@@ -856,11 +847,7 @@ def main(argv: list[str] | None = None) -> int:
               "CPU ms/tok and\n   our cores: this process tree; others: cores busy with "
               "processes not ours meanwhile\n")
         print(b_tables(b))
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\nwrote {out_path}")
-    return 0
+    return run.write(result)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import sys
 import tempfile
 import time
@@ -57,9 +56,9 @@ import yaml
 from core.metrics import sample_total
 from loadtests.bench_gateway import BenchGateway, Meter, loadavg  # Gateway + Ctrl-C reaping
 from loadtests.bench_stats import fmt_added_ms, fmt_num, fmt_ratio, percentile, table
+from loadtests.benchrun import BenchRun
 from shadow.store import SqliteStore
 
-OUT_DIR = REPO / "loadtests" / "out"
 JSON_HEADERS = {"content-type": "application/json"}
 PROMPT = "Say something short about rivers and stones."
 C_PROMPTS = (
@@ -582,19 +581,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    started = time.time()
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
-    out_path = args.out or OUT_DIR / f"bench_shadow_{stamp}.json"
-
-    def log(line: str) -> None:
-        print(f"[{time.time() - started:6.1f}s] {line}", flush=True)
+    run = BenchRun("bench_shadow", args.out)
+    stamp, log = run.stamp, run.log
 
     result: dict = {"started": stamp, "argv": sys.argv[1:],
                     "args": {k: str(v) for k, v in vars(args).items()},
@@ -610,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
             (Path(tmp) / "packaged").mkdir()
             result["c"] = part_c(args, Path(tmp) / "packaged", log)
     result["loadavg_after"] = loadavg()
-    result["seconds"] = time.time() - started
+    result["seconds"] = time.time() - run.started
 
     print(f"\nprotege shadow benchmark ({stamp}, {os.cpu_count()} CPUs, load avg before "
           f"{result['loadavg_before']}, after {result['loadavg_after']}, "
@@ -641,10 +631,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(Qwen 0.5B, nice 10) at sample_rate {args.c_rate}, greedy, max_tokens 32, "
               f"one at a time\n")
         print(c_table(c))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1, default=str))
-    print(f"\nwrote {out_path}")
-    return 0
+    return run.write(result)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from distill import paired  # noqa: E402
+from distill.answers import chat_messages  # noqa: E402
 from distill.evaluate import DEFAULT_SUITE  # noqa: E402
 from distill.gate.checks import check_answer as check_case  # noqa: E402
 from distill.gate.checks import wilson_interval  # noqa: E402
 from distill.tasks import load_suite  # noqa: E402
-from serving.engines import GenerationRequest, Message, SamplingParams, build_engine  # noqa: E402
+from serving.engines import GenerationRequest, SamplingParams, build_engine  # noqa: E402
 from serving.engines.config import LlamaCppEngine  # noqa: E402
 from serving.engines.constrain import TokenConstraint  # noqa: E402
 from serving.engines.structured import check_answer, grammar_for, parse_response_format  # noqa: E402
@@ -59,9 +60,8 @@ def response_format(schema: dict):
 async def generate(engine, messages, fmt, max_tokens=96):
     request = GenerationRequest("bench", SamplingParams(max_tokens, temperature=0.0,
                                                         response_format=fmt),
-                                messages=tuple(Message(m["role"], m["content"])
-                                               for m in messages))
-    started, first, text, tokens = time.perf_counter(), None, [], 0
+                                messages=chat_messages(messages))
+    first, text, tokens = None, [], 0
     async for delta in engine.generate(request):
         if first is None and delta.token_ids:
             first = time.perf_counter()

@@ -46,10 +46,10 @@ import httpx
 import yaml
 
 from loadtests.bench_stats import fmt_num, fmt_ratio, table
+from loadtests.benchrun import OUT_DIR, on_sigterm
 
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
 DEFAULT_CONFIG = REPO / "loadtests" / "loadtest.yaml"
-OUT_DIR = REPO / "loadtests" / "out"
 COMPARE = ("shadowed", "plain")  # ratio = first / second
 
 
@@ -184,10 +184,6 @@ def local_host(host: str) -> str:
     return host.rstrip("/")
 
 
-def _on_sigterm(_signum, _frame):
-    raise KeyboardInterrupt("SIGTERM")
-
-
 def start_gateway(config_path: Path, tmp: Path, api_key: str):
     """The gateway of `config_path` on a free 127.0.0.1 port, its store and spill under `tmp`."""
     from loadtests.bench_gateway import BenchGateway
@@ -219,7 +215,7 @@ def run_locust(host: str, prefix: Path, args: argparse.Namespace, api_key: str) 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, on_sigterm)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.out_dir / f"locust_{stamp}"
