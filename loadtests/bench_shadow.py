@@ -196,6 +196,18 @@ async def post(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) -
     return tail
 
 
+async def timed_post(client, url: str, body: bytes, stream: bool, latencies: list[float],
+                     errors: list[str]) -> None:
+    """One request: its latency in ms appended to `latencies`, or its error to `errors`."""
+    t0 = time.perf_counter()
+    try:
+        await post(client, url, body, stream)
+    except Exception as e:  # noqa: BLE001 - counted and reported
+        errors.append(f"{type(e).__name__}: {e}"[:300])
+    else:
+        latencies.append((time.perf_counter() - t0) * 1000)
+
+
 async def closed_loop(client, url: str, body: bytes, stream: bool, n: int, c: int) -> dict:
     """`n` requests from `c` concurrent workers; latencies in ms."""
     latencies: list[float] = []
@@ -206,13 +218,7 @@ async def closed_loop(client, url: str, body: bytes, stream: bool, n: int, c: in
         nonlocal remaining
         while remaining > 0:
             remaining -= 1
-            t0 = time.perf_counter()
-            try:
-                await post(client, url, body, stream)
-            except Exception as e:  # noqa: BLE001 - counted and reported
-                errors.append(f"{type(e).__name__}: {e}"[:300])
-            else:
-                latencies.append((time.perf_counter() - t0) * 1000)
+            await timed_post(client, url, body, stream, latencies, errors)
 
     await asyncio.gather(*(worker() for _ in range(c)))
     return {"latencies_ms": latencies, "errors": len(errors),
@@ -230,13 +236,8 @@ async def open_loop(client, url: str, body: bytes, rate: float, duration_s: floa
 
     async def one() -> None:
         nonlocal in_flight
-        t = time.perf_counter()
         try:
-            await post(client, url, body, False)
-        except Exception as e:  # noqa: BLE001 - counted and reported
-            errors.append(f"{type(e).__name__}: {e}"[:300])
-        else:
-            latencies.append((time.perf_counter() - t) * 1000)
+            await timed_post(client, url, body, False, latencies, errors)
         finally:
             in_flight -= 1
 

@@ -61,11 +61,8 @@ def _parse_content(value: Any, role: str, where: str) -> str:
     if not isinstance(value, list):
         raise wrong_type(f"{where}.content", "a string or an array of text parts", value)
     if not value:
-        raise fail(
-            f"{where}.content",
-            f"Invalid '{where}.content': expected an array with at least 1 content part, but got "
-            "an empty array instead.",
-        )
+        raise fail(f"{where}.content", f"Invalid '{where}.content': expected an array with at "
+                   "least 1 content part, but got an empty array instead.")
     texts = []
     for j, part in enumerate(value):
         at = f"{where}.content[{j}]"
@@ -92,10 +89,8 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
     if not isinstance(value, list):
         raise wrong_type("messages", "an array of messages", value)
     if not value:
-        raise fail(
-            "messages",
-            "Invalid 'messages': empty array. Expected an array with at least 1 message.",
-        )
+        raise fail("messages",
+                   "Invalid 'messages': empty array. Expected an array with at least 1 message.")
     out = []
     for i, m in enumerate(value):
         where = f"messages[{i}]"
