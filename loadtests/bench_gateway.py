@@ -62,7 +62,7 @@ from loadtests.bench_stats import (  # noqa: E402
     table,
     tokens_per_s,
 )
-from loadtests.benchrun import BenchRun, on_sigterm
+from loadtests.benchrun import JSON_HEADERS, BenchRun, on_sigterm, post
 from ops.gateway import Gateway  # noqa: E402
 from serving import protocol, responses  # noqa: E402
 from serving.engines import (  # noqa: E402
@@ -76,7 +76,6 @@ from serving.engines.config import FakeEngine as FakeEngineConfig  # noqa: E402
 from serving.engines.config import LlamaCppEngine as LlamaCppEngineConfig  # noqa: E402
 
 NOOP_PREFIX = "/bench-noop"
-JSON_HEADERS = {"content-type": "application/json"}
 
 
 class BenchGateway(Gateway):
@@ -348,22 +347,7 @@ async def http_cell(url: str, body: bytes, stream: bool, n: int, c: int, warmup:
     limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
     async with httpx.AsyncClient(limits=limits, timeout=120, trust_env=False) as client:
 
-        async def post() -> None:
-            r = await client.post(url, content=body, headers=JSON_HEADERS)
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-
-        async def post_stream() -> None:
-            tail = b""
-            async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-                async for chunk in r.aiter_raw():
-                    tail = (tail + chunk)[-64:]
-            if not tail.endswith(responses.DONE):
-                raise RuntimeError(f"stream ended without [DONE]: {tail!r}")
-
-        return await measure(post_stream if stream else post, n, c, warmup)
+        return await measure(lambda: post(client, url, body, stream), n, c, warmup)
 
 
 def deploy_noop(body: bytes, chunks: list[bytes]) -> None:

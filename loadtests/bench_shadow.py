@@ -56,10 +56,9 @@ import yaml
 from core.metrics import sample_total
 from loadtests.bench_gateway import BenchGateway, Meter, loadavg  # Gateway + Ctrl-C reaping
 from loadtests.bench_stats import fmt_added_ms, fmt_num, fmt_ratio, percentile, table
-from loadtests.benchrun import BenchRun
+from loadtests.benchrun import BenchRun, post
 from shadow.store import SqliteStore
 
-JSON_HEADERS = {"content-type": "application/json"}
 PROMPT = "Say something short about rivers and stones."
 C_PROMPTS = (
     "What is the capital of France?", "Name three primary colors.", "What is 12 times 7?",
@@ -176,24 +175,6 @@ def chat_body(route: str, stream: bool, prompt: str = PROMPT, **extra) -> bytes:
     if stream:
         body["stream"] = True
     return json.dumps(body).encode()
-
-
-async def post(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) -> bytes:
-    """One request to its end (a stream: to [DONE]); the JSON body, or the stream's tail."""
-    if not stream:
-        r = await client.post(url, content=body, headers=JSON_HEADERS)
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-        return r.content
-    tail = b""
-    async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
-        async for chunk in r.aiter_raw():
-            tail = (tail + chunk)[-64:]
-    if b"[DONE]" not in tail:
-        raise RuntimeError(f"stream ended without [DONE]: {tail!r}")
-    return tail
 
 
 async def timed_post(client, url: str, body: bytes, stream: bool, latencies: list[float],

@@ -1,5 +1,6 @@
 """What each benchmark script does around its measurements: stop cleanly on SIGTERM, log with
-the seconds since the start, and write its results as JSON under loadtests/out."""
+the seconds since the start, send a request to its end (`post`), and write the results as JSON
+under loadtests/out."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
+JSON_HEADERS = {"content-type": "application/json"}
 
 
 def on_sigterm(_signum, _frame):
@@ -35,3 +39,21 @@ class BenchRun:
         self.out_path.write_text(json.dumps(result, indent=1, default=str))
         print(f"\nwrote {self.out_path}")
         return 0
+
+
+async def post(client: httpx.AsyncClient, url: str, body: bytes, stream: bool) -> bytes:
+    """One request to its end (a stream: to [DONE]); the JSON body, or the stream's tail."""
+    if not stream:
+        r = await client.post(url, content=body, headers=JSON_HEADERS)
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        return r.content
+    tail = b""
+    async with client.stream("POST", url, content=body, headers=JSON_HEADERS) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for chunk in r.aiter_raw():
+            tail = (tail + chunk)[-64:]
+    if not tail.rstrip().endswith(b"[DONE]"):
+        raise RuntimeError(f"stream ended without [DONE]: {tail!r}")
+    return tail
