@@ -32,9 +32,10 @@ from core.hashing import sha256_file
 from core.logging import get_logger
 from distill.gate.config import load_gate_config
 from distill.gate.run import validate
+from distill.manifest import artifact_fields, fidelity_summary
 from distill.quantize import held_out, quantize
 from distill.recipes.kd import main as run_recipe
-from distill.registry import Registry, artifact_fields, fidelity_summary, file_hashes
+from distill.registry import Registry, file_hashes
 from distill.tasks import load_suite
 from distill.topup import teacher_examples
 from distill.train_loop import code_version

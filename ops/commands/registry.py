@@ -12,8 +12,9 @@ import httpx
 import typer
 
 from core.metrics import sample_total
-from distill.registry import Registry, RegistryError, artifact_fields, diff_manifests
-from distill.registry import table as registry_table
+from distill.manifest import artifact_fields, diff_manifests
+from distill.manifest import table as registry_table
+from distill.registry import Registry, RegistryError
 from ops.commands.common import ConfigOption, WaitOption, load
 from ops.settings import Settings
 

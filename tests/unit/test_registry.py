@@ -8,7 +8,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from distill.registry import Registry, RegistryError, diff_manifests, fidelity_gap, table
+from distill.manifest import diff_manifests, fidelity_gap, table
+from distill.registry import Registry, RegistryError
 from ops.cli import app
 
 TEACHER = {"name": "qwen", "version": "1", "sha256": "ab" * 32}
