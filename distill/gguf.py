@@ -20,6 +20,8 @@ Q4_K_M: k-quants work on rows of 256 values. llama.cpp quantizes a tensor whose 
 multiple of 256 with a fallback type instead (Q4_K -> Q5_0, Q6_K -> Q8_0), so a model narrower
 than 256 (the 64-wide test models) gets a file of Q5_0/Q8_0 tensors, and SmolLM2-135M (576
 wide) 180 of its 272 tensors; the progress callback reports the types the file ended up with.
+
+(Over 400 lines: one conversion, its steps in the order they run; each helper is small.)
 """
 
 from __future__ import annotations

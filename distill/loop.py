@@ -10,7 +10,8 @@ twice. A failing stage is retried on the next invocation, `max_attempts` times, 
 is abandoned. `<work_dir>/state.json` keeps the last run's cutoff and teachers (for the
 triggers) and the counters behind `metrics.prom` (Prometheus text; pushed to a Pushgateway when
 configured). Each stage is done by its own module: `shadow.export`, `distill.recipes.kd`,
-`distill.quantize`, `distill.gate`, `distill.registry`.
+`distill.quantize`, `distill.gate`, `distill.registry`. (Over 400 lines: the stages and the
+state they resume from are one state machine, read in order.)
 """
 
 from __future__ import annotations

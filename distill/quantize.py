@@ -30,7 +30,8 @@ weights alone (no calibration data, no GPTQ/AWQ).
 Fidelity compares each model on the engine that serves its artifact, so the delta is the
 quantization's alone: `int8`, `w8a16`, `w4a16` against the source folder on `transformers`
 (`w8a16`/`w4a16` are decompressed to dense weights there: accuracy, not vLLM's speed), GGUF
-against an F32 GGUF of the source on `llamacpp`.
+against an F32 GGUF of the source on `llamacpp`. (Over 400 lines: one writer per format and
+the one report they share.)
 """
 
 from __future__ import annotations

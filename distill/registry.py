@@ -20,7 +20,8 @@ manifest updates are read-modified-written under a lock: `flock` on a local regi
 store a lock object created only if absent (a conditional put) that names its owner and expires
 after `LOCK_LEASE_S`, so a writer that died does not block the others for good. What a manifest
 may hold, and the pure reads of it, are `distill.manifest`'s. Does not own how artifacts are made
-(distill, quantize, gate) or how a gateway swaps models (serving).
+(distill, quantize, gate) or how a gateway swaps models (serving). (Over 400 lines: the
+storage, its two kinds of lock and the promotions they guard belong together.)
 """
 
 from __future__ import annotations

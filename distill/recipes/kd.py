@@ -18,6 +18,7 @@ A run's folder: `model/` (a Hugging Face folder), `manifest.json` (teacher and d
 config, metrics, code version, lineage), `history.json`, `loss_curve.png`, `checkpoints/step-N/`
 (the last two) and, for prompt data, `teacher_answers.jsonl`. Errors a user can fix raise
 `RecipeError` with one line naming the fix. The per-step maths lives in `distill.train_loop`.
+(Over 400 lines: a recipe is meant to be read top to bottom in one file.)
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ from serving.review import (
 )
 from shadow.labels import LabelError, parse_label
 from shadow.records import Answer, FeedbackRecord, ResponseRecord
-from shadow.review_queries import ReviewError, ReviewQuery, like_pattern, word_diff
+from shadow.review_queries import ReviewError, ReviewQuery, like_pattern
 from shadow.store import SqliteStore
 from shadow.store.postgres import PostgresStore
+from shadow.word_diff import word_diff
 from tests.integration.test_pgstore import dsn, pg  # noqa: F401 - the PostgreSQL fixtures
 from tests.unit.test_records import make_record
 

@@ -179,3 +179,15 @@ def test_a_server_import_is_caught(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import json, ray\nfrom tests.oracle import serve_oracle\nimport ray.serve\n")
     assert server_imports(probe) == ["ray.serve", "tests.oracle"]
+
+
+MAX_LINES = 400
+
+
+def test_a_long_module_says_why():
+    """A module over MAX_LINES lines says why in its docstring: "(Over 400 lines: ...)"."""
+    long = {str(p.relative_to(REPO_ROOT)): n for p in project_modules().values()
+            if (n := len(p.read_text().splitlines())) > MAX_LINES
+            and f"(Over {MAX_LINES} lines:" not in (ast.get_docstring(ast.parse(p.read_text()))
+                                                  or "")}
+    assert long == {}
