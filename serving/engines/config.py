@@ -16,7 +16,11 @@ class LlamaCppEngine(Section):
     path: str = Field(description="GGUF file (a relative path: from the working directory)")
     n_ctx: int = Field(2048, ge=128, le=1_048_576, description="context window in tokens")
     n_threads: int | None = Field(None, ge=1, le=512, description="CPU threads; None: all cores")
-    n_batch: int = Field(512, ge=1, le=65536)
+    n_batch: int = Field(512, ge=1, le=65536, description="tokens evaluated per step, at most")
+    n_parallel: int = Field(4, ge=1, le=64, description="sequences decoded together "
+                            "(continuous batching), each with its own n_ctx; 1: one at a time")
+    prefill_chunk: int = Field(128, ge=1, le=65536, description="prompt tokens of one sequence "
+                               "per step, so a long prompt does not stall the answers in flight")
     n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU; -1: all")
 
 

@@ -1,24 +1,25 @@
-"""A GGUF model through llama-cpp-python: the CPU default engine.
+"""A GGUF model through llama.cpp (llama-cpp-python's low-level API): the CPU default engine.
 
-Owns the `Llama` object, its chat template (the GGUF's `tokenizer.chat_template`, rendered here
-with the request's tools, `serving.engines.tools`, so the prompt tokens are known before
-generation) and a token loop over `Llama.generate` that runs in one worker thread: one generation at a time per model, later requests wait their turn.
-Each sampled token is checked against end-of-generation tokens, stop strings and the budget,
-and a closed iterator sets an event the loop checks at every token.
+Owns the model, its chat template (the GGUF's `tokenizer.chat_template`, rendered with the
+request's tools, `serving.engines.tools`, so the prompt tokens are known before generation),
+tokenizing, and what each sequence does with its logits (`LlamaSampler`). Sequences are decoded
+together, `n_parallel` at once, by `serving.engines.llama_batch`; `n_parallel: 1` decodes one
+generation at a time, the others waiting their turn.
 
-Sampling is OpenAI's: temperature (0 is greedy) and top_p only; llama.cpp's own top_k, min_p
-and repeat penalty are switched off. A `response_format` is enforced by sampling here, from the
-logits its grammar allows (`serving.engines.constrain`); llama.cpp then only evaluates. Logprobs
-are the log-softmax of the raw logits of the position that produced each token (read from the
-context, so `logits_all` is not needed).
+Sampling is OpenAI's: temperature (0 is greedy) and top_p only, seeded per generation. A
+`response_format` masks the logits to what its grammar allows before sampling
+(`serving.engines.constrain`). Logprobs are the log-softmax of the raw logits of the position
+that produced each token. Each token is checked against the end-of-generation tokens, stop
+strings and the budget (`serving.engines.threaded.TokenOutput`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +28,14 @@ from serving.engines.base import (
     AnswerScores,
     EngineError,
     EngineInfo,
-    SamplingParams,
     TokenLogprob,
 )
 from serving.engines.config import LlamaCppEngine as LlamaCppEngineConfig
 from serving.engines.constrain import TokenConstraint, sample, vocabulary_from_llamacpp
-from serving.engines.threaded import Job, TokenOutput, WorkerThreadEngine
+from serving.engines.threaded import Job, TokenLoopEngine, TokenOutput
 
 
-class LlamaCppEngine(WorkerThreadEngine):
+class LlamaCppEngine(TokenLoopEngine):
     def __init__(self, config: LlamaCppEngineConfig, resolve_path: Callable[[str], Path]):
         super().__init__("llamacpp")
         self.config = config
@@ -44,9 +44,10 @@ class LlamaCppEngine(WorkerThreadEngine):
             model=self.path.name,
             context_window=config.n_ctx,
             supports_logprobs=True,
-            max_concurrency=1,
+            max_concurrency=config.n_parallel,
         )
-        self._llm = None
+        self.model = None  # llama_cpp's LlamaModel: weights, vocabulary, metadata
+        self.batcher = None  # the context and its scheduler thread
         self._template: str | None = None  # the GGUF's tokenizer.chat_template
         self._chat = None  # its Jinja2ChatFormatter
         self._vocabulary = None  # llguidance's view of the vocabulary, made at the first need
@@ -54,28 +55,26 @@ class LlamaCppEngine(WorkerThreadEngine):
     async def start(self) -> None:
         if not self.path.is_file():
             raise EngineError(f"llamacpp engine: GGUF file not found: {self.path}")
-        await self._in_worker(self._load)
+        await asyncio.to_thread(self._load)
 
     def _load(self) -> None:
-        from llama_cpp import Llama
+        # llama_cpp loads only with this engine.
+        import llama_cpp
+        from llama_cpp import _internals, _logger
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        threads = self.config.n_threads or len(os.sched_getaffinity(0))
+        from serving.engines.llama_batch import Batcher  # llama_cpp
+
+        _logger.set_verbose(False)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = self.config.n_gpu_layers
         try:
-            llm = Llama(
-                model_path=str(self.path),
-                n_ctx=self.config.n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_batch=self.config.n_batch,
-                n_gpu_layers=self.config.n_gpu_layers,
-                verbose=False,
-            )
+            model = _internals.LlamaModel(path_model=str(self.path), params=params,
+                                          verbose=False)
         except (ValueError, RuntimeError) as e:
             raise EngineError(f"llamacpp engine: cannot load {self.path}: {e}") from e
-        template = llm.metadata.get("tokenizer.chat_template")
+        template = model.metadata().get("tokenizer.chat_template")
         if template:
-            model = llm._model
             eos, bos = model.token_eos(), model.token_bos()
             self._chat = Jinja2ChatFormatter(
                 template,
@@ -84,137 +83,117 @@ class LlamaCppEngine(WorkerThreadEngine):
                 add_generation_prompt=True,
             )
             self._template = template
-        self._llm = llm
+        self._is_eog = lambda token: llama_cpp.llama_vocab_is_eog(model.vocab, token)
+        c = self.config
+        try:
+            self.batcher = Batcher(
+                model, n_ctx=c.n_ctx, n_parallel=c.n_parallel, n_batch=c.n_batch,
+                prefill_chunk=c.prefill_chunk,
+                n_threads=c.n_threads or len(os.sched_getaffinity(0)), start=self._sampler)
+        except (ValueError, RuntimeError) as e:
+            model.close()
+            raise EngineError(f"llamacpp engine: cannot make a context for {self.path}: {e}"
+                              ) from e
+        self.model = model
 
     async def close(self) -> None:
-        await self._stop_worker()
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
+            self.batcher = None
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+    def _submit(self, job: Job) -> None:
+        self.batcher.submit(job)
+
+    async def _in_worker(self, fn):
+        return await asyncio.wrap_future(self.batcher.call(fn))
+
+    # -- tokens ------------------------------------------------------------------------------
 
     def _loaded(self) -> bool:
-        return self._llm is not None
+        return self.model is not None
 
     def _chat_template(self) -> str | None:
         return self._template
 
     def _chat_tokens(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
         rendered = self._chat(messages=messages, tools=tools)
-        return self._llm.tokenize(rendered.prompt.encode(), add_bos=False, special=True)
+        return self.model.tokenize(rendered.prompt.encode(), False, True)
 
     def _prompt_tokens(self, prompt: str) -> list[int]:
-        return self._llm.tokenize(prompt.encode(), add_bos=True, special=True)
-
-    def _decode(self, job: Job) -> bool:
-        import llama_cpp
-
-        llm, p = self._llm, job.params
-        vocab = llm._model.vocab
-        seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**31)
-        constraint = None
-        if p.response_format is not None:
-            if self._vocabulary is None:
-                self._vocabulary = vocabulary_from_llamacpp(vocab)
-            constraint = TokenConstraint(self._vocabulary, p.response_format)
-            tokens = self._constrained(job.prompt, p, seed, constraint)
-        else:
-            llm.set_seed(seed)
-            tokens = llm.generate(job.prompt, top_k=0, top_p=p.top_p, min_p=0.0, typical_p=1.0,
-                                  temp=p.temperature, repeat_penalty=1.0, reset=True)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        out = TokenOutput(job, lambda t: decoder.decode(llm.detokenize([t])),
-                          lambda: decoder.decode(b"", final=True), constraint)
-        if job.budget > 0:
-            for token in tokens:
-                if job.stop.is_set():
-                    return False
-                logprob = None if p.logprobs is None else self._logprobs(token, p.logprobs)
-                if out.push(token, logprob, llama_cpp.llama_vocab_is_eog(vocab, token)):
-                    break
-        out.close(self._label_probs(job.prompt, p))
-        return True
+        return self.model.tokenize(prompt.encode(), True, True)
 
     def _text_tokens(self, text: str) -> list[int]:
-        return self._llm.tokenize(text.encode(), add_bos=False, special=False)
+        return self.model.tokenize(text.encode(), False, False)
 
     def _end_token(self) -> int | None:
-        eos = self._llm.token_eos()
+        eos = self.model.token_eos()
         return None if eos == -1 else eos
 
+    def detokenize(self, tokens: list[int], special: bool = False) -> bytes:
+        return self.model.detokenize(tokens, special)
+
     def _score_tokens(self, prompt: list[int], tokens: list[int]) -> AnswerScores:
-        """The prompt through `_prefill` (its KV cache reused), then the answer in batches of
-        `n_batch` with the logits of every position kept."""
-        llm = self._llm
-        self._prefill(prompt)
-        parts = [AnswerScores.of(self._last_logits(), tokens[:1])]
-        for start in range(0, len(tokens) - 1, llm.n_batch):
-            chunk = tokens[start:min(start + llm.n_batch, len(tokens) - 1)]
-            parts.append(AnswerScores.of(self._eval_all_logits(chunk),
-                                         tokens[start + 1:start + 1 + len(chunk)]))
-        return AnswerScores.join(parts)
+        return self.batcher.forced(prompt, tokens)
 
-    def _eval_all_logits(self, chunk: list[int]) -> np.ndarray:
-        """Evaluate `chunk` (at most `n_batch` tokens) after what the context holds, keeping
-        the logits of each position: `[len(chunk), n_vocab]`."""
-        llm = self._llm
-        n_past = llm.n_tokens
-        llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
-        llm._batch.set_batch(chunk, n_past=n_past, logits_all=True)
-        llm._ctx.decode(llm._batch)
-        llm.input_ids[n_past:n_past + len(chunk)] = chunk
-        llm.n_tokens = n_past + len(chunk)
-        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(chunk), llm.n_vocab()))
+    # -- a sequence's logits -----------------------------------------------------------------
 
-    def _last_logits(self) -> np.ndarray:
-        llm = self._llm
-        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+    def _sampler(self, job: Job) -> LlamaSampler:
+        """A generation's sampler (scheduler thread: the vocabulary is built there once)."""
+        constraint = None
+        if job.params.response_format is not None:
+            if self._vocabulary is None:
+                self._vocabulary = vocabulary_from_llamacpp(self.model.vocab)
+            constraint = TokenConstraint(self._vocabulary, job.params.response_format)
+        return LlamaSampler(self, job, constraint)
 
-    def _constrained(self, prompt: list[int], p: SamplingParams, seed: int,
-                     constraint: TokenConstraint) -> Iterator[int]:
-        """Tokens sampled here, from the logits the grammar allows (llama.cpp only evaluates)."""
-        llm = self._llm
-        rng = np.random.default_rng(seed)
-        self._prefill(prompt)
-        while True:
-            logits = self._last_logits()
-            logits = np.where(constraint.allowed(len(logits)), logits, -np.inf)
-            token = sample(logits, p.temperature, p.top_p, rng)
-            constraint.accept(token)
-            yield token
-            llm.eval([token])
-
-    def _prefill(self, prompt: list[int]) -> None:
-        """Evaluate `prompt`, keeping the KV cache of the longest prefix it shares with what the
-        context holds (as `Llama.generate` does): a long system or tool prompt sent with every
-        request is evaluated once. At least one token is evaluated, for fresh logits."""
-        llm = self._llm
-        keep = 0
-        for held, token in zip(llm.input_ids[:llm.n_tokens], prompt):
-            if held != token:
-                break
-            keep += 1
-        keep = min(keep, len(prompt) - 1)
-        if keep > 0 and llm._ctx.kv_cache_seq_rm(-1, keep, -1):
-            llm.n_tokens = keep
-        else:
-            keep = 0
-            llm.reset()
-        llm.eval(prompt[keep:])
-
-    def _logprobs(self, token: int, k: int) -> TokenLogprob:
+    def logprob(self, logits: np.ndarray, token: int, k: int) -> TokenLogprob:
         """The chosen token's logprob and the `k` best, from the logits that sampled it."""
-        logprobs = _log_softmax(self._last_logits())
+        logprobs = _log_softmax(logits)
         top = np.argpartition(-logprobs, k)[:k] if 0 < k < len(logprobs) else np.arange(0)
         top = top[np.argsort(-logprobs[top])]
         return TokenLogprob(
-            self._piece(token),
+            self.piece(token),
             float(logprobs[token]),
-            tuple((self._piece(int(t)), float(logprobs[t])) for t in top),
+            tuple((self.piece(int(t)), float(logprobs[t])) for t in top),
         )
 
-    def _piece(self, token: int) -> str:
-        return self._llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+    def piece(self, token: int) -> str:
+        return self.detokenize([token], special=True).decode("utf-8", errors="replace")
 
+
+class LlamaSampler:
+    """One generation's side of the batch: samples each token from its logits (masked by its
+    grammar), emits it through its `TokenOutput`, and ends the answer."""
+
+    def __init__(self, engine: LlamaCppEngine, job: Job, constraint: TokenConstraint | None):
+        p = job.params
+        self.engine, self.job, self.constraint = engine, job, constraint
+        seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**31)
+        self.rng = np.random.default_rng(seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.out = TokenOutput(job, lambda t: decoder.decode(engine.detokenize([t])),
+                               lambda: decoder.decode(b"", final=True), constraint)
+
+    def next(self, logits: np.ndarray) -> int | None:
+        p, constraint = self.job.params, self.constraint
+        masked = logits
+        if constraint is not None:
+            masked = np.where(constraint.allowed(len(logits)), logits, -np.inf)
+        token = sample(masked, p.temperature, p.top_p, self.rng)
+        if constraint is not None:
+            constraint.accept(token)
+        logprob = None if p.logprobs is None else self.engine.logprob(logits, token, p.logprobs)
+        if self.out.push(token, logprob, self.engine._is_eog(token)):
+            self.close()
+            return None
+        return token
+
+    def close(self) -> None:
+        self.out.close(self.engine._label_probs(self.job.prompt, self.job.params))
+        self.job.end()
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

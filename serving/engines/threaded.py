@@ -1,13 +1,17 @@
-"""The bridge for engines whose token loop runs in one worker thread (llama.cpp, transformers).
+"""The bridge for engines whose model runs on a thread of its own (llama.cpp, transformers).
 
-A subclass implements `tokenize_request` (event-loop thread) and `_decode` (worker thread: the
-token loop of one `Job`, which hands each token to a `TokenOutput` that cuts the answer and emits
-the deltas). Generations run one at a time, in order; closing a generation's iterator sets its
-stop event, which `_decode` checks at every token; `close` stops running and queued work.
+`TokenLoopEngine` is what they share. A generation becomes a `Job` (prompt tokens, sampling,
+budget, a stop event, where deltas go) handed to the model's thread (`_submit`); its token loop
+gives each sampled token to a `TokenOutput`, which cuts the answer (end tokens, stop strings, a
+complete grammar, the budget) and emits the deltas; `Job.end` closes the stream. Closing a
+generation's iterator sets its stop event, which the token loop checks at every token. The
+chat template, `score` (an answer teacher-forced, for callers such as the release gate) and
+`label_probs` (a label-constrained answer asked with logprobs: each label's sequence logprob
+after the prompt, softmaxed over the labels) are written once here.
 
-A subclass also scores a given answer teacher-forced (`_score_tokens`, worker thread): `score`
-for callers such as the release gate, and `label_probs` for a label-constrained answer asked
-with logprobs (each label's sequence logprob after the prompt, softmaxed over the labels).
+`WorkerThreadEngine` runs one `_decode` (a job's whole token loop) at a time on one worker
+thread: later generations wait their turn (transformers). llama.cpp batches its sequences on a
+scheduler thread of its own (`serving.engines.llama_batch`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from serving.engines.base import (
 from serving.engines.tools import prompt_messages, renders_tools
 
 _DONE = object()
+CLOSING = "generation aborted: the engine is closing"
 _T = TypeVar("_T")
 
 
@@ -50,6 +55,12 @@ class Job:
     budget: int
     stop: threading.Event
     emit: Callable[[object], None]
+
+    def end(self, error: Exception | None = None) -> None:
+        """No more deltas: the stream ends, raising `error` when one is given."""
+        if error is not None:
+            self.emit(error)
+        self.emit(_DONE)
 
 
 class Grammar(Protocol):
@@ -93,16 +104,19 @@ class TokenOutput:
                             completion_tokens=self.n, label_probs=label_probs))
 
 
-class WorkerThreadEngine(Engine):
+class TokenLoopEngine(Engine):
     def __init__(self, name: str):
         self._name = name
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._running: set[threading.Event] = set()  # stop events of queued and running work
 
+    @abc.abstractmethod
+    def _submit(self, job: Job) -> None:
+        """Hand `job` to the model's thread, which runs its token loop and then calls `job.end`
+        (with an error when it failed, or with `EngineError(CLOSING)` when `close` stopped it)."""
+
+    @abc.abstractmethod
     async def _in_worker(self, fn: Callable[[], _T]) -> _T:
-        """Run `fn` on the worker thread, the one thread that uses the model, after the work
-        queued before it."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        """Run `fn` on the model's thread (loading, scoring), between token steps."""
 
     def tokenize_request(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids: chat messages rendered with the model's own chat template
@@ -137,13 +151,6 @@ class WorkerThreadEngine(Engine):
     @abc.abstractmethod
     def _prompt_tokens(self, prompt: str) -> list[int]:
         """A completion prompt tokenized as the model expects it (BOS where it uses one)."""
-
-    @abc.abstractmethod
-    def _decode(self, job: Job) -> bool:
-        """The token loop (worker thread): emits deltas, the last with finish and counts.
-
-        Returns False when `job.stop` ended it early (no final delta), True otherwise.
-        """
 
     @abc.abstractmethod
     def _text_tokens(self, text: str) -> list[int]:
@@ -200,19 +207,8 @@ class WorkerThreadEngine(Engine):
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 stop.set()
 
-        def work() -> None:
-            try:
-                job = Job(tokens, params, budget, stop, emit)
-                finished = not stop.is_set() and self._decode(job)
-                if not finished:  # unheard when the consumer left; else close() stopped it
-                    emit(EngineError("generation aborted: the engine is closing"))
-            except Exception as e:  # noqa: BLE001 - handed to the consumer
-                emit(e)
-            finally:
-                emit(_DONE)
-
         self._running.add(stop)
-        self._pool.submit(work)  # the one worker thread: generations run in turn
+        self._submit(Job(tokens, params, budget, stop, emit))
         try:
             while (item := await queue.get()) is not _DONE:
                 if isinstance(item, EngineError):
@@ -224,8 +220,40 @@ class WorkerThreadEngine(Engine):
             stop.set()
             self._running.discard(stop)
 
-    async def _stop_worker(self) -> None:
-        """Stop running and queued generations and wait for the worker thread to finish."""
+    def _stop_all(self) -> None:
+        """Set the stop event of every queued and running generation."""
         for stop in list(self._running):
             stop.set()
+
+
+class WorkerThreadEngine(TokenLoopEngine):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def _in_worker(self, fn: Callable[[], _T]) -> _T:
+        """Run `fn` on the worker thread, after the work queued before it."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    @abc.abstractmethod
+    def _decode(self, job: Job) -> bool:
+        """The token loop (worker thread): emits deltas, the last with finish and counts.
+
+        Returns False when `job.stop` ended it early (no final delta), True otherwise.
+        """
+
+    def _submit(self, job: Job) -> None:
+        self._pool.submit(self._run, job)  # the one worker thread: generations run in turn
+
+    def _run(self, job: Job) -> None:
+        try:
+            finished = not job.stop.is_set() and self._decode(job)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            job.end(e)
+        else:  # unheard when the consumer left; else close() stopped it
+            job.end(None if finished else EngineError(CLOSING))
+
+    async def _stop_worker(self) -> None:
+        """Stop running and queued generations and wait for the worker thread to finish."""
+        self._stop_all()
         await asyncio.to_thread(self._pool.shutdown, wait=True)  # queued work sees its stop

@@ -28,7 +28,6 @@ from serving.engines import (
 )
 from serving.engines.config import LlamaCppEngine as LlamaCppConfig
 from serving.engines.llamacpp import LlamaCppEngine
-from tests.workerengine import run_together
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -143,12 +142,12 @@ async def run(engine, request):
 async def test_info(engine):
     assert engine.info.model == "tiny.gguf"
     assert engine.info.context_window == N_CTX
-    assert engine.info.supports_logprobs and engine.info.max_concurrency == 1
+    assert engine.info.supports_logprobs and engine.info.max_concurrency == 4  # n_parallel
 
 
 async def test_chat_prompt_uses_the_gguf_template(engine):
     ids = engine.tokenize_request(chat())
-    text = engine._llm.detokenize(ids, special=True).decode()
+    text = engine.detokenize(ids, special=True).decode()
     assert text == (
         "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello world<|im_end|>\n"
         "<|im_start|>assistant\n"
@@ -163,7 +162,7 @@ async def test_greedy_is_deterministic_with_counts(engine):
     assert out.completion_tokens == len(out.token_ids) == 12
     assert out.prompt_tokens == len(engine.tokenize_request(chat()))
     assert all(d.finish_reason is None for d in deltas[:-1])
-    full = engine._llm.detokenize(list(out.token_ids)).decode("utf-8", errors="replace")
+    full = engine.detokenize(list(out.token_ids)).decode("utf-8", errors="replace")
     assert out.text == full  # streamed pieces add up to the whole decode
     again = merge_deltas(await run(engine, chat(12, temperature=0, rid="x")))
     assert (again.token_ids, again.text) == (out.token_ids, out.text)
@@ -172,7 +171,7 @@ async def test_greedy_is_deterministic_with_counts(engine):
 async def test_completion_prompt(engine):
     req = GenerationRequest("c", SamplingParams(4, temperature=0), prompt="abc def")
     out = merge_deltas(await run(engine, req))
-    assert out.prompt_tokens == len(engine._llm.tokenize(b"abc def", add_bos=True, special=True))
+    assert out.prompt_tokens == len(engine.model.tokenize(b"abc def", True, True))
     assert out.completion_tokens == 4
 
 
@@ -217,7 +216,7 @@ async def test_prompt_too_long(engine):
 
 async def test_default_budget_fills_the_context(engine):
     prompt = "a" * (N_CTX - 3)
-    n_prompt = len(engine._llm.tokenize(prompt.encode(), add_bos=True, special=True))
+    n_prompt = len(engine.model.tokenize(prompt.encode(), True, True))
     req = GenerationRequest("f", SamplingParams(None, temperature=0), prompt=prompt)
     out = merge_deltas(await run(engine, req))
     assert out.completion_tokens == N_CTX - n_prompt and out.finish_reason == "length"
@@ -231,14 +230,99 @@ async def test_close_aborts_and_frees_the_model(engine):
     assert len(first) == 2 and out.completion_tokens == 3
 
 
-async def test_concurrent_requests_run_in_turn(engine, monkeypatch):
-    """Requests sent together are all queued before the first ends; the token loop runs them
-    one at a time and each finishes."""
-    outs, events, most = await run_together(
-        engine, monkeypatch, [chat(5, temperature=0, rid=str(i)) for i in range(3)])
-    assert len({o.token_ids for o in outs}) == 1 and all(o.completion_tokens == 5 for o in outs)
-    assert events == ["submit"] * 3 + ["finish"] * 3  # concurrent: all sent before one ended
-    assert most == 1
+PROMPTS = ("hello world", "write me a poem about the sea", "abc", "one two three four")
+
+
+def asked(i, max_tokens=16, **params):
+    messages = (Message("system", "be brief"), Message("user", PROMPTS[i % len(PROMPTS)]))
+    return GenerationRequest(str(i), SamplingParams(max_tokens, temperature=0, **params),
+                             messages=messages)
+
+
+async def test_batched_answers_equal_one_at_a_time(engine, tmp_path):
+    """Four greedy generations decoded together are token-identical to the same four decoded
+    one at a time (`n_parallel: 1`), which run in turn; with logprobs and a stop string too."""
+    requests = [asked(i) for i in range(4)] + [asked(1, logprobs=2, stop=("e",))]
+    steps = engine.batcher.steps
+    together = await asyncio.gather(*(run(engine, r) for r in requests))
+    assert engine.batcher.widest >= 4
+    single = await started(engine.path, n_parallel=1)
+    try:
+        alone = await asyncio.gather(*(run(single, r) for r in requests))
+        assert single.batcher.widest == 1
+    finally:
+        await single.close()
+    for a, b in zip(together, alone):
+        a, b = merge_deltas(a), merge_deltas(b)
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for x, y in zip(a.logprobs or (), b.logprobs or (), strict=True):  # batching moves the
+            assert x.token == y.token and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert [t for t, _ in x.top] == [t for t, _ in y.top]  # float sums a little
+    assert engine.batcher.steps - steps < sum(len(merge_deltas(o).token_ids) for o in alone)
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_beside_running_answers(tmp_path):
+    """A long prompt arriving while an answer streams is evaluated `prefill_chunk` tokens a
+    step: the running answer keeps getting tokens meanwhile."""
+    eng = await started(write_tiny_gguf(tmp_path / "p.gguf"), prefill_chunk=8)
+    order = []
+
+    async def follow(name, request):
+        async for d in eng.generate(request):
+            order.append((name, len(d.token_ids)))
+
+    try:
+        running = asyncio.ensure_future(follow("short", chat(60, temperature=0)))
+        while not order:
+            await asyncio.sleep(0.001)
+        long = GenerationRequest("l", SamplingParams(2, temperature=0), prompt="word " * 40)
+        await asyncio.gather(running, follow("long", long))
+    finally:
+        await eng.close()
+    first_long = next(i for i, (name, n) in enumerate(order) if name == "long" and n)
+    short_before = sum(n for name, n in order[:first_long] if name == "short")
+    assert short_before >= 1 + 160 // 8 // 2  # the prompt took ~20 steps; the answer moved on
+
+
+async def test_a_shared_prefix_is_evaluated_once_per_slot(tmp_path):
+    """The second prompt sharing a long prefix evaluates only what differs, and answers as a
+    fresh engine does."""
+    eng = await started(write_tiny_gguf(tmp_path / "s.gguf"), n_parallel=1)
+    system = Message("system", "you are terse " * 12)
+    one, two = ((system, Message("user", text)) for text in ("hi", "hello there"))
+    try:
+        await run(eng, GenerationRequest("a", SamplingParams(4, temperature=0), messages=one))
+        held = list(eng.batcher._slots[0].held)
+        second = GenerationRequest("b", SamplingParams(4, temperature=0), messages=two)
+        before = eng.batcher.evaluated
+        reused = merge_deltas(await run(eng, second))
+        evaluated = eng.batcher.evaluated - before
+    finally:
+        await eng.close()
+    fresh = await started(write_tiny_gguf(tmp_path / "s.gguf"), n_parallel=1)
+    try:
+        prompt = fresh.tokenize_request(second)
+        alone = merge_deltas(await run(fresh, second))
+    finally:
+        await fresh.close()
+    shared = next(i for i, (a, b) in enumerate(zip(held, prompt)) if a != b)
+    assert shared > 40 and evaluated == len(prompt) - shared + 3  # the rest, then 3 answers
+    assert reused.token_ids == alone.token_ids
+
+
+async def test_a_client_leaving_frees_its_slot_for_the_others(tmp_path):
+    eng = await started(write_tiny_gguf(tmp_path / "l.gguf"), n_parallel=2)
+    try:
+        leaving = eng.generate(chat(200, temperature=0))
+        await anext(leaving)
+        staying = asyncio.ensure_future(run(eng, chat(30, temperature=0, rid="s")))
+        await leaving.aclose()
+        third = merge_deltas(await asyncio.wait_for(run(eng, chat(5, temperature=0)), 30))
+        assert merge_deltas(await staying).completion_tokens == 30
+        assert third.completion_tokens == 5
+    finally:
+        await eng.close()
 
 
 async def test_eos_ends_with_stop(tmp_path):
@@ -268,7 +352,7 @@ async def test_missing_file_and_missing_template(tmp_path):
 async def test_close_fails_waiting_generations_with_an_error(tmp_path):
     eng = await started(write_tiny_gguf(tmp_path / "c.gguf"))
     release = threading.Event()
-    eng._pool.submit(release.wait)  # occupy the worker: the next generation has to wait
+    eng.batcher.call(release.wait)  # occupy the scheduler: the next generation has to wait
     stream = eng.generate(chat(20, temperature=0))
     first = asyncio.ensure_future(anext(stream))
     await asyncio.sleep(0.05)
