@@ -95,3 +95,21 @@ def proc_stat_cpu(text: str) -> tuple[int, int]:
             user, nice, system, _idle, _iowait, irq, softirq, steal = f[:8]
             return user + nice + system + irq + softirq, steal
     raise ValueError("no 'cpu ' line in /proc/stat text")
+
+
+def stream_summary(records: Sequence[dict], wall_s: float) -> dict[str, float | None]:
+    """Streamed requests, each `{"start": t, "chunks": [arrival of each content chunk],
+    "tokens": completion tokens}` (seconds): the aggregate tokens/s over `wall_s`, and per
+    stream the time to the first chunk (TTFT) and the mean time between tokens after the first
+    (ITL: (last chunk - first chunk) / (tokens - 1)), p50 and p99 in ms."""
+    tokens = sum(r["tokens"] for r in records)
+    ttft = [(r["chunks"][0] - r["start"]) * 1000 for r in records if r["chunks"]]
+    itl = [(r["chunks"][-1] - r["chunks"][0]) / (r["tokens"] - 1) * 1000 for r in records
+           if r["chunks"] and r["tokens"] >= 2]
+
+    def p(xs: list[float], q: float) -> float | None:
+        return percentile(xs, q) if xs else None
+
+    return {"requests": len(records), "tokens": tokens, "wall_s": wall_s,
+            "tok_s": tokens_per_s(tokens, wall_s), "ttft_p50_ms": p(ttft, 50),
+            "ttft_p99_ms": p(ttft, 99), "itl_p50_ms": p(itl, 50), "itl_p99_ms": p(itl, 99)}

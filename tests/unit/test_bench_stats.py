@@ -9,6 +9,7 @@ from loadtests.bench_stats import (
     percentile,
     proc_stat_cpu,
     ratio,
+    stream_summary,
     summarize,
     table,
     tokens_per_s,
@@ -86,3 +87,14 @@ def test_proc_stat_cpu_sums_busy_fields_and_keeps_steal_apart():
     assert proc_stat_cpu(text) == (100 + 5 + 50 + 3 + 2, 11)
     with pytest.raises(ValueError):
         proc_stat_cpu("intr 1\n")
+
+
+def test_stream_summary_times_first_chunks_and_tokens_between():
+    records = [{"start": 0.0, "chunks": [0.1, 0.5, 0.9], "tokens": 5},  # ITL 0.8 s / 4
+               {"start": 1.0, "chunks": [1.3], "tokens": 1},            # no ITL: one token
+               {"start": 2.0, "chunks": [], "tokens": 0}]               # nothing came
+    s = stream_summary(records, wall_s=3.0)
+    assert (s["requests"], s["tokens"], s["tok_s"]) == (3, 6, 2.0)
+    assert s["ttft_p50_ms"] == pytest.approx(200.0) and s["ttft_p99_ms"] == pytest.approx(298.0)
+    assert s["itl_p50_ms"] == s["itl_p99_ms"] == pytest.approx(200.0)
+    assert stream_summary([], 1.0)["itl_p50_ms"] is None

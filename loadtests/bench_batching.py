@@ -1,0 +1,174 @@
+"""Concurrent users on the packaged student: llama.cpp decoding one sequence at a time
+(`n_parallel: 1`) against continuous batching (`n_parallel: 8`), side by side in one run.
+
+One gateway (`protege serve`, its own Ray) serves the packaged SmolLM2-135M Q4_1 twice, as the
+default config does (llama.cpp, n_threads 1, n_ctx 2048, the replica's max_ongoing_requests 8):
+route `sequential` with n_parallel 1, route `batched` with n_parallel 8. At each concurrency c
+(1, 2, 4, 8, 16), c clients each stream chat completions back to back (greedy, max_tokens 64,
+fixed prompts; at least 16 requests a cell); the two routes take turns, in one order and then
+the other (--rounds). Per cell: aggregate completion tokens/s (all tokens / the cell's wall
+time), and per stream TTFT (to the first content chunk) and ITL (the stream's mean time between
+tokens after the first: (last chunk - first chunk) / (tokens - 1)), p50 and p99.
+
+    .venv/bin/python loadtests/bench_batching.py            # the full run (about 6 min, 2 cores)
+    .venv/bin/python loadtests/bench_batching.py --quick    # a smoke run of the script itself
+
+Prints the table on stdout and writes loadtests/out/bench_batching_<timestamp>.json. The
+gateway listens on 127.0.0.1 only and is stopped on exit, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import yaml  # noqa: E402
+
+from loadtests.bench_gateway import B_PROMPTS, BenchGateway, loadavg  # noqa: E402
+from loadtests.bench_stats import fmt_num, fmt_ratio, stream_summary, table  # noqa: E402
+from loadtests.benchrun import JSON_HEADERS, BenchRun  # noqa: E402
+
+ENGINES = {"sequential": 1, "batched": 8}  # route -> n_parallel
+CONCURRENCY = (1, 2, 4, 8, 16)
+
+
+def config() -> dict:
+    """examples/default.yaml's student twice, n_parallel 1 and 8; no shadow, no feedback."""
+    base = yaml.safe_load((REPO / "examples" / "default.yaml").read_text())
+    student = base["variants"][base["routes"]["student"]["variant"]]
+    base["variants"] = {
+        route: {**student, "promotable": False, "version": f"smollm2-{route}",
+                "engine": {**student["engine"], "n_parallel": n}}
+        for route, n in ENGINES.items()}
+    base["routes"] = {route: {"variant": route} for route in ENGINES}
+    base.pop("feedback", None)
+    return base
+
+
+async def one_stream(client: httpx.AsyncClient, route: str, prompt: str, max_tokens: int
+                     ) -> dict:
+    """One streamed chat completion: its start, the arrival of each content chunk, and the
+    completion tokens the usage chunk reports."""
+    body = {"model": route, "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0,
+            "stream_options": {"include_usage": True}}
+    started, chunks, tokens = time.perf_counter(), [], 0
+    async with client.stream("POST", "/v1/chat/completions", content=json.dumps(body).encode(),
+                             headers=JSON_HEADERS) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if any(c["delta"].get("content") for c in event.get("choices", ())):
+                chunks.append(time.perf_counter())
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return {"start": started, "chunks": chunks, "tokens": tokens}
+
+
+async def cell(base: str, route: str, c: int, requests: int, max_tokens: int) -> dict:
+    """`requests` streams from `c` clients in a closed loop."""
+    limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
+    remaining = list(range(requests))
+    records: list[dict] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while remaining:
+            i = remaining.pop()
+            records.append(await one_stream(client, route, B_PROMPTS[i % len(B_PROMPTS)],
+                                            max_tokens))
+
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=600,
+                                 trust_env=False) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(c)))
+        wall = time.perf_counter() - started
+    return {"route": route, "c": c, **stream_summary(records, wall)}
+
+
+async def measure(base: str, args, log) -> list[dict]:
+    cells = []
+    for rnd in range(args.rounds):
+        routes = list(ENGINES) if rnd % 2 == 0 else list(reversed(ENGINES))
+        for c in args.concurrency:
+            for route in routes:
+                result = await cell(base, route, c, max(args.requests, c), args.max_tokens)
+                log(f"round {rnd + 1} c={c} {route}: {result['tok_s']:.1f} tok/s, ITL p50 "
+                    f"{fmt_num(result['itl_p50_ms'])} ms")
+                cells.append({"round": rnd + 1, **result})
+    return cells
+
+
+def median_of(cells: list[dict], route: str, c: int, key: str) -> float | None:
+    xs = sorted(x[key] for x in cells if x["route"] == route and x["c"] == c
+                and x[key] is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def tables(cells: list[dict], args) -> str:
+    """Per concurrency: medians over rounds, and batched / sequential."""
+    rows = []
+    for c in args.concurrency:
+        s, b = ({key: median_of(cells, route, c, key) for key in cells[0] if key != "route"}
+                for route in ENGINES)
+        rows.append([c, fmt_num(s["tok_s"]), fmt_num(b["tok_s"]),
+                     fmt_ratio(b["tok_s"], s["tok_s"]),
+                     *(f"{fmt_num(x[f'{k}_p50_ms'], d)} / {fmt_num(x[f'{k}_p99_ms'], d)}"
+                       for k, d in (("itl", 1), ("ttft", 0)) for x in (s, b))])
+    return table(["c", "seq tok/s", "batched tok/s", "batched/seq",
+                  "seq ITL p50/p99 ms", "batched ITL p50/p99 ms",
+                  "seq TTFT p50/p99 ms", "batched TTFT p50/p99 ms"], rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=2, help="rounds, the order flipped each time")
+    p.add_argument("--requests", type=int, default=16, help="requests per cell (at least c)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
+    p.add_argument("--quick", action="store_true", help="c=1 and 4, 4 requests, 16 tokens")
+    p.add_argument("--out", type=Path, default=None, help="the JSON results file")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.requests, args.max_tokens, args.concurrency = 1, 4, 16, [1, 4]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    run = BenchRun("bench_batching", args.out)
+    result: dict = {"started": run.stamp, "args": {k: str(v) for k, v in vars(args).items()},
+                    "cpus": os.cpu_count(), "loadavg_before": loadavg(), "config": config()}
+    with tempfile.TemporaryDirectory(prefix="protege-bench-") as tmp:
+        run.log("starting the gateway (the student as n_parallel 1 and 8)...")
+        with BenchGateway(config(), Path(tmp), startup_s=300, cwd=REPO) as gw:
+            run.log(f"serving on {gw.base}; warming both routes up")
+            asyncio.run(measure(gw.base, argparse.Namespace(**{**vars(args), "rounds": 1,
+                                                              "concurrency": [2],
+                                                              "requests": 2}), run.log))
+            result["cells"] = asyncio.run(measure(gw.base, args, run.log))
+    result["loadavg_after"] = loadavg()
+    result["seconds"] = time.time() - run.started
+    print(f"\nConcurrent streams on the packaged student (SmolLM2-135M Q4_1, llama.cpp n_threads "
+          f"1, greedy, max_tokens {args.max_tokens}), through the gateway; medians of "
+          f"{args.rounds} rounds, {os.cpu_count()} CPUs, load avg before "
+          f"{result['loadavg_before'][0]:.2f}\n")
+    print(tables(result["cells"], args))
+    return run.write(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
