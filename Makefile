@@ -6,7 +6,8 @@
 #                 the tests start when it is missing: PostgreSQL, Prometheus and Chromium
 #                 (Debian packages) and helm (into .venv/bin)
 #   make chart    copy ops/alerts and ops/dashboards into helm/protege/files (before helm install)
-#   make bench    the gateway benchmark (loadtests/bench_gateway.py)
+#   make bench    the gateway benchmark (loadtests/bench_gateway.py), then concurrent users
+#                 on the student, batched vs one at a time (loadtests/bench_batching.py)
 #   make loadtest locust on fake engines, shadowed vs plain, 30 s (LOADTEST_ARGS="-u 16 -t 60s")
 #   make clean    build leftovers and caches (keeps .venv and models/)
 
@@ -19,6 +20,7 @@ TORCH ?= torch==2.13.0
 CONFIG ?= examples/default.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BATCHING_ARGS ?=
 LOADTEST_ARGS ?=
 
 HELM := $(BIN)/helm
@@ -89,6 +91,7 @@ test: venv models postgres prometheus chromium helm chart
 
 bench: venv models
 	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/bench_gateway.py $(BENCH_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/bench_batching.py $(BATCHING_ARGS)
 
 loadtest: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/run_locust.py $(LOADTEST_ARGS)
