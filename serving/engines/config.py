@@ -32,6 +32,8 @@ class TransformersEngine(Section):
     gguf_file: str | None = Field(None, description="load this GGUF file from `model` (dequantized)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    n_parallel: int = Field(4, ge=1, le=256, description="generations decoded together, "
+                            "left-padded into one batch; 1: one at a time")
 
 
 class VllmEngine(Section):

@@ -9,8 +9,9 @@ chat template, `score` (an answer teacher-forced, for callers such as the releas
 `label_probs` (a label-constrained answer asked with logprobs: each label's sequence logprob
 after the prompt, softmaxed over the labels) are written once here.
 
-`WorkerThreadEngine` runs one `_decode` (a job's whole token loop) at a time on one worker
-thread: later generations wait their turn (transformers). llama.cpp batches its sequences on a
+`WorkerThreadEngine` decodes on one worker thread, `n_parallel` generations together in one
+batch that runs until its last one ends; the generations that come meanwhile wait for the next
+(transformers). llama.cpp batches its sequences on a
 scheduler thread of its own (`serving.engines.llama_batch`).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,9 +47,9 @@ CLOSING = "generation aborted: the engine is closing"
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Job:
-    """One generation on the worker thread: its prompt, sampling, completion-token budget, the
+    """One generation on the model's thread: its prompt, sampling, completion-token budget, the
     event that aborts it and where its deltas go."""
 
     prompt: list[int]
@@ -55,12 +57,14 @@ class Job:
     budget: int
     stop: threading.Event
     emit: Callable[[object], None]
+    ended: bool = False
 
     def end(self, error: Exception | None = None) -> None:
         """No more deltas: the stream ends, raising `error` when one is given."""
         if error is not None:
             self.emit(error)
         self.emit(_DONE)
+        self.ended = True
 
 
 class Grammar(Protocol):
@@ -227,31 +231,45 @@ class TokenLoopEngine(Engine):
 
 
 class WorkerThreadEngine(TokenLoopEngine):
-    def __init__(self, name: str):
+    """Generations decoded on one worker thread, up to `n_parallel` in one batch: a batch takes
+    the generations waiting when it starts and runs until the last of them ends."""
+
+    def __init__(self, name: str, n_parallel: int = 1):
         super().__init__(name)
+        self.n_parallel = n_parallel
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._waiting: deque[Job] = deque()
 
     async def _in_worker(self, fn: Callable[[], _T]) -> _T:
         """Run `fn` on the worker thread, after the work queued before it."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     @abc.abstractmethod
-    def _decode(self, job: Job) -> bool:
-        """The token loop (worker thread): emits deltas, the last with finish and counts.
-
-        Returns False when `job.stop` ended it early (no final delta), True otherwise.
-        """
+    def _decode(self, jobs: list[Job]) -> None:
+        """The token loop of `jobs`, decoded together (worker thread). Each job ends once
+        (`Job.end`): after its last delta, or with `EngineError(CLOSING)` when its stop event
+        ended it early (unheard when the consumer left; else `close` stopped it)."""
 
     def _submit(self, job: Job) -> None:
-        self._pool.submit(self._run, job)  # the one worker thread: generations run in turn
+        self._waiting.append(job)
+        self._pool.submit(self._next_batch)
 
-    def _run(self, job: Job) -> None:
+    def _next_batch(self) -> None:
+        jobs = []
+        while self._waiting and len(jobs) < self.n_parallel:
+            job = self._waiting.popleft()
+            if job.stop.is_set():
+                job.end(EngineError(CLOSING))
+            else:
+                jobs.append(job)
+        if not jobs:
+            return
         try:
-            finished = not job.stop.is_set() and self._decode(job)
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            job.end(e)
-        else:  # unheard when the consumer left; else close() stopped it
-            job.end(None if finished else EngineError(CLOSING))
+            self._decode(jobs)
+        except Exception as e:  # noqa: BLE001 - handed to the consumers
+            for job in jobs:
+                if not job.ended:
+                    job.end(e)
 
     async def _stop_worker(self) -> None:
         """Stop running and queued generations and wait for the worker thread to finish."""

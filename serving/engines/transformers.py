@@ -2,8 +2,11 @@
 
 Owns the model, its tokenizer and chat template (with the request's tools,
 `serving.engines.tools`), and a decode loop written here (a forward pass with
-`past_key_values` per token) that runs in one worker thread: one generation at a time, later
-requests wait their turn. Writing the loop ourselves gives streaming, token ids, logprobs,
+`past_key_values` per token) that runs in one worker thread. Up to `n_parallel` generations are
+decoded together: their prompts left-padded into one batch (attention mask and positions say
+where each starts), one forward pass a step for all of them; a batch runs until its last answer
+ends, and requests that come meanwhile wait for the next. Writing the loop ourselves gives
+streaming, token ids, logprobs,
 OpenAI sampling (temperature, top_p, a seeded `torch.Generator`), stop strings, end-of-sequence
 tokens and an abort checked between tokens. A `response_format` masks the logits to what its
 grammar allows before sampling (`serving.engines.constrain`).
@@ -32,7 +35,7 @@ from serving.engines.base import (
 )
 from serving.engines.config import TransformersEngine as TransformersEngineConfig
 from serving.engines.constrain import TokenConstraint, vocabulary_from_hf
-from serving.engines.threaded import Job, TokenOutput, WorkerThreadEngine
+from serving.engines.threaded import CLOSING, Job, TokenOutput, WorkerThreadEngine
 
 
 class IncrementalDetokenizer:
@@ -72,7 +75,7 @@ class IncrementalDetokenizer:
 
 class TransformersEngine(WorkerThreadEngine):
     def __init__(self, config: TransformersEngineConfig, resolve_path: Callable[[str], Path]):
-        super().__init__("transformers")
+        super().__init__("transformers", config.n_parallel)
         self.config = config
         self.path = Path(resolve_path(config.model))
         # context_window is read from the model config at start().
@@ -80,7 +83,7 @@ class TransformersEngine(WorkerThreadEngine):
             model=config.gguf_file or self.path.name,
             context_window=None,
             supports_logprobs=True,
-            max_concurrency=1,
+            max_concurrency=config.n_parallel,
         )
         self.model: Any = None
         self.tokenizer: Any = None
@@ -120,12 +123,15 @@ class TransformersEngine(WorkerThreadEngine):
         # transformers renamed `past_key_values` to `cache` (in and out) during 5.x.
         params = inspect.signature(model.forward).parameters
         self._cache_name = "cache" if "cache" in params else "past_key_values"
+        self._takes_positions = "position_ids" in params  # left padding shifts the positions
+        pad = tokenizer.pad_token_id
+        self._pad = pad if pad is not None else min(eos, default=0)
         self.model, self.tokenizer, self._eos = model, tokenizer, eos
         self.info = EngineInfo(
             model=self.info.model,
             context_window=window,
             supports_logprobs=True,
-            max_concurrency=1,
+            max_concurrency=self.config.n_parallel,
         )
 
     async def close(self) -> None:
@@ -146,41 +152,32 @@ class TransformersEngine(WorkerThreadEngine):
     def _prompt_tokens(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
 
-    def _decode(self, job: Job) -> bool:
+    def _decode(self, jobs: list[Job]) -> None:
+        """One batch: the prompts left-padded to one width (masked out), then one forward pass
+        a step for all rows; a row whose answer is over is fed padding until the batch ends."""
         import torch
 
-        device, p = self.config.device, job.params
-        generator = torch.Generator(device=device)
-        seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
-        generator.manual_seed(seed)
-        constraint = None
-        if p.response_format is not None:
-            if self._vocabulary is None:
-                self._vocabulary = vocabulary_from_hf(self.tokenizer, self._eos)
-            constraint = TokenConstraint(self._vocabulary, p.response_format)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        out = TokenOutput(job, detok.push, detok.flush, constraint)
-        inputs = torch.tensor([job.prompt], device=device)
-        past = None
+        device = self.config.device
+        rows = [_Row(self, job) for job in jobs]
+        width = max(len(job.prompt) for job in jobs)
+        pad = self._pad
+        ids = torch.tensor([[pad] * (width - len(j.prompt)) + j.prompt for j in jobs],
+                           device=device)
+        mask = torch.tensor([[0] * (width - len(j.prompt)) + [1] * len(j.prompt) for j in jobs],
+                            device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        past, inputs = None, ids
         with torch.inference_mode():
-            while out.n < job.budget:
-                result = self.model(input_ids=inputs, use_cache=True, **{self._cache_name: past})
+            while not all(r.done for r in rows):
+                extra = {"position_ids": positions} if self._takes_positions else {}
+                result = self.model(input_ids=inputs, attention_mask=mask, use_cache=True,
+                                     **{self._cache_name: past}, **extra)
                 past = getattr(result, self._cache_name)
-                logits = result.logits[0, -1].float()
-                if constraint is None:
-                    token = _sample(logits, p, generator)
-                else:
-                    allowed = torch.from_numpy(constraint.allowed(logits.numel())).to(device)
-                    token = _sample(logits.masked_fill(~allowed, float("-inf")), p, generator)
-                    constraint.accept(token)
-                if job.stop.is_set():
-                    return False
-                logprob = None if p.logprobs is None else self._logprobs(logits, token, p.logprobs)
-                if out.push(token, logprob, token in self._eos):
-                    break
-                inputs = torch.tensor([[token]], device=device)
-        out.close(self._label_probs(job.prompt, p))
-        return True
+                logits = result.logits[:, -1].float()
+                tokens = [pad if r.done else r.step(logits[i]) for i, r in enumerate(rows)]
+                inputs = torch.tensor([[t] for t in tokens], device=device)
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                positions = positions[:, -1:] + 1
 
     def _text_tokens(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -209,6 +206,54 @@ class TransformersEngine(WorkerThreadEngine):
 
     def _piece(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
+
+
+class _Row:
+    """One generation of a batch: its seeded generator, grammar, text and output."""
+
+    def __init__(self, engine: TransformersEngine, job: Job):
+        import torch
+
+        p = job.params
+        self.engine, self.job = engine, job
+        self.generator = torch.Generator(device=engine.config.device)
+        seed = p.seed if p.seed is not None else random.SystemRandom().getrandbits(63)
+        self.generator.manual_seed(seed)
+        self.constraint = None
+        if p.response_format is not None:
+            if engine._vocabulary is None:
+                engine._vocabulary = vocabulary_from_hf(engine.tokenizer, engine._eos)
+            self.constraint = TokenConstraint(engine._vocabulary, p.response_format)
+        detok = IncrementalDetokenizer(engine.tokenizer)
+        self.out = TokenOutput(job, detok.push, detok.flush, self.constraint)
+        self.done = False
+        if job.budget <= 0:
+            self.close()
+
+    def step(self, logits: Any) -> int:
+        """Sample, emit and check the next token; the token the row is fed next."""
+        import torch
+
+        p, constraint = self.job.params, self.constraint
+        if constraint is None:
+            token = _sample(logits, p, self.generator)
+        else:
+            allowed = torch.from_numpy(constraint.allowed(logits.numel())).to(logits.device)
+            token = _sample(logits.masked_fill(~allowed, float("-inf")), p, self.generator)
+            constraint.accept(token)
+        if self.job.stop.is_set():
+            self.done = True
+            self.job.end(EngineError(CLOSING))
+            return token
+        logprob = None if p.logprobs is None else self.engine._logprobs(logits, token, p.logprobs)
+        if self.out.push(token, logprob, token in self.engine._eos):
+            self.close()
+        return token
+
+    def close(self) -> None:
+        self.done = True
+        self.out.close(self.engine._label_probs(self.job.prompt, self.job.params))
+        self.job.end()
 
 
 def _sample(logits: Any, p: SamplingParams, generator: Any) -> int:

@@ -103,7 +103,7 @@ async def run(engine, request):
 
 async def test_info_after_start(engine):
     assert engine.info.context_window == CONTEXT
-    assert engine.info.supports_logprobs and engine.info.max_concurrency == 1
+    assert engine.info.supports_logprobs and engine.info.max_concurrency == 4  # n_parallel
 
 
 async def test_greedy_matches_hf_generate_and_counts(engine):
