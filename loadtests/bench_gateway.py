@@ -63,7 +63,7 @@ from loadtests.bench_stats import (  # noqa: E402
     tokens_per_s,
 )
 from loadtests.benchrun import JSON_HEADERS, BenchRun, on_sigterm, post
-from ops.gateway import Gateway  # noqa: E402
+from ops.gateway import Gateway, wait_until  # noqa: E402
 from serving import protocol, responses  # noqa: E402
 from serving.engines import (  # noqa: E402
     GenerationRequest,
@@ -375,13 +375,11 @@ def deploy_noop(body: bytes, chunks: list[bytes]) -> None:
 def _wait_app(name: str, timeout_s: float = 120) -> None:
     from ray import serve
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def running() -> bool:
         app = serve.status().applications.get(name)
-        if app is not None and app.status.value == "RUNNING":
-            return
-        time.sleep(0.5)
-    raise RuntimeError(f"Serve app {name} not running after {timeout_s}s")
+        return app is not None and app.status.value == "RUNNING"
+
+    wait_until(running, f"Serve app {name} running", timeout_s, 0.5)
 
 
 def part_a(args, tmp: Path, log: Callable[[str], None]) -> dict:

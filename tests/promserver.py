@@ -15,14 +15,13 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import yaml
 
-from ops.gateway import free_port
+from ops.gateway import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = REPO / "ops" / "dashboards"
@@ -56,13 +55,14 @@ class Prometheus:
         return float(result[0]["value"][1])
 
     def wait_for(self, expr: str, expected: float, timeout_s: float = 30) -> float:
-        deadline, value = time.monotonic() + timeout_s, None
-        while time.monotonic() < deadline:
-            value = self.value(expr)
-            if value == expected:
-                return value
-            time.sleep(0.5)
-        raise AssertionError(f"{expr} = {value}, expected {expected}")
+        seen = []
+
+        def check() -> bool:
+            seen.append(self.value(expr))
+            return seen[-1] == expected
+
+        wait_until(check, f"{expr} = {expected}", timeout_s, 0.5, lambda: f"last seen {seen[-1]}")
+        return expected
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]
@@ -84,16 +84,14 @@ def prometheus(config: dict, tmp: Path, startup_s: float = 30) -> Iterator[Prome
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
+        def ready() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"prometheus exited ({proc.returncode}):\n{prom.logs()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(prom.base + "/-/ready", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus not ready in {startup_s}s:\n{prom.logs()}")
-            time.sleep(0.2)
+                return httpx.get(prom.base + "/-/ready", timeout=2).status_code == 200
+            return False
+
+        wait_until(ready, "prometheus ready", startup_s, 0.2, prom.logs)
         yield prom
     finally:
         if proc.poll() is None:

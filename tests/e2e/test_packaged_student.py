@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,6 @@ def test_chats_are_mirrored_to_the_packaged_teacher_and_reported(gateway):
     import json
     import subprocess
     import sys
-    import time
 
     from shadow.store import SqliteStore
 
@@ -64,11 +63,9 @@ def test_chats_are_mirrored_to_the_packaged_teacher_and_reported(gateway):
         model="student", messages=[{"role": "user", "content": "Name a primary colour."}],
         temperature=0, max_tokens=24)
     store = SqliteStore(gateway.tmp / "pairs.sqlite")
-    deadline = time.monotonic() + 180  # the teacher answers on one niced thread
-    while time.monotonic() < deadline and not (store.path.exists() and store.get(r.id)):
-        time.sleep(1)
-    pair = store.get(r.id)
-    assert pair is not None, gateway.logs()[-3000:]
+    # Up to 3 minutes: the teacher answers on one niced thread.
+    pair = wait_until(lambda: store.path.exists() and store.get(r.id), f"pair {r.id} stored",
+                      180, 1, lambda: gateway.logs()[-3000:])
     assert pair.student.text == r.choices[0].message.content
     assert pair.teacher.model == "qwen-coder-0.5b" and pair.teacher.text.strip()
     assert pair.scores["semantic"] is not None  # the packaged MiniLM scored it

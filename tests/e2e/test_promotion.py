@@ -15,7 +15,7 @@ import yaml
 
 from core.metrics import sample_total as sample
 from distill.registry import Registry
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from tests.integration.conftest import REPO
 
 pytestmark = pytest.mark.e2e
@@ -81,10 +81,10 @@ class Load:
                                      r.headers.get("x-protege-version", ""), r.text[:300]))
 
     def wait_for(self, after: float, n: int = 5, timeout_s: float = 120) -> None:
-        """Until `n` requests that started after `after` have ended (bounded)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and sum(r[0] > after for r in list(self.results)) < n:
-            time.sleep(0.1)
+        """Until `n` requests that started after `after` have ended."""
+        wait_until(lambda: sum(r[0] > after for r in list(self.results)) >= n,
+                   f"{n} requests ended", timeout_s, 0.1,
+                   lambda: f"last results {list(self.results)[-3:]}")
 
     def __enter__(self):
         for t in self.threads:

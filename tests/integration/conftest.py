@@ -3,8 +3,6 @@ on 127.0.0.1), the shared fake-engine gateway, and reading its metrics."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from ops.gateway import Gateway, wait_until
@@ -66,14 +64,14 @@ def scrape(gateway, name, **labels) -> float:
 
 def settled(gateway, keys) -> dict:
     """Values once every replica has pushed what earlier tests did (pushes come each second)."""
-    values = None
-    for _ in range(20):
-        now = {k: scrape(gateway, k[0], **dict(k[1])) for k in keys}
-        if now == values:
-            return now
-        values = now
-        time.sleep(2.5)
-    raise AssertionError(f"metrics never settled: {values}")
+    seen = [None]
+
+    def check() -> bool:
+        seen.append({k: scrape(gateway, k[0], **dict(k[1])) for k in keys})
+        return seen[-1] == seen[-2]
+
+    wait_until(check, "settled metrics", 50, 2.5, lambda: f"last seen {seen[-1]}")
+    return seen[-1]
 
 
 def wait_for_metric(gateway, name, expected, timeout_s=20, **labels) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections import Counter
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from serving.router import choose_arm
 from tests.integration.conftest import API_KEY, REPO
 
@@ -90,10 +89,8 @@ def test_one_user_stays_in_one_arm_and_split_follows_weights(ab_gateway):
     assert 0.6 <= share_a <= 0.9, share_a
 
     # (c) /metrics counts requests per arm's variant under route "ab".
-    deadline = time.monotonic() + 20
-    while (counts := requests_by_variant(ab_gateway)) != sent and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert counts == sent
+    wait_until(lambda: requests_by_variant(ab_gateway) == sent, "requests per arm in /metrics",
+               20, 0.5, lambda: f"counted {requests_by_variant(ab_gateway)}, sent {dict(sent)}")
 
 
 def test_session_header_beats_user_and_headers_name_the_arm(ab_gateway):
@@ -118,13 +115,15 @@ def test_session_header_beats_user_and_headers_name_the_arm(ab_gateway):
         assert [m["id"] for m in r.json()["data"]] == ["ab"]  # routes only, not arms
     # The canonical log line names the arm's variant and what picked it.
     lines = {}
-    deadline = time.monotonic() + 20
-    while len(lines) < len(ids) and time.monotonic() < deadline:
+
+    def logged() -> bool:
         for line in ab_gateway.log_path.read_text(errors="replace").splitlines():
             if '"serving.request.completed"' in line and any(i in line for i in ids):
                 record = json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
                 lines[record["request_id"]] = record
-        time.sleep(0.5)
+        return len(lines) >= len(ids)
+
+    wait_until(logged, "a completed log line per request", 20, 0.5)
     assert [lines[i]["arm_key"] for i in ids] == ["session"] * len(users) + ["user"]
     assert lines[ids[-1]]["variant"] == fingerprint("bob").split(":")[0]
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
-from ops.gateway import Gateway, gateway_env
+from ops.gateway import Gateway, gateway_env, wait_until
 from shadow.store.postgres import PostgresStore
 from tests.integration.conftest import API_KEY, REPO, wait_for_metric
 from tests.pg import INSTALL_HINT, PgServer, find_bin_dir
@@ -53,12 +52,8 @@ def pg_gateway(tmp_path_factory):
 
 
 def wait_for_pairs(store, ids, timeout_s=30):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if store.existing(ids) == set(ids):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"stored {store.existing(ids)} of {ids}")
+    wait_until(lambda: store.existing(ids) == set(ids), f"pairs {ids} stored", timeout_s, 0.3,
+               lambda: f"stored {store.existing(ids)}")
 
 
 def cli(gw, *args) -> subprocess.CompletedProcess:
@@ -85,11 +80,9 @@ def test_pairs_responses_and_feedback_land_in_postgres(pg_gateway):
         r = http.post("/v1/feedback", json={"response_id": plain.id, "metric": "thumbs_up",
                                             "value": True})
     assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 30
-    feedback = []
-    while time.monotonic() < deadline and not feedback:
-        feedback = [f for f in store.iter_feedback() if f.response.response_id == plain.id]
-        time.sleep(0.3)
+    feedback = wait_until(lambda: [f for f in store.iter_feedback()
+                                   if f.response.response_id == plain.id],
+                          "feedback in PostgreSQL", 30, 0.3)
     assert [(f.metric, f.value, f.response.version) for f in feedback] == [
         ("thumbs_up", 1.0, "s1")]
     assert not (gw.tmp / "never.sqlite").exists()  # nothing went to the SQLite default

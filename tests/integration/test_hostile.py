@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -29,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from shadow.store import SqliteStore
 from tests.integration.conftest import REPO, scrape
 from tests.oracle import serve_app
@@ -122,12 +121,8 @@ def chat(gw, route: str, text: str) -> str:
 
 def stored_pair(gw, pair_id: str):
     store = SqliteStore(gw.data / "pairs.sqlite")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if (gw.data / "pairs.sqlite").exists() and (pair := store.get(pair_id)) is not None:
-            return pair
-        time.sleep(0.3)
-    raise AssertionError(f"pair {pair_id} not stored:\n{gw.logs()}")
+    return wait_until(lambda: (gw.data / "pairs.sqlite").exists() and store.get(pair_id),
+                      f"pair {pair_id} stored", 60, 0.3, gw.logs)
 
 
 def assert_400(r: httpx.Response, param: str | None = None) -> dict:
@@ -152,10 +147,7 @@ def test_personal_data_and_secrets_never_reach_a_file_or_a_log(hostile):
     assert r.status_code == 201, r.text
     assert r.json()["label"]["corrected"] == "Mail [EMAIL]"
     store = SqliteStore(hostile.data / "pairs.sqlite")
-    deadline = time.monotonic() + 30
-    while not list(store.iter_feedback()) and time.monotonic() < deadline:
-        time.sleep(0.3)
-    (feedback,) = store.iter_feedback()
+    (feedback,) = wait_until(lambda: list(store.iter_feedback()), "stored feedback", 30, 0.3)
     assert feedback.comment == "mail [EMAIL]"
     assert [label.corrected for label in store.iter_labels()] == ["Mail [EMAIL]"]
     files = [p for p in Path(hostile.data).rglob("*") if p.is_file()]

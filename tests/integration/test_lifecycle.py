@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 
 import httpx
 import pytest
 
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from tests.integration.conftest import FAKE_CONFIG, scrape, settled, wait_for_metric
 
 pytestmark = pytest.mark.integration
@@ -64,16 +63,10 @@ def test_client_disconnect_aborts_generation(gateway):
 
 def test_canonical_log_line_per_request(gateway):
     r = gateway.client().chat.completions.create(model="fake", messages=MSG)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        lines = [json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
-                 for line in gateway.logs().splitlines()
-                 if '"serving.request.completed"' in line and r.id in line]
-        if lines:
-            break
-        time.sleep(0.5)
-    assert lines, "no serving.request.completed line in the gateway log"
-    (line,) = lines
+    (line,) = wait_until(lambda: [json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
+                                  for line in gateway.logs().splitlines()
+                                  if '"serving.request.completed"' in line and r.id in line],
+                         "serving.request.completed line in the gateway log", 20, 0.5)
     for field in ("request_id", "route", "variant", "version", "status", "latency_ms",
                   "ttft_ms", "prompt_tokens", "completion_tokens"):
         assert field in line, field

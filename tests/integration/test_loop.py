@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from datetime import UTC, datetime
 
 import pytest
@@ -20,6 +19,7 @@ from distill.gguf import convert_to_gguf
 from distill.loop import Loop
 from distill.registry import Registry
 from distill.settings import LoopTopup
+from ops.gateway import wait_until
 from ops.settings import load_settings
 from shadow.records import Answer
 from shadow.store import SqliteStore
@@ -207,14 +207,13 @@ def test_killed_mid_run_resumes_without_registering_or_promoting_twice(env):
              str(env / "gateway.yaml"), "--force"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
     try:
-        held = None
-        deadline = time.monotonic() + 300
-        while held is None and time.monotonic() < deadline and proc.poll() is None:
-            if marker.exists():
-                [held] = runs(env)
-            else:
-                time.sleep(0.2)
-        assert held is not None, log_path.read_text(errors="replace")[-3000:]
+        def tail() -> str:
+            return log_path.read_text(errors="replace")[-3000:]
+
+        wait_until(lambda: marker.exists() or proc.poll() is not None, "distill held", 300, 0.2,
+                   tail)
+        assert proc.poll() is None, tail()
+        [held] = runs(env)
         assert held["stages"]["distill"]["status"] == "running" and held["outcome"] is None
     finally:
         if proc.poll() is None:

@@ -16,7 +16,7 @@ import yaml
 
 from distill.gguf import convert_to_gguf
 from distill.registry import Registry
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from shadow.store import SqliteStore
 from tests.integration.conftest import REPO
 from tests.unit.test_gguf import bpe_tokenizer, save, tiny_model
@@ -82,9 +82,7 @@ def test_pairs_from_live_traffic_become_a_promoted_version(tmp_path):
                         {"role": "user", "content": " ".join(WORDS[i % 9: i % 9 + 5]) + f" {i}"}]})
                 assert r.status_code == 200 and r.headers["x-protege-version"] == "base"
         store = SqliteStore(tmp_path / "pairs.sqlite")
-        deadline = time.monotonic() + 60
-        while store.count() < 30 and time.monotonic() < deadline:
-            time.sleep(0.5)
+        wait_until(lambda: store.count() >= 30, "30 stored pairs", 60, 0.5)
         assert store.count() == 30
 
         statuses: list[tuple[int, str]] = []  # (HTTP status or -1: broken stream, version)
@@ -114,9 +112,8 @@ def test_pairs_from_live_traffic_become_a_promoted_version(tmp_path):
                  "--once"], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
             assert out.returncode == 0, out.stderr[-4000:]
             assert "promoted (v1)" in out.stdout, out.stdout + out.stderr[-3000:]
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (not statuses or statuses[-1][1] != "v1"):
-                time.sleep(0.2)
+            wait_until(lambda: statuses and statuses[-1][1] == "v1", "answers from v1", 60, 0.2,
+                       lambda: f"last answers {statuses[-5:]}, broken {broken[:3]}")
             time.sleep(1)
         finally:
             stop.set()

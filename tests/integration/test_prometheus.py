@@ -24,7 +24,7 @@ from prometheus_client import write_to_textfile
 
 from distill.loop import loop_metrics
 from distill.registry import Registry
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from tests.integration.conftest import API_KEY, REPO
 from tests.promserver import dashboard_queries, prometheus, promql
 
@@ -203,12 +203,14 @@ def test_every_dashboard_query_returns_data(stack):
                   N_PLAIN + N_STREAM)
     queries = dashboard_queries()
     pending = {promql(expr): (board, title) for board, title, expr in queries}
-    deadline = time.monotonic() + 30
-    while pending and time.monotonic() < deadline:
-        pending = {expr: where for expr, where in pending.items() if not prom.query(expr)}
-        if pending:
-            time.sleep(1)
-    assert not pending, "\n".join(f"{b} / {t}: {e}" for e, (b, t) in pending.items())
+
+    def answered() -> bool:
+        for expr in [e for e in pending if prom.query(e)]:
+            del pending[expr]
+        return not pending
+
+    wait_until(answered, "data from every dashboard query", 30, 1,
+               lambda: "\n".join(f"{b} / {t}: {e}" for e, (b, t) in pending.items()))
     # And the fidelity panel names the served version.
     served = next(e for b, t, e in queries if t == "Fidelity gap by served version")
     result = prom.query(promql(served))

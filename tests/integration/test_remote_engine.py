@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest
 
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from tests.integration.conftest import API_KEY
 
 pytestmark = pytest.mark.integration
@@ -60,12 +59,9 @@ def test_upstream_failure_is_a_bounded_502(front):
 
 def test_log_prompts_puts_prompt_and_answer_in_the_log_line(front):
     r = front.client().chat.completions.create(model="reference", messages=MSG, max_tokens=3)
-    deadline = time.monotonic() + 20
-    lines = []
-    while not lines and time.monotonic() < deadline:
-        lines = [json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
-                 for line in front.logs().splitlines() if r.id in line and "completed" in line]
-        time.sleep(0.2)
-    (line,) = lines
+    (line,) = wait_until(lambda: [json.JSONDecoder().raw_decode(line[line.index("{"):])[0]
+                                  for line in front.logs().splitlines()
+                                  if r.id in line and "completed" in line],
+                         f"completed log line of {r.id}", 20)
     assert line["prompt"] == MSG
     assert line["answers"] == {"0": r.choices[0].message.content}

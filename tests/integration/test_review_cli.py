@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import yaml
 
-from ops.gateway import free_port
+from ops.gateway import free_port, wait_until
 from shadow.store import SqliteStore
 from tests.integration.conftest import REPO
 from tests.integration.test_review import seeded
@@ -34,14 +34,12 @@ def test_review_command_serves_the_page_and_the_api(tmp_path):
         stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):  # bounded: up to a minute to start
-            try:
-                if httpx.get(base + "/review", timeout=2).status_code == 401:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError("protege review did not start")
+        def up() -> bool:
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(base + "/review", timeout=2).status_code == 401
+            return False
+
+        wait_until(up, "protege review serving", 60, 0.5)
         assert httpx.get(base + "/", follow_redirects=False).headers["location"] == "/review"
         api = httpx.Client(base_url=base, headers={"Authorization": "Bearer k1"}, timeout=10)
         assert api.get("/review/api/pairs").json()["total"] == 12

@@ -80,9 +80,7 @@ class BadTeacher:
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: self.server.started, "bad teacher start", 10, 0.05)
 
     def stop(self):
         self.server.should_exit = True

@@ -8,12 +8,11 @@ import json
 import os
 import signal
 import threading
-import time
 
 import httpx
 import pytest
 
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from shadow.store import SqliteStore
 from tests.integration.conftest import wait_for_metric
 
@@ -74,10 +73,7 @@ def test_kill_9_under_load_loses_nothing_silently(tmp_path):
     try:
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 60
-        while len(answered) < 150 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert len(answered) >= 150, "the gateway did not answer under load"
+        wait_until(lambda: len(answered) >= 150, "150 answers under load", 60, 0.1)
         kill_session(gw.proc.pid)  # at once: the CLI, its Ray and every replica
         gw.proc.wait(30)
     finally:
@@ -89,9 +85,7 @@ def test_kill_9_under_load_loses_nothing_silently(tmp_path):
     again = Gateway(config(tmp_path), tmp_path)
     try:
         summaries = tmp_path / "spill" / "ledger" / "reconciled.jsonl"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not summaries.exists():
-            time.sleep(0.5)
+        wait_until(summaries.exists, "reconciliation summary", 60, 0.5, again.logs)
         (report,) = [json.loads(line) for line in summaries.read_text().splitlines()]
         store = SqliteStore(tmp_path / "pairs.sqlite")
         stored = store.existing(answered)
@@ -113,9 +107,6 @@ def test_kill_9_under_load_loses_nothing_silently(tmp_path):
         assert earlier == []  # the accounted files are gone
         # The restarted gateway mirrors again.
         r = again.client().chat.completions.create(model="all", messages=MSG)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and store.get(r.id) is None:
-            time.sleep(0.3)
-        assert store.get(r.id) is not None
+        wait_until(lambda: store.get(r.id), f"pair {r.id} stored", 30, 0.3)
     finally:
         again.stop()

@@ -9,7 +9,6 @@ valid JSON and valid tool calls only because decoding is constrained; the SDK's 
 from __future__ import annotations
 
 import json
-import time
 from typing import Literal
 
 import httpx
@@ -18,7 +17,7 @@ import pytest
 from openai.lib.streaming.chat._completions import ChatCompletionStreamState
 from pydantic import BaseModel, Field
 
-from ops.gateway import Gateway
+from ops.gateway import Gateway, wait_until
 from serving.engines.structured import check_answer, parse_response_format
 from tests.integration.conftest import scrape, wait_for_metric
 from tests.oracle import Oracle, serve_oracle
@@ -231,14 +230,8 @@ def stored_pair(gw, pair_id: str):
     """The pair the shadow stores for `pair_id` (waits up to a minute for it)."""
     from shadow.store import SqliteStore
 
-    deadline = time.monotonic() + 60
-    pair = None
-    while pair is None and time.monotonic() < deadline:
-        if gw.store_path.exists():
-            pair = SqliteStore(gw.store_path).get(pair_id)
-        time.sleep(0.5)
-    assert pair is not None, gw.logs()
-    return pair
+    return wait_until(lambda: gw.store_path.exists() and SqliteStore(gw.store_path).get(pair_id),
+                      f"pair {pair_id} stored", 60, 0.5, gw.logs)
 
 
 def test_a_mirrored_structured_request_is_scored_for_its_structure(gw):
