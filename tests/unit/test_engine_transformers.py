@@ -233,11 +233,47 @@ async def test_close_aborts_between_tokens(engine):
 
 
 async def test_requests_run_one_at_a_time_and_all_finish(engine, monkeypatch):
-    """Requests sent together are all queued before the first ends; the token loop runs them
-    one at a time and each finishes."""
+    """Requests sent together are all queued before the first ends; one token loop runs at a
+    time (a batch of them, or one) and each finishes."""
     merged, events, most = await run_together(
         engine, monkeypatch, [chat(4, temperature=0, rid=str(i)) for i in range(3)])
     assert len({m.token_ids for m in merged}) == 1
     assert all(m.completion_tokens == 4 for m in merged)
     assert events == ["submit"] * 3 + ["finish"] * 3  # concurrent: all sent before one ended
     assert most == 1
+
+
+async def test_a_batch_answers_as_one_at_a_time(model_dir):
+    """Prompts of different lengths decoded in one left-padded batch give the tokens (and
+    logprobs, stop strings) each gives alone (`n_parallel: 1`)."""
+    texts = ["the quick brown fox", "hello", "a b c d e f g h i j", "world"]
+    requests = [GenerationRequest(str(i), SamplingParams(8, temperature=0, **extra),
+                                  messages=(Message("user", text),))
+                for i, (text, extra) in enumerate(zip(texts, [{}, {"logprobs": 2}, {},
+                                                              {"stop": ("o",)}]))]
+
+    async def answers(n_parallel):
+        eng = build_engine(TransformersConfig(model=str(model_dir), device=DEVICE,
+                                              n_parallel=n_parallel), resolve_path=lambda p: p)
+        await eng.start()
+        sizes, decode = [], eng._decode
+        eng._decode = lambda jobs: (sizes.append(len(jobs)), decode(jobs))[1]
+        release = threading.Event()
+        eng._pool.submit(release.wait)  # all four are waiting when the first batch starts
+        try:
+            pending = [asyncio.ensure_future(run(eng, r)) for r in requests]
+            await asyncio.sleep(0.05)
+            release.set()
+            return [merge_deltas(o) for o in await asyncio.gather(*pending)], sizes
+        finally:
+            release.set()
+            await eng.close()
+
+    together, sizes = await answers(4)
+    alone, sizes_alone = await answers(1)
+    assert sizes == [4] and sizes_alone == [1, 1, 1, 1]
+    for a, b in zip(together, alone, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+        for x, y in zip(a.logprobs or (), b.logprobs or (), strict=True):
+            assert x.token == y.token and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+    assert together[1].logprobs and together[3].text == alone[3].text
