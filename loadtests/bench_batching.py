@@ -1,16 +1,17 @@
 """Concurrent users on the packaged student: llama.cpp decoding one sequence at a time
 (`n_parallel: 1`) against continuous batching (`n_parallel: 8`), side by side in one run.
 
-One gateway (`protege serve`, its own Ray) serves the packaged SmolLM2-135M Q4_1 twice, as the
-default config does (llama.cpp, n_threads 1, n_ctx 2048, the replica's max_ongoing_requests 8):
-route `sequential` with n_parallel 1, route `batched` with n_parallel 8. At each concurrency c
-(1, 2, 4, 8, 16), c clients each stream chat completions back to back (greedy, max_tokens 64,
-fixed prompts; at least 16 requests a cell); the two routes take turns, in one order and then
-the other (--rounds). Per cell: aggregate completion tokens/s (all tokens / the cell's wall
-time), and per stream TTFT (to the first content chunk) and ITL (the stream's mean time between
-tokens after the first: (last chunk - first chunk) / (tokens - 1)), p50 and p99.
+One gateway (`protege serve`, its own Ray) serves the packaged SmolLM2-135M Q4_1 three times, as
+the default config does (llama.cpp, n_threads 1 or --threads, n_ctx 2048, the replica's
+max_ongoing_requests 8): route `sequential` with n_parallel 1, `batched` with n_parallel 8, and
+`batched-fa` with n_parallel 8 and flash attention. At each concurrency c (1, 2, 4, 8, 16), c
+clients each stream chat completions back to back (greedy, max_tokens 64, fixed prompts; at
+least 16 requests a cell); the routes take turns, in one order and then the other (--rounds).
+Per cell: aggregate completion tokens/s (all tokens / the cell's wall time), and per stream TTFT
+(to the first content chunk) and ITL (the stream's mean time between tokens after the first:
+(last chunk - first chunk) / (tokens - 1)), p50 and p99.
 
-    .venv/bin/python loadtests/bench_batching.py            # the full run (about 6 min, 2 cores)
+    .venv/bin/python loadtests/bench_batching.py            # the full run (about 9 min, 2 cores)
     .venv/bin/python loadtests/bench_batching.py --quick    # a smoke run of the script itself
 
 Prints the table on stdout and writes loadtests/out/bench_batching_<timestamp>.json. The
@@ -39,18 +40,20 @@ from loadtests.bench_gateway import B_PROMPTS, BenchGateway, loadavg  # noqa: E4
 from loadtests.bench_stats import fmt_num, fmt_ratio, stream_summary, table  # noqa: E402
 from loadtests.benchrun import JSON_HEADERS, BenchRun  # noqa: E402
 
-ENGINES = {"sequential": 1, "batched": 8}  # route -> n_parallel
+ENGINES = {"sequential": {"n_parallel": 1}, "batched": {"n_parallel": 8},
+           "batched-fa": {"n_parallel": 8, "flash_attn": True}}  # route -> engine settings
 CONCURRENCY = (1, 2, 4, 8, 16)
 
 
-def config() -> dict:
-    """examples/default.yaml's student twice, n_parallel 1 and 8; no shadow, no feedback."""
+def config(threads: int | None = None) -> dict:
+    """examples/default.yaml's student once per ENGINES route; no shadow, no feedback."""
     base = yaml.safe_load((REPO / "examples" / "default.yaml").read_text())
     student = base["variants"][base["routes"]["student"]["variant"]]
+    engine = {**student["engine"], **({"n_threads": threads} if threads else {})}
     base["variants"] = {
         route: {**student, "promotable": False, "version": f"smollm2-{route}",
-                "engine": {**student["engine"], "n_parallel": n}}
-        for route, n in ENGINES.items()}
+                "engine": {**engine, **settings}}
+        for route, settings in ENGINES.items()}
     base["routes"] = {route: {"variant": route} for route in ENGINES}
     base.pop("feedback", None)
     return base
@@ -102,7 +105,7 @@ async def cell(base: str, route: str, c: int, requests: int, max_tokens: int) ->
 async def measure(base: str, args, log) -> list[dict]:
     cells = []
     for rnd in range(args.rounds):
-        routes = list(ENGINES) if rnd % 2 == 0 else list(reversed(ENGINES))
+        routes = list(ENGINES) if rnd % 2 == 0 else list(reversed(list(ENGINES)))
         for c in args.concurrency:
             for route in routes:
                 result = await cell(base, route, c, max(args.requests, c), args.max_tokens)
@@ -119,18 +122,18 @@ def median_of(cells: list[dict], route: str, c: int, key: str) -> float | None:
 
 
 def tables(cells: list[dict], args) -> str:
-    """Per concurrency: medians over rounds, and batched / sequential."""
+    """Per concurrency and engine: medians over rounds, tokens/s against `sequential`."""
     rows = []
     for c in args.concurrency:
-        s, b = ({key: median_of(cells, route, c, key) for key in cells[0] if key != "route"}
-                for route in ENGINES)
-        rows.append([c, fmt_num(s["tok_s"]), fmt_num(b["tok_s"]),
-                     fmt_ratio(b["tok_s"], s["tok_s"]),
-                     *(f"{fmt_num(x[f'{k}_p50_ms'], d)} / {fmt_num(x[f'{k}_p99_ms'], d)}"
-                       for k, d in (("itl", 1), ("ttft", 0)) for x in (s, b))])
-    return table(["c", "seq tok/s", "batched tok/s", "batched/seq",
-                  "seq ITL p50/p99 ms", "batched ITL p50/p99 ms",
-                  "seq TTFT p50/p99 ms", "batched TTFT p50/p99 ms"], rows)
+        seq = median_of(cells, "sequential", c, "tok_s")
+        for route in ENGINES:
+            m = {key: median_of(cells, route, c, key) for key in
+                 ("tok_s", "itl_p50_ms", "itl_p99_ms", "ttft_p50_ms", "ttft_p99_ms")}
+            rows.append([c, route, fmt_num(m["tok_s"]), fmt_ratio(m["tok_s"], seq),
+                         f"{fmt_num(m['itl_p50_ms'])} / {fmt_num(m['itl_p99_ms'])}",
+                         f"{fmt_num(m['ttft_p50_ms'], 0)} / {fmt_num(m['ttft_p99_ms'], 0)}"])
+    return table(["c", "engine", "tok/s", "vs sequential", "ITL p50 / p99 ms",
+                  "TTFT p50 / p99 ms"], rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="rounds, the order flipped each time")
     p.add_argument("--requests", type=int, default=16, help="requests per cell (at least c)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=None, help="the student's n_threads "
+                   "(default: examples/default.yaml's)")
     p.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY))
     p.add_argument("--quick", action="store_true", help="c=1 and 4, 4 requests, 16 tokens")
     p.add_argument("--out", type=Path, default=None, help="the JSON results file")
@@ -151,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     run = BenchRun("bench_batching", args.out)
     result: dict = {"started": run.stamp, "args": {k: str(v) for k, v in vars(args).items()},
-                    "cpus": os.cpu_count(), "loadavg_before": loadavg(), "config": config()}
+                    "cpus": os.cpu_count(), "loadavg_before": loadavg(),
+                    "config": config(args.threads)}
     with tempfile.TemporaryDirectory(prefix="protege-bench-") as tmp:
-        run.log("starting the gateway (the student as n_parallel 1 and 8)...")
-        with BenchGateway(config(), Path(tmp), startup_s=300, cwd=REPO) as gw:
+        run.log(f"starting the gateway (the student as {', '.join(ENGINES)})...")
+        with BenchGateway(result["config"], Path(tmp), startup_s=300, cwd=REPO) as gw:
             run.log(f"serving on {gw.base}; warming both routes up")
             asyncio.run(measure(gw.base, argparse.Namespace(**{**vars(args), "rounds": 1,
                                                               "concurrency": [2],
@@ -162,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             result["cells"] = asyncio.run(measure(gw.base, args, run.log))
     result["loadavg_after"] = loadavg()
     result["seconds"] = time.time() - run.started
+    threads = next(iter(result["config"]["variants"].values()))["engine"]["n_threads"]
     print(f"\nConcurrent streams on the packaged student (SmolLM2-135M Q4_1, llama.cpp n_threads "
-          f"1, greedy, max_tokens {args.max_tokens}), through the gateway; medians of "
+          f"{threads}, greedy, max_tokens {args.max_tokens}), through the gateway; medians of "
           f"{args.rounds} rounds, {os.cpu_count()} CPUs, load avg before "
           f"{result['loadavg_before'][0]:.2f}\n")
     print(tables(result["cells"], args))

@@ -21,6 +21,8 @@ class LlamaCppEngine(Section):
                             "(continuous batching), each with its own n_ctx; 1: one at a time")
     prefill_chunk: int = Field(128, ge=1, le=65536, description="prompt tokens of one sequence "
                                "per step, so a long prompt does not stall the answers in flight")
+    flash_attn: bool = Field(False, description="llama.cpp's flash attention: faster with "
+                             "several sequences, but its f16 sums change greedy answers a little")
     n_gpu_layers: int = Field(0, ge=-1, description="layers offloaded to a GPU; -1: all")
 
 

@@ -73,7 +73,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 class Batcher:
     def __init__(self, model: _internals.LlamaModel, *, n_ctx: int, n_parallel: int,
-                 n_batch: int, prefill_chunk: int, n_threads: int,
+                 n_batch: int, prefill_chunk: int, n_threads: int, flash_attn: bool,
                  start: Callable[[Job], Sampler]):
         params = llama_cpp.llama_context_default_params()
         params.n_seq_max = n_parallel + 1  # the last slot is `forced`'s
@@ -82,7 +82,8 @@ class Batcher:
         params.n_ubatch = min(n_batch, 512)
         params.n_threads = params.n_threads_batch = n_threads
         params.kv_unified = False
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as `Llama` has it
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
         self.n_vocab = model.n_vocab()
         self.n_batch, self.prefill_chunk = n_batch, max(1, min(prefill_chunk, n_batch))

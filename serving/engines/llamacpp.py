@@ -88,7 +88,7 @@ class LlamaCppEngine(TokenLoopEngine):
         try:
             self.batcher = Batcher(
                 model, n_ctx=c.n_ctx, n_parallel=c.n_parallel, n_batch=c.n_batch,
-                prefill_chunk=c.prefill_chunk,
+                prefill_chunk=c.prefill_chunk, flash_attn=c.flash_attn,
                 n_threads=c.n_threads or len(os.sched_getaffinity(0)), start=self._sampler)
         except (ValueError, RuntimeError) as e:
             model.close()
