@@ -6,9 +6,9 @@ once, in a process of its own). Three systems take turns on it, in one order and
 other (--rounds):
   direct    the client calls the upstream itself: the floor
   protege   `protege serve` (the real CLI, its own Ray) with one `remote` variant on the
-            upstream, no shadow, no feedback store, one ingress replica
-  litellm   the LiteLLM proxy (litellm[proxy]==1.108.7, one uvicorn worker, no database), its
-            model_list one `openai/` model on the upstream; installed into
+            upstream, no shadow, no feedback store, one ingress replica, an API key
+  litellm   the LiteLLM proxy (litellm[proxy]==1.108.7, one uvicorn worker, no database, a
+            master key), its model_list one `openai/` model on the upstream; installed into
             loadtests/.litellm-venv on the first run (pip, from PyPI)
 Per system: chat completions, non-streamed and streamed (time to `[DONE]`), at concurrency 1
 and 16, after a warm-up: p50/p99 latency and requests/s. "added" is a system's p50 minus
@@ -48,6 +48,7 @@ from ops.gateway import free_port, gateway_env, wait_until  # noqa: E402
 LITELLM = "litellm[proxy]==1.108.7"
 LITELLM_VENV = REPO / "loadtests" / ".litellm-venv"
 SYSTEMS = ("direct", "protege", "litellm")
+KEY = "sk-bench-" + "0" * 48  # both proxies check it (LiteLLM refuses to start without one)
 BODY = {"model": "student", "messages": [{"role": "user", "content": "Say something short "
                                                                      "about rivers."}]}
 
@@ -112,14 +113,16 @@ def litellm_config(upstream: str) -> dict:
     return {"model_list": [{"model_name": "student",
                             "litellm_params": {"model": "openai/student", "api_base": upstream,
                                                "api_key": "none"}}],
-            "litellm_settings": {"telemetry": False, "set_verbose": False}}
+            "litellm_settings": {"telemetry": False, "set_verbose": False},
+            "general_settings": {"master_key": KEY}}
 
 
 async def cell(base: str, stream: bool, c: int, n: int, warmup: int) -> dict:
     body = json.dumps({**BODY, "stream": stream}).encode()
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
-    async with httpx.AsyncClient(limits=limits, timeout=120, trust_env=False) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=120, trust_env=False,
+                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
         out = await measure(lambda: post(client, url, body, stream), n, c, warmup)
     out.pop("latencies_ms")
     return out
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                                   gateway_env()))
             run.log("starting protege (remote engine on the upstream)...")
             servers.append(BenchGateway(protege_config(upstream), Path(tmp) / "protege",
-                                        cwd=REPO))
+                                        env={"PROTEGE_API_KEYS": KEY}, cwd=REPO))
             lport = free_port()
             cfg = Path(tmp) / "litellm.yaml"
             cfg.write_text(yaml.safe_dump(litellm_config(upstream)))
