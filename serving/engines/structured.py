@@ -36,7 +36,7 @@ from typing import Any, Literal
 from core.errors import json_type
 
 CACHE_SIZE = 256  # distinct schemas whose grammar and validator stay compiled
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for `json_schema.name`
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for `json_schema.name` (fullmatch)
 # Whitespace the grammar lets a model put between JSON tokens: nothing, a space, or a newline
 # and an indent of up to 12 spaces (pretty-printing six levels deep). Bounded, so that a small
 # model cannot spend its whole budget on blanks.
@@ -119,7 +119,7 @@ def parse_response_format(value: Any) -> ResponseFormat | None:
         raise FormatError(where, f"Missing required parameter: '{where}' (an object with "
                           "'name' and 'schema').")
     name = spec.get("name")
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise FormatError(f"{where}.name", f"Invalid '{where}.name': expected 1 to 64 of a-z, "
                           "A-Z, 0-9, '_' and '-'.")
     strict, description = spec.get("strict"), spec.get("description")

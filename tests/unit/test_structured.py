@@ -85,6 +85,7 @@ def test_json_object_and_json_schema():
     ({"type": "json_schema"}, "response_format.json_schema", "Missing required parameter"),
     (schema_format(name="has space"), "response_format.json_schema.name", "1 to 64"),
     (schema_format(name="x" * 65), "response_format.json_schema.name", "1 to 64"),
+    (schema_format(name="ticket\n"), "response_format.json_schema.name", "1 to 64"),
     (schema_format(strict="yes"), "response_format.json_schema.strict", "a boolean"),
     (schema_format(schema=[1]), "response_format.json_schema.schema", "an array"),
     (schema_format(schema={"type": "foo"}), "response_format.json_schema.schema",
