@@ -30,9 +30,9 @@ MAX_PARAM = 200  # characters of `param`
 MAX_ECHO = 100  # characters of a client value quoted inside a message
 
 
-def _seconds(delay: float) -> str:
-    """A Retry-After value: whole seconds, at least 1."""
-    return str(max(1, math.ceil(delay)))
+def _retry_after(delay: float) -> dict[str, str]:
+    """The Retry-After header: whole seconds, at least 1."""
+    return {"Retry-After": str(max(1, math.ceil(delay)))}
 
 
 def clip(text: str, limit: int) -> str:
@@ -166,7 +166,7 @@ class OpenAIError(Exception):
     def rate_limited(cls, retry_after: float = 1) -> OpenAIError:
         return cls(429, "Too many requests. Please slow down and retry after the Retry-After "
                    "delay.", "rate_limit_error", code="rate_limit_exceeded",
-                   headers={"Retry-After": _seconds(retry_after)})
+                   headers=_retry_after(retry_after))
 
     @classmethod
     def server_error(cls) -> OpenAIError:
@@ -175,9 +175,10 @@ class OpenAIError(Exception):
 
     @classmethod
     def busy(cls, retry_after: float = 1) -> OpenAIError:
-        return cls(503, "The server is busy with other requests. Please retry after the "
-                   "Retry-After delay.", "server_error", code="server_busy",
-                   headers={"Retry-After": _seconds(retry_after)})
+        message = "The server is busy with other requests. Please retry after the Retry-After " \
+                  "delay."
+        return cls(503, message, "server_error", code="server_busy",
+                   headers=_retry_after(retry_after))
 
     # -- other names for the same errors ------------------------------------------------------
 

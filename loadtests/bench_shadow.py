@@ -407,17 +407,8 @@ def b_table(b: dict) -> str:
 def part_c(args, tmp: Path, log) -> dict:
     cfg = packaged_config(tmp, args.c_rate)
     log("C: starting the packaged gateway (student + teacher, llama.cpp)...")
-    gw = BenchGateway(cfg, tmp, startup_s=600)
-    try:
-        log(f"C: gateway up on {gw.base}")
-        out = asyncio.run(c_requests(gw, args.c_requests, log))
-    except BaseException:
-        print(f"--- gateway log tail ---\n{gw.logs()[-3000:]}", file=sys.stderr)
-        raise
-    finally:
-        log("C: stopping the gateway...")
-        gw.stop()
-    return {"config": cfg, **out}
+    return {"config": cfg, **on_gateway(cfg, tmp, 600, log, "C: ",
+                                        lambda gw: c_requests(gw, args.c_requests, log))}
 
 
 async def c_requests(gw, k: int, log) -> dict:
@@ -519,17 +510,23 @@ def fake_parts(args, tmp: Path, log) -> dict:
     """Parts A and B on one gateway with fake engines."""
     cfg = fake_config(tmp)
     log("starting the gateway with fake engines (routes off and on)...")
-    gw = BenchGateway(cfg, tmp, startup_s=300)
+    return {"config": cfg, **on_gateway(cfg, tmp, 300, log, "",
+                                        lambda gw: fake_requests(gw, args, tmp, log))}
+
+
+def on_gateway(cfg: dict, tmp: Path, startup_s: float, log, prefix: str, work) -> dict:
+    """`work(gw)` (a coroutine) run on a gateway of `cfg`, stopped after; its log tail on
+    stderr when it fails."""
+    gw = BenchGateway(cfg, tmp, startup_s=startup_s)
     try:
-        log(f"gateway up on {gw.base}")
-        out = asyncio.run(fake_requests(gw, args, tmp, log))
+        log(f"{prefix}gateway up on {gw.base}")
+        return asyncio.run(work(gw))
     except BaseException:
         print(f"--- gateway log tail ---\n{gw.logs()[-3000:]}", file=sys.stderr)
         raise
     finally:
-        log("stopping the gateway...")
+        log(f"{prefix}stopping the gateway...")
         gw.stop()
-    return {"config": cfg, **out}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -125,7 +125,7 @@ def _tool(value: Any, where: str) -> Tool:
         raise FormatError(f"{where}.function", f"Missing required parameter: '{where}.function' "
                           "(an object with 'name' and 'parameters').")
     name, description = fn.get("name"), fn.get("description")
-    if not isinstance(name, str) or not NAME.match(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise FormatError(f"{where}.function.name", f"Invalid '{where}.function.name': expected "
                           "1 to 64 of a-z, A-Z, 0-9, '_' and '-'.")
     if description is not None and not isinstance(description, str):

@@ -3,6 +3,7 @@ and tool calls, checked the OpenAI way."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from pydantic import (
@@ -48,6 +49,14 @@ class ChatMessage(BaseModel):
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
+def _objects(items: list, where: str) -> Iterator[tuple[str, dict]]:
+    """Each item of `items` with its parameter path (`where[i]`); a non-object is refused."""
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise wrong_type(f"{where}[{i}]", "an object", item)
+        yield f"{where}[{i}]", item
+
+
 def _parse_content(value: Any, role: str, where: str) -> str:
     if value is None:
         if role == "assistant":  # an assistant turn that only called tools, or refused
@@ -64,20 +73,14 @@ def _parse_content(value: Any, role: str, where: str) -> str:
         raise fail(f"{where}.content", f"Invalid '{where}.content': expected an array with at "
                    "least 1 content part, but got an empty array instead.")
     texts = []
-    for j, part in enumerate(value):
-        at = f"{where}.content[{j}]"
-        if not isinstance(part, dict):
-            raise wrong_type(at, "an object", part)
+    for at, part in _objects(value, f"{where}.content"):
         kind = part.get("type")
         field = "text"
         if kind == "refusal" and role == "assistant":
             field = "refusal"
         elif kind != "text":
-            raise fail(
-                f"{at}.type",
-                f"Invalid value for '{at}.type': {show(kind)} content parts are not supported "
-                "by this server; only 'text' parts are.",
-            )
+            raise fail(f"{at}.type", f"Invalid value for '{at}.type': {show(kind)} content "
+                       "parts are not supported by this server; only 'text' parts are.")
         text = part.get(field)
         if not isinstance(text, str):
             raise wrong_type(f"{at}.{field}", "a string", text)
@@ -92,10 +95,7 @@ def _parse_messages(value: Any) -> list[ChatMessage]:
         raise fail("messages",
                    "Invalid 'messages': empty array. Expected an array with at least 1 message.")
     out = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise wrong_type(where, "an object", m)
+    for where, m in _objects(value, "messages"):
         role = m.get("role")
         if role not in _ROLES:
             if role is None:
