@@ -108,6 +108,7 @@ def _scored(model: str, plan: Plan, label_cases: list[EdgeCase]
                                n_threads=plan.config.n_threads)
     if not isinstance(config, (LlamaCppEngine, TransformersEngine)):
         return None
+    config = config.model_copy(update={"n_parallel": 1})  # scoring decodes no answers
 
     async def run() -> tuple[list[AnswerScores | None], list[dict[str, Any]]]:
         async with open_engine(config) as engine:
