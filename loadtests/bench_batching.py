@@ -37,7 +37,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from loadtests.bench_gateway import B_PROMPTS, BenchGateway, loadavg  # noqa: E402
-from loadtests.bench_stats import fmt_num, fmt_ratio, stream_summary, table  # noqa: E402
+from loadtests.bench_stats import fmt_num, fmt_ratio, median, stream_summary, table  # noqa: E402
 from loadtests.benchrun import JSON_HEADERS, BenchRun  # noqa: E402
 
 ENGINES = {"sequential": {"n_parallel": 1}, "batched": {"n_parallel": 8},
@@ -116,9 +116,7 @@ async def measure(base: str, args, log) -> list[dict]:
 
 
 def median_of(cells: list[dict], route: str, c: int, key: str) -> float | None:
-    xs = sorted(x[key] for x in cells if x["route"] == route and x["c"] == c
-                and x[key] is not None)
-    return xs[len(xs) // 2] if xs else None
+    return median([x[key] for x in cells if x["route"] == route and x["c"] == c])
 
 
 def tables(cells: list[dict], args) -> str:

@@ -94,7 +94,7 @@ import yaml
 from distill.config import RecipeConfig
 from distill.recipes.kd import KDRecipe
 from loadtests.bench_gateway import Meter, loadavg
-from loadtests.bench_stats import fmt_num, fmt_ratio, ratio, table
+from loadtests.bench_stats import fmt_num, fmt_ratio, median, ratio, table
 from loadtests.benchrun import BenchRun
 
 DEMO_CONFIG = REPO / "examples" / "distill" / "demo.yaml"
@@ -394,8 +394,7 @@ def loss_windows(losses: list[float], every: int) -> tuple[float | None, float |
 
 
 def _median(runs: list[dict], key: str) -> float | None:
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.median(values) if values else None
+    return median([r.get(key) for r in runs])
 
 
 def a_table(a: dict, args) -> str:

@@ -41,7 +41,7 @@ import httpx  # noqa: E402
 import yaml  # noqa: E402
 
 from loadtests.bench_gateway import BenchGateway, loadavg, measure  # noqa: E402
-from loadtests.bench_stats import fmt_added_ms, fmt_num, fmt_ratio, table  # noqa: E402
+from loadtests.bench_stats import fmt_added_ms, fmt_num, fmt_ratio, median, table  # noqa: E402
 from loadtests.benchrun import BenchRun, post  # noqa: E402
 from ops.gateway import free_port, gateway_env, wait_until  # noqa: E402
 
@@ -146,10 +146,6 @@ def run_rounds(bases: dict[str, str], args, log) -> list[dict]:
 
 def tables(cells: list[dict]) -> str:
     """Medians over rounds; added p50 = system p50 - direct p50 of the same round."""
-    def med(xs: list[float]) -> float | None:
-        xs = sorted(x for x in xs if x is not None)
-        return xs[len(xs) // 2] if xs else None
-
     def of(system: str, stream: bool, c: int, key: str) -> list[float]:
         return [x[key] for x in cells if (x["system"], x["stream"], x["c"]) == (system, stream, c)]
 
@@ -157,10 +153,10 @@ def tables(cells: list[dict]) -> str:
     for stream in (False, True):
         for c in (1, 16):
             direct = of("direct", stream, c, "p50_ms")
-            added = {s: med([a - d for a, d in zip(of(s, stream, c, "p50_ms"), direct)])
+            added = {s: median([a - d for a, d in zip(of(s, stream, c, "p50_ms"), direct)])
                      for s in ("protege", "litellm")}
-            rps = {s: med(of(s, stream, c, "rps")) for s in SYSTEMS}
-            rows.append(["stream" if stream else "json", c, fmt_num(med(direct), 2),
+            rps = {s: median(of(s, stream, c, "rps")) for s in SYSTEMS}
+            rows.append(["stream" if stream else "json", c, fmt_num(median(direct), 2),
                          fmt_added_ms(added["protege"], 0.0, 2),
                          fmt_added_ms(added["litellm"], 0.0, 2),
                          fmt_ratio(added["protege"], added["litellm"]),

@@ -22,6 +22,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that are not None (the mean of the middle two for an even
+    count); None when there are none."""
+    xs = sorted(x for x in values if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
 def summarize(latencies_s: Sequence[float], wall_s: float) -> dict[str, float]:
     """p50/p99/mean latency in ms and requests per second over a wall time of `wall_s`."""
     n = len(latencies_s)

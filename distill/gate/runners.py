@@ -115,7 +115,8 @@ def _scored(model: str, plan: Plan, label_cases: list[EdgeCase]
             scores: list[AnswerScores | None] = []
             for _, messages, reference, complete in plan.heldout:
                 try:
-                    scores.append(await engine.score(chat_messages(messages), reference, end=complete))
+                    scores.append(await engine.score(chat_messages(messages), reference,
+                                                     end=complete))
                 except PromptTooLong:
                     scores.append(None)
             return scores, [await _label_probs(engine, case) for case in label_cases]

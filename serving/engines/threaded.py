@@ -11,8 +11,8 @@ after the prompt, softmaxed over the labels) are written once here.
 
 `WorkerThreadEngine` decodes on one worker thread, `n_parallel` generations together in one
 batch that runs until its last one ends; the generations that come meanwhile wait for the next
-(transformers). llama.cpp batches its sequences on a
-scheduler thread of its own (`serving.engines.llama_batch`).
+(transformers). llama.cpp batches its sequences on a scheduler thread of its own
+(`serving.engines.llama_batch`).
 """
 
 from __future__ import annotations

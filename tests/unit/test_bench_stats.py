@@ -6,6 +6,7 @@ from loadtests.bench_stats import (
     fmt_added_ms,
     fmt_num,
     fmt_ratio,
+    median,
     percentile,
     proc_stat_cpu,
     ratio,
@@ -98,3 +99,9 @@ def test_stream_summary_times_first_chunks_and_tokens_between():
     assert s["ttft_p50_ms"] == pytest.approx(200.0) and s["ttft_p99_ms"] == pytest.approx(298.0)
     assert s["itl_p50_ms"] == s["itl_p99_ms"] == pytest.approx(200.0)
     assert stream_summary([], 1.0)["itl_p50_ms"] is None
+
+
+def test_median_skips_missing_values():
+    assert median([3.0, None, 1.0]) == 2.0  # even count: the mean of the middle two
+    assert median([5.0, 1.0, 3.0]) == 3.0
+    assert median([None]) is None and median([]) is None
