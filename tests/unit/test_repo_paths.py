@@ -27,7 +27,8 @@ CLIMB = re.compile(r"(?<![.\w])\.\.[/\\]")  # ../ or ..\ as a path part (not the
 def _python_files() -> list[Path]:
     found = []
     for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")
+                   and not (Path(folder) / d / "pyvenv.cfg").exists()]  # any virtualenv
         found += [Path(folder) / f for f in files if f.endswith(".py")]
     return sorted(set(found) - {Path(__file__).resolve()})  # this file quotes what it refuses
 
