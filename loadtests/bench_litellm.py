@@ -7,6 +7,8 @@ other (--rounds):
   direct    the client calls the upstream itself: the floor
   protege   `protege serve` (the real CLI, its own Ray) with one `remote` variant on the
             upstream, no shadow, no feedback store, one ingress replica, an API key
+  protege-inline  the same gateway, another route whose `remote` variant is served inside
+            the ingress (`in_ingress: true`): one process hop fewer
   litellm   the LiteLLM proxy (litellm[proxy]==1.108.7, one uvicorn worker, no database, a
             master key), its model_list one `openai/` model on the upstream; installed into
             loadtests/.litellm-venv on the first run (pip, from PyPI)
@@ -47,7 +49,9 @@ from ops.gateway import free_port, gateway_env, wait_until  # noqa: E402
 
 LITELLM = "litellm[proxy]==1.108.7"
 LITELLM_VENV = REPO / "loadtests" / ".litellm-venv"
-SYSTEMS = ("direct", "protege", "litellm")
+SYSTEMS = ("direct", "protege", "protege-inline", "litellm")
+PROXIES = SYSTEMS[1:]
+MODELS = {"protege-inline": "student-inline"}  # the route a system is asked for; else "student"
 KEY = "sk-bench-" + "0" * 48  # both proxies check it (LiteLLM refuses to start without one)
 BODY = {"model": "student", "messages": [{"role": "user", "content": "Say something short "
                                                                      "about rivers."}]}
@@ -101,10 +105,11 @@ def ensure_litellm(log) -> Path:
 
 
 def protege_config(upstream: str) -> dict:
-    return {"variants": {"upstream": {"engine": {"engine": "remote", "base_url": upstream,
-                                                 "model": "student"},
-                                      "num_cpus": 0.5, "max_ongoing_requests": 256}},
-            "routes": {"student": {"variant": "upstream"}},
+    variant = {"engine": {"engine": "remote", "base_url": upstream, "model": "student"},
+               "num_cpus": 0.5, "max_ongoing_requests": 256}
+    return {"variants": {"upstream": variant, "inline": {**variant, "in_ingress": True}},
+            "routes": {"student": {"variant": "upstream"},
+                       "student-inline": {"variant": "inline"}},
             "server": {"ingress": {"replicas": 1, "num_cpus": 0.5,
                                    "max_ongoing_requests": 256}}}
 
@@ -117,8 +122,8 @@ def litellm_config(upstream: str) -> dict:
             "general_settings": {"master_key": KEY}}
 
 
-async def cell(base: str, stream: bool, c: int, n: int, warmup: int) -> dict:
-    body = json.dumps({**BODY, "stream": stream}).encode()
+async def cell(base: str, model: str, stream: bool, c: int, n: int, warmup: int) -> dict:
+    body = json.dumps({**BODY, "model": model, "stream": stream}).encode()
     url = base + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
     async with httpx.AsyncClient(limits=limits, timeout=120, trust_env=False,
@@ -136,7 +141,8 @@ def run_rounds(bases: dict[str, str], args, log) -> list[dict]:
             for c in (1, 16):
                 n = args.n1 if c == 1 else args.n16
                 for system in order:
-                    r = asyncio.run(cell(bases[system], stream, c, n, args.warmup))
+                    r = asyncio.run(cell(bases[system], MODELS.get(system, BODY["model"]),
+                                         stream, c, n, args.warmup))
                     log(f"round {rnd + 1} {'stream' if stream else 'json'} c={c} {system}: "
                         f"p50 {r['p50_ms']:.2f} ms, {r['rps']:.0f} req/s, {r['errors']} errors")
                     cells.append({"round": rnd + 1, "system": system, "stream": stream, "c": c,
@@ -154,17 +160,15 @@ def tables(cells: list[dict]) -> str:
         for c in (1, 16):
             direct = of("direct", stream, c, "p50_ms")
             added = {s: median([a - d for a, d in zip(of(s, stream, c, "p50_ms"), direct)])
-                     for s in ("protege", "litellm")}
-            rps = {s: median(of(s, stream, c, "rps")) for s in SYSTEMS}
-            rows.append(["stream" if stream else "json", c, fmt_num(median(direct), 2),
-                         fmt_added_ms(added["protege"], 0.0, 2),
-                         fmt_added_ms(added["litellm"], 0.0, 2),
-                         fmt_ratio(added["protege"], added["litellm"]),
-                         fmt_num(rps["protege"], 0), fmt_num(rps["litellm"], 0),
-                         fmt_ratio(rps["protege"], rps["litellm"])])
-    return table(["mode", "c", "direct p50 ms", "protege added ms", "litellm added ms",
-                  "added protege/litellm", "protege req/s", "litellm req/s",
-                  "req/s protege/litellm"], rows)
+                     for s in PROXIES}
+            rps = {s: median(of(s, stream, c, "rps")) for s in PROXIES}
+            for system in PROXIES:
+                rows.append(["stream" if stream else "json", c, system,
+                             fmt_num(median(direct), 2), fmt_added_ms(added[system], 0.0, 2),
+                             fmt_ratio(added[system], added["litellm"]),
+                             fmt_num(rps[system], 0), fmt_ratio(rps[system], rps["litellm"])])
+    return table(["mode", "c", "system", "direct p50 ms", "added p50 ms", "added vs litellm",
+                  "req/s", "req/s vs litellm"], rows)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"http://127.0.0.1:{lport}/health/liveliness",
                                   Path(tmp) / "litellm.log", env))
             bases = {"direct": f"http://127.0.0.1:{port}", "protege": servers[1].base,
-                     "litellm": f"http://127.0.0.1:{lport}"}
+                     "protege-inline": servers[1].base, "litellm": f"http://127.0.0.1:{lport}"}
             result["cells"] = run_rounds(bases, args, run.log)
     finally:
         for server in reversed(servers):

@@ -46,11 +46,20 @@ class VariantConfig(Section):
         "(the first token and the last go at once); 0: every token as it comes. Fewer, larger "
         "chunks cost less CPU per token between processes")
 
+    in_ingress: bool = Field(
+        False, description="serve this variant inside each ingress replica, one process hop "
+        "fewer a request; for engines that hold no model (remote, fake). `replicas`, `num_cpus` "
+        "and `nice` then do not apply; `max_ongoing_requests` and `max_queued_requests` hold "
+        "per ingress replica")
+
     @model_validator(mode="after")
     def _promotable_engine(self) -> VariantConfig:
         if self.promotable and self.engine.engine not in ("llamacpp", "transformers", "vllm"):
             raise ValueError(f"promotable: a {self.engine.engine} engine has no model to swap "
                              "(allowed with llamacpp, transformers, vllm)")
+        if self.in_ingress and self.engine.engine not in ("remote", "fake"):
+            raise ValueError(f"in_ingress: a {self.engine.engine} engine computes in its own "
+                             "replica, not in the ingress's (allowed with remote, fake)")
         return self
 
 

@@ -1,7 +1,8 @@
 """The HTTP front door of the gateway: OpenAI protocol, auth, limits, metrics and logs.
 
 `Ingress` reads a request, picks its route's A/B arm (`serving.router`), forwards it to that
-variant's replicas (`serving.variant`) and answers, whole or streamed. Each request is a `Call`
+variant's replicas (`serving.variant`), or to the variant it serves itself (`in_ingress`),
+and answers, whole or streamed. Each request is a `Call`
 reported once when it ends (`serving.reporting`: metrics, the canonical log line, its feedback
 row and mirrored pair, which leave through `serving.outbox`). `/review` is `serving.review`'s;
 `/v1/feedback` goes to the shadow worker.
@@ -29,12 +30,13 @@ from core.metrics import GatewayMetrics, MetricsReporter
 from serving import protocol, responses
 from serving.accounting import RequestTally
 from serving.auth import bearer_key_ok, checked_hosts, host_allowed, host_error
-from serving.config import ServerConfig
+from serving.config import ServerConfig, VariantConfig
 from serving.engines.base import Delta, EngineError, PromptTooLong, Unsupported
 from serving.outbox import ShadowOutbox
 from serving.reporting import Call, CallReporter
 from serving.review import ReviewSite
 from serving.router import RouteTarget, ShadowPlan, sample, sticky_key, user_key
+from serving.variant import InIngress
 from shadow.config import FeedbackMetric, ShadowSettings
 from shadow.feedback import parse_feedback
 from shadow.ledger import Ledger
@@ -57,6 +59,7 @@ class IngressParams:
     created: int
     store: ShadowSettings  # where the review page reads pairs and writes labels
     repo_root: str  # what a relative store path is relative to
+    in_ingress: dict[str, VariantConfig]  # variants served in this process, not by a handle
 
 
 class Ingress:
@@ -67,6 +70,9 @@ class Ingress:
         configure_logging(params.log_level, params.json_logs)
         self.p = params
         self.variants = variants
+        self.local = {name: await InIngress.start(name, config, params.log_level,
+                                                  params.json_logs, params.repo_root)
+                      for name, config in params.in_ingress.items()}
         self.shadow = shadow
         self.log = get_logger("serving.ingress")
         self.metrics = GatewayMetrics()
@@ -213,16 +219,14 @@ class Ingress:
                 {"role": m.role, "content": m.content} for m in gen_requests[0].messages or ()]
         call.tally.keep_text = bool(call.mirror or call.prompt is not None or call.format)
         self.metrics.in_flight.labels(**call.labels).inc()
-        handle = self.variants[arm.variant]
+        local, handle = self.local.get(arm.variant), self.variants.get(arm.variant)
         timeout = self.p.server.request_timeout_s
-        headers = {
-            "x-request-id": request_id,
-            "x-protege-variant": arm.variant,
-            "x-protege-version": arm.version,
-        }
+        headers = {"x-request-id": request_id, "x-protege-variant": arm.variant,
+                   "x-protege-version": arm.version}
         try:
             if not req.stream:
-                pending = handle.complete.remote(gen_requests)
+                pending = (local.complete(gen_requests) if local is not None
+                           else handle.complete.remote(gen_requests))
                 try:
                     choices = await asyncio.wait_for(_await(pending), timeout)
                 except TimeoutError:
@@ -242,7 +246,8 @@ class Ingress:
                 if call.format is not None:  # does every choice conform? (a remote may not)
                     headers["x-protege-format-valid"] = str(call.format_valid).lower()
                 return JSONResponse(body_out, headers=headers)
-            stream = handle.options(stream=True).stream.remote(gen_requests)
+            stream = (local.stream(gen_requests) if local is not None
+                      else handle.options(stream=True).stream.remote(gen_requests))
             try:
                 first = await asyncio.wait_for(stream.__anext__(), timeout)
             except TimeoutError:
@@ -364,6 +369,8 @@ class Ingress:
             await self.outbox.close()  # what waited for a batch goes now (or is counted)
         if self.ledger is not None:
             self.ledger.close()
+        for local in self.local.values():
+            await local.close()
         await self.reporter.stop()
 
 

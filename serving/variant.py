@@ -1,5 +1,6 @@
 """One model variant's replica: a loaded engine, the fan-out of a request's `n` choices, and
-the hot swap to a newly promoted version.
+the hot swap to a newly promoted version. `InIngress` serves a variant in the ingress's own
+process instead (`in_ingress`), one hop fewer.
 
 Where promotions come from is not this module's business: wiring hands a promotable variant a
 `PromotionSource` (the registry's, `distill.registry.RegistryPromotions`).
@@ -8,12 +9,15 @@ Where promotions come from is not this module's business: wiring hands a promota
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
+
+from ray.serve.exceptions import BackPressureError
 
 from core.config import resolve_path
 from core.logging import configure_logging, get_logger
@@ -241,3 +245,73 @@ class VariantServer:
             self._follow.cancel()
         await self.reporter.stop()
         await self.engine.close()
+
+
+class InIngress:
+    """A variant served in the ingress's process, called as its deployment would be: `complete`
+    gives a task to await or cancel, `stream` an iterator of batches to cancel. Requests beyond
+    `max_ongoing_requests` wait; beyond that plus `max_queued_requests` they are refused with
+    Ray Serve's `BackPressureError`, as the deployment's router would."""
+
+    def __init__(self, server: VariantServer, config: VariantConfig):
+        self.server = server
+        self._slots = asyncio.Semaphore(config.max_ongoing_requests)
+        self._max_queued = config.max_queued_requests
+        self._waiting = 0
+
+    @classmethod
+    async def start(cls, name: str, config: VariantConfig, log_level: str, json_logs: bool,
+                    repo_root: str) -> InIngress:
+        server = VariantServer.__new__(VariantServer)
+        await server.__init__(name, config, log_level, json_logs, repo_root)
+        return cls(server, config)
+
+    def complete(self, requests: list[GenerationRequest]) -> asyncio.Task[list[Delta]]:
+        async def run() -> list[Delta]:
+            async with self._admitted():
+                return await self.server.complete(requests)
+
+        return asyncio.ensure_future(run())
+
+    def stream(self, requests: list[GenerationRequest]) -> InIngressStream:
+        async def batches() -> AsyncIterator[list[tuple[int, Delta]]]:
+            async with self._admitted():
+                async for batch in self.server.stream(requests):
+                    yield batch
+
+        return InIngressStream(batches())
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self):
+        if self._slots.locked() and 0 <= self._max_queued <= self._waiting:
+            raise BackPressureError(num_queued_requests=self._waiting,
+                                    max_queued_requests=self._max_queued)
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def close(self) -> None:
+        await self.server.__del__()
+
+
+class InIngressStream:
+    """`InIngress.stream`'s batches: `__anext__` as a Ray response generator's, and `cancel`."""
+
+    def __init__(self, batches: AsyncIterator[list[tuple[int, Delta]]]):
+        self._batches = batches
+
+    def __anext__(self):
+        return self._batches.__anext__()
+
+    def cancel(self) -> None:
+        async def close() -> None:
+            with contextlib.suppress(RuntimeError):  # still running: its cancel closes it
+                await self._batches.aclose()
+
+        asyncio.ensure_future(close())

@@ -1,7 +1,8 @@
 """Wiring: the Ray Serve application for one `Settings` (`ops.settings`): a deployment per
-model variant, the shadow worker when a route mirrors or feedback is on, and the ingress that
-fronts them. Promotable variants get the registry as their `PromotionSource`. `serving.launch`
-runs the process around the application; `ops.rayservice` builds it for a RayService."""
+model variant (but one the ingress serves, `in_ingress`), the shadow worker when a route
+mirrors or feedback is on, and the ingress that fronts them. Promotable variants get the
+registry as their `PromotionSource`. `serving.launch` runs the process around the
+application; `ops.rayservice` builds it for a RayService."""
 
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ def build_app(settings) -> serve.Application:
     variants = {}
     defaults = {name: sampling_defaults(v, settings.resolve_path)
                 for name, v in settings.variants.items()}
+    targets = {r: route.shadow for r, route in settings.routes.items() if route.shadow is not None}
+    teachers = {t.variant for t in targets.values() if t.variant is not None}
     for name, v in settings.variants.items():
+        if v.in_ingress and name not in teachers:  # a teacher is the shadow worker's to call
+            continue
         deployment = serve.deployment(VariantServer).options(
             name=f"variant-{name}",
             num_replicas=v.replicas,
@@ -49,7 +54,6 @@ def build_app(settings) -> serve.Application:
         )
         variants[name] = deployment.bind(name, v, log.level, log.json_logs, base_dir,
                                          promotions if v.promotable else None)
-    targets = {r: route.shadow for r, route in settings.routes.items() if route.shadow is not None}
     shadows = {r: ShadowPlan(t.name, t.sample_rate, t.sample_key, t.store_prompt,
                              tuple(settings.routes[r].labels or ()))
                for r, t in targets.items()}
@@ -96,6 +100,7 @@ def build_app(settings) -> serve.Application:
         created=int(time.time()),
         store=settings.shadow,
         repo_root=base_dir,
+        in_ingress={name: v for name, v in settings.variants.items() if v.in_ingress},
     )
     ingress = serve.deployment(Ingress).options(
         name="ingress",

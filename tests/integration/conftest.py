@@ -35,6 +35,12 @@ FAKE_CONFIG = {
                   "num_cpus": 0, "stream_interval_s": 0.1},
         "greedy": {"engine": {"engine": "fake", "completion_tokens": 12},
                    "sampling": {"temperature": 0}, "num_cpus": 0},
+        # served inside each ingress replica, not by a deployment of their own
+        "inline": {"engine": {"engine": "fake", "completion_tokens": 12, "context_window": 256},
+                   "version": "i1", "in_ingress": True},
+        "inline-slow": {"engine": {"engine": "fake", "completion_tokens": 2000,
+                                   "token_delay_s": 0.05},
+                        "in_ingress": True, "max_ongoing_requests": 1, "max_queued_requests": 0},
     },
     "routes": {
         "fake": {"variant": "fake"},
@@ -44,6 +50,8 @@ FAKE_CONFIG = {
         "hang": {"variant": "hang"},
         "paced": {"variant": "paced"},
         "greedy": {"variant": "greedy"},
+        "inline": {"variant": "inline"},
+        "inline-slow": {"variant": "inline-slow"},
     },
 }
 

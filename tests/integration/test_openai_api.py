@@ -16,7 +16,8 @@ MSG = [{"role": "user", "content": "Say something."}]
 def test_models_list_and_retrieve(gateway):
     client = gateway.client()
     ids = {m.id for m in client.models.list()}
-    assert ids == {"fake", "counted", "slow", "narrow", "hang", "paced", "greedy"}
+    assert ids == {"fake", "counted", "slow", "narrow", "hang", "paced", "greedy", "inline",
+                   "inline-slow"}
     assert client.models.retrieve("fake").id == "fake"
     with pytest.raises(openai.NotFoundError) as e:
         client.models.retrieve("nope")

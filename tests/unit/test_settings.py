@@ -112,6 +112,18 @@ def test_unknown_engine_lists_the_allowed_ones(config):
         assert engine in line
 
 
+def test_only_an_engine_without_a_model_is_served_in_the_ingress(config):
+    inline = MINIMAL.replace("completion_tokens: 4}", "completion_tokens: 4}\n    in_ingress: true")
+    assert load_settings(config(inline)).variants["tiny"].in_ingress
+    llama = inline.replace("{engine: fake, completion_tokens: 4}",
+                           "{engine: llamacpp, path: m.gguf}")
+    with pytest.raises(ConfigError) as err:
+        load_settings(config(llama))
+    (line,) = problems(err)
+    assert line.startswith("variants.tiny: ") and "in_ingress" in line
+    assert "allowed with remote, fake" in line
+
+
 def test_route_to_unknown_variant(config):
     with pytest.raises(ConfigError) as err:
         load_settings(config(MINIMAL.replace("variant: tiny", "variant: huge")))
