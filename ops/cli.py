@@ -94,6 +94,9 @@ def serve(
     # actor calls: 1.2-1.5x the requests/s at 16 clients on the same upstream (README
     # "Benchmark"). Read by every Ray process this one starts; a joined cluster sets its own.
     os.environ.setdefault("RAY_SERVE_USE_GRPC_BY_DEFAULT", "1")
+    # Ray starts its workers at niceness 15, which would leave nothing lower for a `nice`
+    # teacher or shadow worker: replicas start at 0, and those at their `nice`.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if not os.environ.get("RAY_ADDRESS"):  # a Ray of our own: its token, before Ray loads
 
         arm_token()

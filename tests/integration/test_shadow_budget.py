@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ops.gateway import Gateway, wait_until
@@ -55,3 +57,40 @@ def test_a_saturated_teacher_lowers_the_effective_rate(budgeted):
     wait_for_metric(budgeted, "protege_shadow_records_total", sent, kind="pair", outcome="stored",
                     timeout_s=30)
     assert budgeted.store.count() == sent
+
+
+def processes_under(root: int) -> dict[int, tuple[str, int]]:
+    """pid -> (command line, niceness) of every process descending from `root`, from /proc."""
+    parent, seen = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # a process that has just exited
+        parent[int(entry.name)] = int(stat[1])
+        seen[int(entry.name)] = (cmdline, int(stat[16]))
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = parent.get(pid, 1)
+        return False
+
+    return {pid: seen[pid] for pid in seen if descends(pid)}
+
+
+def test_teacher_work_runs_below_the_users_requests(budgeted):
+    """The user path (ingress, student) at niceness 0, the teacher at its `nice: 10` and the
+    shadow worker at its default 10: under Ray's own default (15) all would be equal."""
+    def niceness(name: str) -> set[int]:
+        return {nice for cmd, nice in processes_under(budgeted.proc.pid).values()
+                if cmd.startswith(f"ray::ServeReplica:protege:{name}")}
+
+    assert niceness("ingress") == {0}
+    assert niceness("variant-student") == {0}
+    assert niceness("variant-teacher") == {10}
+    assert niceness("shadow") == {10}
