@@ -213,7 +213,7 @@ class Batcher:
         """One decode: a token from each decoding sequence, prompt chunks with the room left."""
         batch = self._batch.batch
         batch.n_tokens = 0
-        reads: list[tuple[Running, int]] = []
+        reads: list[Running] = []  # the sequences sampled from this step, in batch order
         decoding = [r for r in self._active if len(r.pending) == 1]
         prefilling = [r for r in self._active if len(r.pending) > 1]
         for r in decoding + prefilling:
@@ -226,13 +226,15 @@ class Batcher:
             del r.pending[:n]
             if not r.pending:  # its last token is in: sample from it
                 batch.logits[batch.n_tokens - 1] = True
-                reads.append((r, batch.n_tokens - 1))
+                reads.append(r)
         self.ctx.decode(self._batch)
         self.steps += 1
         self.evaluated += batch.n_tokens
         self.widest = max(self.widest, len(reads))
-        rows = [(r, self._logits(row).copy()) for r, row in reads]  # before a sampler decodes
-        for r, logits in rows:
+        # The rows with logits, in batch order, read in one call (each call into llama.cpp hands
+        # the GIL over) and copied before a sampler decodes anything.
+        rows = self._all_logits(len(reads)).copy()
+        for r, logits in zip(reads, rows):
             try:
                 token = r.sampler.next(logits)
             except Exception as e:  # noqa: BLE001 - this sequence fails, the others go on
@@ -255,10 +257,11 @@ class Batcher:
         batch.n_tokens = j + 1
         slot.held.append(token)
 
-    def _logits(self, row: int) -> np.ndarray:
-        pointer = llama_cpp.llama_get_logits_ith(self.ctx.ctx, row)
+    def _all_logits(self, n: int) -> np.ndarray:
+        """The logits of the last decode's `n` rows that asked for them, in batch order."""
+        pointer = llama_cpp.llama_get_logits(self.ctx.ctx)
         return np.ctypeslib.as_array(ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
-                                     shape=(self.n_vocab,))
+                                     shape=(n, self.n_vocab))
 
     def forced(self, prompt: list[int], tokens: list[int]) -> AnswerScores:
         """`tokens` scored teacher-forced after `prompt`, in the reserved slot (whose cache of a
@@ -268,21 +271,20 @@ class Batcher:
         batch = self._batch.batch
         batch.n_tokens = 0
         parts: list[AnswerScores] = []
-        targets: list[tuple[int, int]] = []  # (batch row, the index in `sequence` it predicts)
+        targets: list[int] = []  # what each row with logits predicts: an index in `sequence`
         for at in range(self._reuse(slot, prompt), len(sequence) - 1):
             scored = at >= len(prompt) - 1
             self._add(slot, sequence[at], logits=scored)
             if scored:
-                targets.append((batch.n_tokens - 1, at + 1))
+                targets.append(at + 1)
             if batch.n_tokens == self.n_batch:
                 parts += self._flush_forced(targets, sequence)
                 targets = []
         parts += self._flush_forced(targets, sequence)
         return AnswerScores.join(parts)
 
-    def _flush_forced(self, targets: list[tuple[int, int]], sequence: list[int]
-                      ) -> list[AnswerScores]:
-        """Decode what `forced` put in the batch; the scores of its `(row, target)` pairs."""
+    def _flush_forced(self, targets: list[int], sequence: list[int]) -> list[AnswerScores]:
+        """Decode what `forced` put in the batch; the scores of its rows' `targets`."""
         batch = self._batch.batch
         if batch.n_tokens == 0:
             return []
@@ -291,8 +293,8 @@ class Batcher:
         batch.n_tokens = 0
         if not targets:
             return []
-        rows = np.stack([self._logits(row) for row, _ in targets])
-        return [AnswerScores.of(rows, [sequence[t] for _, t in targets])]
+        rows = self._all_logits(len(targets))
+        return [AnswerScores.of(rows, [sequence[t] for t in targets])]
 
     def _end_all(self) -> None:
         with self._wake:

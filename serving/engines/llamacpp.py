@@ -83,7 +83,8 @@ class LlamaCppEngine(TokenLoopEngine):
                 add_generation_prompt=True,
             )
             self._template = template
-        self._is_eog = lambda token: llama_cpp.llama_vocab_is_eog(model.vocab, token)
+        self._eog: dict[int, bool] = {}
+        self._bytes: dict[int, bytes] = {}
         c = self.config
         try:
             self.batcher = Batcher(
@@ -138,6 +139,23 @@ class LlamaCppEngine(TokenLoopEngine):
     def _score_tokens(self, prompt: list[int], tokens: list[int]) -> AnswerScores:
         return self.batcher.forced(prompt, tokens)
 
+    # Each sampled token asks these; remembered, as every call into llama.cpp hands the GIL over.
+
+    def is_eog(self, token: int) -> bool:
+        eog = self._eog.get(token)
+        if eog is None:
+            import llama_cpp
+
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
+        return eog
+
+    def token_bytes(self, token: int) -> bytes:
+        """`token`'s text as llama.cpp detokenizes it alone (special tokens as nothing)."""
+        text = self._bytes.get(token)
+        if text is None:
+            text = self._bytes[token] = self.detokenize([token])
+        return text
+
     # -- a sequence's logits -----------------------------------------------------------------
 
     def _sampler(self, job: Job) -> LlamaSampler:
@@ -174,7 +192,7 @@ class LlamaSampler:
         seed = p.seed if p.seed is not None else random.SystemRandom().randrange(2**31)
         self.rng = np.random.default_rng(seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.out = TokenOutput(job, lambda t: decoder.decode(engine.detokenize([t])),
+        self.out = TokenOutput(job, lambda t: decoder.decode(engine.token_bytes(t)),
                                lambda: decoder.decode(b"", final=True), constraint)
 
     def next(self, logits: np.ndarray) -> int | None:
@@ -186,7 +204,7 @@ class LlamaSampler:
         if constraint is not None:
             constraint.accept(token)
         logprob = None if p.logprobs is None else self.engine.logprob(logits, token, p.logprobs)
-        if self.out.push(token, logprob, self.engine._is_eog(token)):
+        if self.out.push(token, logprob, self.engine.is_eog(token)):
             self.close()
             return None
         return token

@@ -4,7 +4,8 @@
 budget, a stop event, where deltas go) handed to the model's thread (`_submit`); its token loop
 gives each sampled token to a `TokenOutput`, which cuts the answer (end tokens, stop strings, a
 complete grammar, the budget) and emits the deltas; `Job.end` closes the stream. Closing a
-generation's iterator sets its stop event, which the token loop checks at every token. The
+generation's iterator sets its stop event, which the token loop checks at every token. Deltas
+reach the event loop through a `LoopMail`, which wakes the loop once per burst. The
 chat template, `score` (an answer teacher-forced, for callers such as the release gate) and
 `label_probs` (a label-constrained answer asked with logprobs: each label's sequence logprob
 after the prompt, softmaxed over the labels) are written once here.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -67,6 +69,39 @@ class Job:
         self.ended = True
 
 
+class LoopMail:
+    """Items from the model's thread to asyncio queues of one event loop. The loop is woken once
+    per burst, not once per item: a step that samples n sequences costs one wake-up. (Each
+    wake-up is a system call that hands the GIL over, and getting it back can wait up to the
+    interpreter's switch interval while the loop thread runs Python.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue, object]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def put(self, queue: asyncio.Queue, item: object) -> None:
+        """`item` into `queue` on the loop; RuntimeError once the loop is closed."""
+        with self._lock:
+            if self._closed or self.loop.is_closed():
+                raise RuntimeError("the event loop is closed")
+            self._items.append((queue, item))
+            if len(self._items) > 1:  # a wake-up is on its way and will take this one too
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            self._closed = True
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class Grammar(Protocol):
     done: bool  # the grammar accepts nothing more: the answer is complete
 
@@ -112,6 +147,7 @@ class TokenLoopEngine(Engine):
     def __init__(self, name: str):
         self._name = name
         self._running: set[threading.Event] = set()  # stop events of queued and running work
+        self._mail: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loop -> LoopMail
 
     @abc.abstractmethod
     def _submit(self, job: Job) -> None:
@@ -202,12 +238,13 @@ class TokenLoopEngine(Engine):
         self, tokens: list[int], params: SamplingParams, budget: int
     ) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
+        mail = self._mail.get(loop) or self._mail.setdefault(loop, LoopMail(loop))
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
         def emit(item: object) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                mail.put(queue, item)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 stop.set()
 
