@@ -103,7 +103,7 @@ def convert_to_gguf(model_dir: str | Path, out_file: str | Path, *, qtype: str =
         else:
             with _temp_path(out, f".{qtype.lower()}.gguf") as quantized:
                 say(f"quantizing to {qtype} with llama.cpp")
-                _quantize(floats, quantized, qtype, say)
+                quantize_gguf(floats, quantized, qtype, say)
                 _publish(quantized, out)
     counts = ", ".join(f"{n} {t}" for t, n in sorted(_tensor_types(out).items()))
     say(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB; tensors: {counts})")
@@ -406,14 +406,17 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, tokenizer: PreTrainedT
     special.add_to_gguf(writer, quiet=True)
 
 
-def _quantize(src: Path, dst: Path, qtype: str, say: Callable[[str], None]) -> None:
-    """`src` (F32/F16 GGUF) quantized to `qtype` at `dst` by llama.cpp. Its log is kept, not
-    printed: the k-quant fallback summary goes to `say`, the tail to the error if it fails."""
+def quantize_gguf(src: Path, dst: Path, qtype: str, say: Callable[[str], None], *,
+                  requantize: bool = False) -> None:
+    """`src` (F32/F16 GGUF; any type with `requantize`, at a loss on top of its own) quantized to
+    `qtype` at `dst` by llama.cpp. Its log is kept, not printed: the k-quant fallback summary
+    goes to `say`, the tail to the error if it fails."""
     import llama_cpp
 
     llama_cpp.llama_backend_init()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, _QUANTIZED[qtype])
+    params.allow_requantize = requantize
     params.nthread = os.cpu_count() or 1
     with _llama_log() as log:
         failed = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(),
