@@ -20,3 +20,19 @@ def test_b_serves_the_packaged_student_alone():
     assert variant["promotable"] is False  # the direct side runs the packaged file too
     assert "shadow" not in settings_b["routes"]["student"]
     assert "feedback" not in settings_b
+
+
+def test_the_batching_and_litellm_bench_configs_are_valid_settings(tmp_path):
+    from loadtests.bench_batching import config
+    from loadtests.bench_litellm import protege_config
+
+    batching = config(files={"Q8_0": str(tmp_path / "student.Q8_0.gguf")})
+    litellm = protege_config("http://127.0.0.1:9/v1")
+    for name, raw in (("batching", batching), ("litellm", litellm)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        settings = load_settings(path)
+        assert set(settings.routes) == set(raw["routes"])
+    assert {"sequential", "batched", "sequential-q8_0", "batched-q8_0"} <= set(batching["routes"])
+    assert batching["variants"]["batched-q8_0"]["engine"]["path"].endswith("student.Q8_0.gguf")
+    assert [v.get("in_ingress", False) for v in litellm["variants"].values()] == [False, True]
