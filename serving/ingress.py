@@ -2,9 +2,9 @@
 
 `Ingress` reads a request, picks its route's A/B arm (`serving.router`), forwards it to that
 variant's replicas (`serving.variant`), or to the variant it serves itself (`in_ingress`),
-and answers, whole or streamed. Each request is a `Call`
-reported once when it ends (`serving.reporting`: metrics, the canonical log line, its feedback
-row and mirrored pair, which leave through `serving.outbox`). `/review` is `serving.review`'s;
+and answers, whole or streamed. Each request is a `Call` reported once when it ends
+(`serving.reporting`: metrics, the canonical log line, its feedback row and mirrored pair,
+which leave through `serving.outbox`). `/review` is `serving.review`'s;
 `/v1/feedback` goes to the shadow worker.
 """
 

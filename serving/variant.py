@@ -262,7 +262,7 @@ class InIngress:
     @classmethod
     async def start(cls, name: str, config: VariantConfig, log_level: str, json_logs: bool,
                     repo_root: str) -> InIngress:
-        server = VariantServer.__new__(VariantServer)
+        server = VariantServer.__new__(VariantServer)  # its __init__ is async (Ray Serve's way)
         await server.__init__(name, config, log_level, json_logs, repo_root)
         return cls(server, config)
 
