@@ -128,6 +128,10 @@ def compile_patterns(patterns: Mapping[str, str]) -> dict[str, re.Pattern]:
     return out
 
 
+SHORT_CHARS = 32  # texts up to this long are remembered once redacted ...
+SHORT_KEPT = 50_000  # ... this many at most
+
+
 @dataclass(frozen=True)
 class Redactor:
     """Replaces PII with `[NAME]`: the chosen built-ins (fixed order), then `patterns` in order.
@@ -141,6 +145,9 @@ class Redactor:
     _detectors: tuple = field(init=False, repr=False, compare=False)
     _placeholder: re.Pattern = field(init=False, repr=False, compare=False)
     _longest: int = field(init=False, repr=False, compare=False)  # longest `[NAME]`
+    # Short texts (logprob tokens and their alternatives) come back again and again: redacted
+    # once. Text -> (redacted, counts); emptied when full.
+    _short: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.builtins) - set(BUILTINS))
@@ -154,12 +161,23 @@ class Redactor:
         setattr_(self, "builtins", tuple(self.builtins))
         setattr_(self, "patterns", MappingProxyType(dict(self.patterns)))
         setattr_(self, "_detectors", tuple(detectors))
+        setattr_(self, "_short", {})
         setattr_(self, "_longest", max(len(n) for n in names) + 2)
         setattr_(self, "_placeholder",
                  re.compile(r"(\[(?:" + "|".join(n.upper() for n in names) + r")\])"))
 
     def redact(self, text: str) -> tuple[str, dict[str, int]]:
         """`text` with each hit replaced by `[NAME]`, and the number of hits by name (if > 0)."""
+        if len(text) > SHORT_CHARS:
+            return self._redact(text)
+        known = self._short.get(text)
+        if known is None:
+            if len(self._short) >= SHORT_KEPT:
+                self._short.clear()
+            known = self._short[text] = self._redact(text)
+        return known[0], dict(known[1])
+
+    def _redact(self, text: str) -> tuple[str, dict[str, int]]:
         counts: dict[str, int] = {}
         while True:
             found = sum(counts.values())

@@ -386,3 +386,14 @@ def test_redact_json_matches_redact_and_does_not_mutate(value):
 
     total: dict[str, int] = {}
     assert out == expect(value, total) and counts == total
+
+
+def test_a_short_text_seen_again_is_redacted_the_same_with_fresh_counts():
+    r = Redactor()
+    first = r.redact("a@b.com")
+    first[1]["email"] = 99  # the caller's dict: not the one remembered
+    assert r.redact("a@b.com") == ("[EMAIL]", {"email": 1})
+    long = "mail me at a@b.com, " * 3  # over SHORT_CHARS: redacted each time, the same
+    assert r.redact(long) == r.redact(long) == ("mail me at [EMAIL], " * 3, {"email": 3})
+    other = Redactor(builtins=("phone",))  # each redactor remembers its own results
+    assert other.redact("a@b.com") == ("a@b.com", {})
