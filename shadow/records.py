@@ -95,7 +95,12 @@ class PairRecord:
     # --- serialisation ---------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, the answers as dicts; nested values are the record's own, not copies
+        (`dataclasses.asdict` deep-copies every logprob list: a cost on each stored pair)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for side in ("student", "teacher"):
+            out[side] = {f.name: getattr(out[side], f.name) for f in dataclasses.fields(Answer)}
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PairRecord:

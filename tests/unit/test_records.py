@@ -131,3 +131,10 @@ def test_feedback_needs_one_value_and_finite_numbers():
         FeedbackRecord("f", response, "m", float("nan"), None, "t")
     with pytest.raises(ValueError, match="non-empty"):
         ResponseRecord("", "default", "a", "1", "t")
+
+
+def test_to_dict_is_the_whole_record_as_asdict_gives_it():
+    record = make_record(teacher_logprobs=[{"token": "Hi", "logprob": -0.1,
+                                            "top": [["Hi", -0.1], ["Hey", -2.5]]}])
+    assert record.to_dict() == dataclasses.asdict(record)
+    assert PairRecord.from_json(record.to_json()) == record
