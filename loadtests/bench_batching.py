@@ -76,14 +76,19 @@ def config(threads: int | None = None, files: dict[str, str] | None = None) -> d
     return base
 
 
+def packaged_student() -> Path:
+    """The GGUF file examples/default.yaml's student route serves."""
+    base = yaml.safe_load((REPO / "examples" / "default.yaml").read_text())
+    return REPO / base["variants"][base["routes"]["student"]["variant"]]["engine"]["path"]
+
+
 def requantized(qtypes: list[str], into: Path, say) -> dict[str, str]:
     """The packaged student requantized by llama.cpp to each of `qtypes`, written in `into`:
     type -> path. A quantized type whose kernels batch differently, at the cost of a second
     rounding on top of Q4_1's."""
     from distill.gguf import quantize_gguf
 
-    base = yaml.safe_load((REPO / "examples" / "default.yaml").read_text())
-    student = REPO / base["variants"][base["routes"]["student"]["variant"]]["engine"]["path"]
+    student = packaged_student()
     files = {}
     for qtype in qtypes:
         files[qtype] = str(into / f"{student.stem.rsplit('.', 1)[0]}.{qtype}.gguf")

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from loadtests.bench_batching import requantized  # noqa: E402
+from loadtests.bench_batching import packaged_student, requantized  # noqa: E402
 from loadtests.bench_stats import fmt_num, fmt_ratio, table  # noqa: E402
 
 PROMPT = b"Write a short story about a robot who learns to paint."
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flash-attn", action="store_true", help="as the engine's flash_attn: true")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="protege-bench-") as tmp:
-        files = {"Q4_1 (packaged)": str(REPO / "models" / "student" /
-                                        "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        files = {f"{packaged_student().name} (packaged)": str(packaged_student()),
                  **requantized(args.requantize, Path(tmp), print)}
         rows = []
         for name, path in files.items():

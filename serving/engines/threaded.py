@@ -79,21 +79,16 @@ class LoopMail:
         self.loop = loop
         self._items: list[tuple[asyncio.Queue, object]] = []
         self._lock = threading.Lock()
-        self._closed = False
 
     def put(self, queue: asyncio.Queue, item: object) -> None:
         """`item` into `queue` on the loop; RuntimeError once the loop is closed."""
         with self._lock:
-            if self._closed or self.loop.is_closed():
+            if self.loop.is_closed():  # a wake-up still on its way would never come
                 raise RuntimeError("the event loop is closed")
             self._items.append((queue, item))
             if len(self._items) > 1:  # a wake-up is on its way and will take this one too
                 return
-        try:
-            self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:
-            self._closed = True
-            raise
+        self.loop.call_soon_threadsafe(self._deliver)  # RuntimeError if it has just closed
 
     def _deliver(self) -> None:
         with self._lock:
