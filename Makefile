@@ -6,8 +6,9 @@
 #                 the tests start when it is missing: PostgreSQL, Prometheus and Chromium
 #                 (Debian packages) and helm (into .venv/bin)
 #   make chart    copy ops/alerts and ops/dashboards into helm/protege/files (before helm install)
-#   make bench    the gateway benchmark (loadtests/bench_gateway.py), then concurrent users
-#                 on the student, batched vs one at a time (loadtests/bench_batching.py)
+#   make bench    the gateway benchmark (loadtests/bench_gateway.py), concurrent users on the
+#                 student, batched vs one at a time (loadtests/bench_batching.py), then protege
+#                 vs the LiteLLM proxy on one mock upstream (loadtests/bench_litellm.py)
 #   make loadtest locust on fake engines, shadowed vs plain, 30 s (LOADTEST_ARGS="-u 16 -t 60s")
 #   make clean    build leftovers and caches (keeps .venv and models/)
 
@@ -21,6 +22,7 @@ CONFIG ?= examples/default.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BATCHING_ARGS ?=
+LITELLM_ARGS ?=
 LOADTEST_ARGS ?=
 
 HELM := $(BIN)/helm
@@ -92,6 +94,7 @@ test: venv models postgres prometheus chromium helm chart
 bench: venv models
 	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/bench_gateway.py $(BENCH_ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/bench_batching.py $(BATCHING_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/bench_litellm.py $(LITELLM_ARGS)
 
 loadtest: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python loadtests/run_locust.py $(LOADTEST_ARGS)

@@ -150,7 +150,8 @@ class VariantServer:
         """Generate every choice to the end; one merged delta per choice, in order."""
         return list(await asyncio.gather(*(self._collect(r) for r in requests)))
 
-    async def stream(self, requests: list[GenerationRequest]) -> AsyncIterator[list[tuple[int, Delta]]]:
+    async def stream(self, requests: list[GenerationRequest]
+                     ) -> AsyncIterator[list[tuple[int, Delta]]]:
         """Yield batches of `(choice index, delta)` as the choices produce them.
 
         Whatever has queued up since the last batch goes out as one batch: every item that
@@ -240,11 +241,21 @@ class VariantServer:
         self._active.set(self._n_active)
         self._queued.set(max(0, self._n_active - self.engine.info.max_concurrency))
 
-    async def __del__(self) -> None:
+    async def close(self) -> None:
+        """Stop following promotions and the metrics reporter; close the engine."""
         if self._follow is not None:
             self._follow.cancel()
         await self.reporter.stop()
         await self.engine.close()
+
+
+class VariantDeployment(VariantServer):
+    """A `VariantServer` as a Ray Serve deployment's replica, closed when the replica stops
+    (Ray Serve awaits an async `__del__`). An `InIngress` server has no `__del__`: the ingress
+    awaits its `close`, and the garbage collector finds nothing left to await."""
+
+    async def __del__(self) -> None:
+        await self.close()
 
 
 class InIngress:
@@ -297,7 +308,7 @@ class InIngress:
             self._slots.release()
 
     async def close(self) -> None:
-        await self.server.__del__()
+        await self.server.close()
 
 
 class InIngressStream:

@@ -16,7 +16,7 @@ from serving.defaults import sampling_defaults
 from serving.engines.structured import choice_of
 from serving.ingress import Ingress, IngressParams
 from serving.router import Arm, RouteTarget, ShadowPlan
-from serving.variant import VariantServer
+from serving.variant import VariantDeployment
 from shadow.worker import ShadowWorker
 
 APP_NAME = "protege"
@@ -42,7 +42,7 @@ def build_app(settings) -> serve.Application:
     for name, v in settings.variants.items():
         if v.in_ingress and name not in teachers:  # a teacher is the shadow worker's to call
             continue
-        deployment = serve.deployment(VariantServer).options(
+        deployment = serve.deployment(VariantDeployment).options(
             name=f"variant-{name}",
             num_replicas=v.replicas,
             ray_actor_options={"num_cpus": v.num_cpus, "num_gpus": v.num_gpus},

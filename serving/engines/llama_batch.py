@@ -216,11 +216,18 @@ class Batcher:
         reads: list[Running] = []  # the sequences sampled from this step, in batch order
         decoding = [r for r in self._active if len(r.pending) == 1]
         prefilling = [r for r in self._active if len(r.pending) > 1]
+        plan: list[tuple[Running, int]] = []  # who gets how many tokens: decoding ones first
+        room = self.n_batch
         for r in decoding + prefilling:
-            room = self.n_batch - batch.n_tokens
             if room <= 0:
                 break
             n = 1 if len(r.pending) == 1 else min(len(r.pending), self.prefill_chunk, room)
+            plan.append((r, n))
+            room -= n
+        # In slot order: llama.cpp splits a batch into one pass over the weights per run of
+        # consecutive sequence ids it meets in batch order (each slot is a KV stream of its own).
+        plan.sort(key=lambda item: item[0].slot.seq_id)
+        for r, n in plan:
             for token in r.pending[:n]:
                 self._add(r.slot, token, logits=False)
             del r.pending[:n]

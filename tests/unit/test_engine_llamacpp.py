@@ -311,6 +311,37 @@ async def test_a_shared_prefix_is_evaluated_once_per_slot(tmp_path):
     assert reused.token_ids == alone.token_ids
 
 
+async def test_each_step_lists_its_sequences_in_slot_order(tmp_path):
+    """llama.cpp evaluates a batch in one pass over the weights per run of consecutive sequence
+    ids it meets in batch order. A generation that takes a freed slot below the running ones
+    is still put first in the steps it shares with them."""
+    eng = await started(write_tiny_gguf(tmp_path / "o.gguf"), n_parallel=3)
+    steps = []
+    decode = eng.batcher.ctx.decode
+
+    def recording(batch):
+        b = batch.batch
+        steps.append([b.seq_id[j][0] for j in range(b.n_tokens)])
+        decode(batch)
+
+    eng.batcher.ctx.decode = recording
+    try:
+        short = asyncio.ensure_future(run(eng, chat(2, temperature=0, rid="x")))  # slot 0
+        await asyncio.sleep(0)
+        long = [asyncio.ensure_future(run(eng, chat(N_CTX // 2, temperature=0, rid=r)))
+                for r in "yz"]  # slots 1 and 2
+        await short
+        since = len(steps)
+        late = await run(eng, chat(4, temperature=0, rid="w"))  # slot 0 again, beside y and z
+        for task in long:
+            task.cancel()
+    finally:
+        await eng.close()
+    assert merge_deltas(late).completion_tokens == 4
+    assert any(set(s) == {0, 1, 2} for s in steps[since:])  # w decoded beside y and z
+    assert all(s == sorted(s) for s in steps)
+
+
 async def test_a_client_leaving_frees_its_slot_for_the_others(tmp_path):
     eng = await started(write_tiny_gguf(tmp_path / "l.gguf"), n_parallel=2)
     try:
