@@ -342,6 +342,40 @@ async def test_each_step_lists_its_sequences_in_slot_order(tmp_path):
     assert all(s == sorted(s) for s in steps)
 
 
+async def test_a_new_generation_takes_a_slot_next_to_the_running_one(tmp_path):
+    """A slot whose cache shares only a short prompt with the new generation loses to a slot
+    next to the running ones: one pass over the weights a step, not two."""
+    eng = await started(write_tiny_gguf(tmp_path / "n.gguf"), n_parallel=4)
+
+    def say(text, max_tokens, rid):
+        messages = (Message("system", "be brief"), Message("user", text))
+        return GenerationRequest(rid, SamplingParams(max_tokens, temperature=0),
+                                 messages=messages)
+
+    texts = ("alpha one", "bravo two", "charlie three", "delta four")
+    steps = []
+    decode = eng.batcher.ctx.decode
+
+    def recording(batch):
+        b = batch.batch
+        steps.append({b.seq_id[j][0] for j in range(b.n_tokens)})
+        decode(batch)
+
+    try:
+        await asyncio.gather(*(run(eng, say(t, 2, str(i))) for i, t in enumerate(texts)))
+        prompts = [eng.tokenize_request(say(t, 2, "x")) for t in texts]
+        assert [s.held[:len(p)] for s, p in zip(eng.batcher._slots, prompts)] == prompts
+        eng.batcher.ctx.decode = recording
+        running = asyncio.ensure_future(run(eng, say(texts[0], N_CTX // 2, "a")))  # slot 0
+        while not steps:
+            await asyncio.sleep(0.001)
+        await run(eng, say(texts[3], 3, "d"))  # slot 3 holds this very prompt
+        running.cancel()
+    finally:
+        await eng.close()
+    assert {0, 1} in steps and not any(3 in s for s in steps)
+
+
 async def test_a_client_leaving_frees_its_slot_for_the_others(tmp_path):
     eng = await started(write_tiny_gguf(tmp_path / "l.gguf"), n_parallel=2)
     try:
