@@ -1,11 +1,13 @@
 """What the ingress sends to the shadow worker, off the request path: mirrored requests and
 answered responses, in batches.
 
-Mirrored jobs leave in batches of one teacher (`MIRROR_BATCH`, or after `MIRROR_LINGER_S`): one
-call to the worker per batch keeps the ingress's share of the mirror's cost small. While a
-replica has `budget` jobs a teacher has not finished, that teacher is saturated: the sample is
-dropped (`budget`), so the effective sample rate falls to what the teacher keeps up with and no
-work queues up behind the users. Each teacher has a budget of its own: one that hangs costs
+Mirrored jobs leave in batches of one teacher: one call to the worker per batch keeps the share
+of the mirror's cost on the users' cores small (each call through Ray costs CPU in the ingress,
+the worker and the teacher). A batch goes after `MIRROR_LINGER_S`, or at once when no more jobs
+can join it: `MIRROR_BATCH` are waiting, or its teacher's budget is taken. While a replica has
+`budget` jobs a teacher has not finished, that teacher is saturated: the sample is dropped
+(`budget`), so the effective sample rate falls to what the teacher keeps up with and no work
+queues up behind the users. Each teacher has a budget of its own: one that hangs costs
 only the routes that mirror to it. Answered responses (for feedback) go every
 `RESPONSE_FLUSH_S`, or as soon as `RESPONSE_BATCH` wait. Nothing here waits on the request path
 or fails a user's answer: every loss is counted.
@@ -27,7 +29,7 @@ from shadow.mirror import MirrorJob, teacher_key
 from shadow.records import ResponseRecord
 
 MIRROR_BATCH = 64  # mirrored jobs per call to the shadow worker, at most
-MIRROR_LINGER_S = 0.1  # how long a job waits for others to share its call
+MIRROR_LINGER_S = 0.5  # how long a job waits for others to share its call
 RESPONSE_FLUSH_S = 0.5  # answered responses go to the shadow worker in batches this often
 RESPONSE_BATCH = 512  # or as soon as this many are waiting
 
@@ -65,7 +67,7 @@ class ShadowOutbox:
         self._unfinished[key] += 1
         box = self._boxes.setdefault(key, [])
         box.append(job)
-        if len(box) >= MIRROR_BATCH:
+        if len(box) >= MIRROR_BATCH or self._unfinished[key] >= self.budget:
             self.send_mirrors()
         elif self._linger is None:
             self._linger = asyncio.get_running_loop().call_later(
