@@ -311,6 +311,20 @@ async def test_a_shared_prefix_is_evaluated_once_per_slot(tmp_path):
     assert reused.token_ids == alone.token_ids
 
 
+async def admitted_together(engine, requests):
+    """Start `requests` while the scheduler is held, so that one step admits them all, in
+    order: slots 0, 1, 2, ... The tasks running them."""
+    release = threading.Event()
+    engine.batcher.call(release.wait)
+    tasks = [asyncio.ensure_future(run(engine, r)) for r in requests]
+    for _ in range(5000):
+        if len(engine.batcher._queue) == len(requests):
+            break
+        await asyncio.sleep(0.001)
+    release.set()
+    return tasks
+
+
 async def test_each_step_lists_its_sequences_in_slot_order(tmp_path):
     """llama.cpp evaluates a batch in one pass over the weights per run of consecutive sequence
     ids it meets in batch order. A generation that takes a freed slot below the running ones
@@ -326,10 +340,8 @@ async def test_each_step_lists_its_sequences_in_slot_order(tmp_path):
 
     eng.batcher.ctx.decode = recording
     try:
-        short = asyncio.ensure_future(run(eng, chat(2, temperature=0, rid="x")))  # slot 0
-        await asyncio.sleep(0)
-        long = [asyncio.ensure_future(run(eng, chat(N_CTX // 2, temperature=0, rid=r)))
-                for r in "yz"]  # slots 1 and 2
+        short, *long = await admitted_together(eng, [  # slots 0, 1 and 2
+            chat(2, temperature=0, rid="x"), *(chat(None, temperature=0, rid=r) for r in "yz")])
         await short
         since = len(steps)
         late = await run(eng, chat(4, temperature=0, rid="w"))  # slot 0 again, beside y and z
@@ -362,11 +374,12 @@ async def test_a_new_generation_takes_a_slot_next_to_the_running_one(tmp_path):
         decode(batch)
 
     try:
-        await asyncio.gather(*(run(eng, say(t, 2, str(i))) for i, t in enumerate(texts)))
+        await asyncio.gather(*await admitted_together(eng, [say(t, 2, str(i))
+                                                            for i, t in enumerate(texts)]))
         prompts = [eng.tokenize_request(say(t, 2, "x")) for t in texts]
         assert [s.held[:len(p)] for s, p in zip(eng.batcher._slots, prompts)] == prompts
         eng.batcher.ctx.decode = recording
-        running = asyncio.ensure_future(run(eng, say(texts[0], N_CTX // 2, "a")))  # slot 0
+        running = asyncio.ensure_future(run(eng, say(texts[0], None, "a")))  # slot 0
         while not steps:
             await asyncio.sleep(0.001)
         await run(eng, say(texts[3], 3, "d"))  # slot 3 holds this very prompt
